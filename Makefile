@@ -1,0 +1,42 @@
+# SOFARE: `make demo` and `make test` work from a fresh clone; everything else is optional.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+PIP_QUIET := 2> >(grep -v 'is ignored: it is neither a file nor a directory' >&2)
+
+.PHONY: help setup init demo test bench airflow clean
+
+help:  ## list the targets
+	@grep -E '^[a-z]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+
+setup: $(VENV)/.installed  ## create .venv and install the lock (requirements.txt) + the package
+
+$(VENV)/.installed: requirements.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements.txt $(PIP_QUIET)
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e . $(PIP_QUIET)
+	touch $@
+
+init: setup  ## var/: warehouse schema, Airflow metadata DB and connection
+	$(BIN)/sofare init
+
+demo: setup  ## set up, run the pipeline through the DAGs on the embedded data, report
+	$(BIN)/sofare demo
+
+test: setup  ## set up, then run every test tier
+	scripts/system-deps.sh
+	$(BIN)/pytest
+
+bench: setup  ## run the benchmarks and rewrite docs/benchmarks.md
+	scripts/system-deps.sh
+	$(BIN)/python benchmarks/run.py
+
+airflow: init  ## the Airflow UI on http://127.0.0.1:8080 (airflow standalone, var/airflow)
+	AIRFLOW_HOME=$(CURDIR)/var/airflow AIRFLOW__CORE__DAGS_FOLDER=$(CURDIR)/dags \
+	AIRFLOW__CORE__PLUGINS_FOLDER=$(CURDIR)/plugins AIRFLOW__CORE__LOAD_EXAMPLES=False \
+	AIRFLOW__API__PORT=8080 $(BIN)/airflow standalone
+
+clean:  ## remove everything runs wrote (var/); keeps .venv
+	rm -rf var

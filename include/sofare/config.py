@@ -1,0 +1,234 @@
+"""The one configuration: include/config/sofare.yaml read into typed objects, with env overrides.
+
+Overrides are SOFARE_<SECTION>__<KEY>[__<KEY>…] (case-insensitive, values parsed as YAML scalars).
+SOFARE_CONFIG points at another YAML file. Nothing here runs at import time.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from datetime import time, timedelta
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_CONFIG_FILE = PROJECT_ROOT / "include" / "config" / "sofare.yaml"
+ENV_PREFIX = "SOFARE_"
+
+# Binance kline intervals SOFARE accepts, as durations.
+INTERVALS: dict[str, timedelta] = {
+    "1m": timedelta(minutes=1),
+    "3m": timedelta(minutes=3),
+    "5m": timedelta(minutes=5),
+    "15m": timedelta(minutes=15),
+    "30m": timedelta(minutes=30),
+    "1h": timedelta(hours=1),
+    "2h": timedelta(hours=2),
+    "4h": timedelta(hours=4),
+    "6h": timedelta(hours=6),
+    "8h": timedelta(hours=8),
+    "12h": timedelta(hours=12),
+    "1d": timedelta(days=1),
+}
+
+Modality = Literal["candles", "safe_haven", "macro"]
+SourceName = Literal["sample", "binance", "yfinance", "fred"]
+
+
+class ConfigError(ValueError):
+    """The configuration file or an override is invalid; the message names the key."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PathsConfig(_Model):
+    var: Path
+    sample_data: Path
+
+
+class WarehouseConfig(_Model):
+    url: str | None = None
+    conn_id: str = "sofare_warehouse"
+
+
+class MarketConfig(_Model):
+    symbol: str
+    interval: str
+
+    @field_validator("interval")
+    @classmethod
+    def _known_interval(cls, value: str) -> str:
+        if value not in INTERVALS:
+            raise ValueError(f"unknown interval {value!r}; expected one of {', '.join(INTERVALS)}")
+        return value
+
+    @field_validator("symbol")
+    @classmethod
+    def _upper_symbol(cls, value: str) -> str:
+        if not value.isalnum():
+            raise ValueError(f"symbol {value!r} must be alphanumeric, like BTCUSDT")
+        return value.upper()
+
+
+class IngestSources(_Model):
+    candles: Literal["sample", "binance"]
+    safe_haven: Literal["sample", "yfinance"]
+    macro: Literal["sample", "fred"]
+
+
+class IngestConfig(_Model):
+    schedule: str
+    start_date: str
+    sources: IngestSources
+    chunk_days: int = Field(gt=0)
+    context_days: int = Field(ge=0)
+    retries: int = Field(ge=2)
+    retry_delay_seconds: float = Field(gt=0)
+    max_retry_delay_seconds: float = Field(gt=0)
+
+
+class TickerConfig(_Model):
+    name: str
+    timezone: str
+    close: time
+
+
+class SafeHavenConfig(_Model):
+    visibility_delay_minutes: int = Field(ge=0)
+    max_gap_days: int = Field(gt=0)
+    tickers: dict[str, TickerConfig]
+
+
+class SeriesConfig(_Model):
+    frequency: Literal["D", "M", "Q"]
+    publication_lag_days: int = Field(ge=0)
+    kind: Literal["rate", "index"] = "rate"  # index series (CPI, GDP levels) enter as growth
+
+
+class MacroConfig(_Model):
+    max_gap_days: int = Field(gt=0)
+    series: dict[str, SeriesConfig]
+
+
+class FeaturesConfig(_Model):
+    warmup_bars: int = Field(ge=100)
+    horizon: int = Field(ge=1)
+    return_lags: list[int]
+    momentum_windows: list[int]
+    volatility_windows: list[int]
+    daily_context_days: int = Field(gt=0)
+    macro_context_days: int = Field(gt=0)
+
+
+class HttpConfig(_Model):
+    timeout_seconds: float = Field(gt=0)
+    max_attempts: int = Field(ge=1)
+    backoff_base_seconds: float = Field(ge=0)
+    backoff_max_seconds: float = Field(ge=0)
+
+
+class BinanceConfig(_Model):
+    base_url: str
+    page_limit: int = Field(gt=0, le=1000)
+    weight_limit_per_minute: int = Field(gt=0)
+
+
+class YfinanceConfig(_Model):
+    base_url: str | None = None
+
+
+class FredConfig(_Model):
+    base_url: str
+    api_key_env: str
+    conn_id: str
+
+
+class SourcesConfig(_Model):
+    http: HttpConfig
+    binance: BinanceConfig
+    yfinance: YfinanceConfig
+    fred: FredConfig
+
+
+class Config(_Model):
+    root: Path
+    paths: PathsConfig
+    warehouse: WarehouseConfig
+    market: MarketConfig
+    ingest: IngestConfig
+    safe_haven: SafeHavenConfig
+    macro: MacroConfig
+    features: FeaturesConfig
+    sources: SourcesConfig
+
+    def resolve(self, path: Path) -> Path:
+        """A configured path, absolute (relative ones are relative to the project root)."""
+        return path if path.is_absolute() else (self.root / path).resolve()
+
+    @property
+    def var_dir(self) -> Path:
+        return self.resolve(self.paths.var)
+
+    @property
+    def sample_dir(self) -> Path:
+        return self.resolve(self.paths.sample_data)
+
+    @property
+    def airflow_home(self) -> Path:
+        return self.var_dir / "airflow"
+
+    @property
+    def default_warehouse_url(self) -> str:
+        return f"sqlite:///{self.var_dir / 'warehouse.db'}"
+
+
+def _apply_override(tree: dict[str, Any], keys: list[str], raw: str, env_name: str) -> None:
+    node: Any = tree
+    for depth, key in enumerate(keys):
+        if not isinstance(node, dict):
+            raise ConfigError(f"{env_name}: {'.'.join(keys[:depth])} is not a section")
+        match = next((k for k in node if str(k).lower() == key.lower()), None)
+        if match is None:
+            raise ConfigError(f"{env_name}: unknown config key {'.'.join(keys[: depth + 1])!r}")
+        if depth == len(keys) - 1:
+            node[match] = yaml.safe_load(raw) if raw != "" else None
+        else:
+            node = node[match]
+
+
+def load_config(path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None) -> Config:
+    """Read the YAML file, apply SOFARE_* overrides and validate into a frozen Config."""
+    env = os.environ if env is None else env
+    file = Path(path or env.get("SOFARE_CONFIG") or DEFAULT_CONFIG_FILE)
+    try:
+        tree = yaml.safe_load(file.read_text()) or {}
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file not found: {file}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {file} is not valid YAML: {exc}") from exc
+    for name in sorted(env):
+        if name.startswith(ENV_PREFIX) and "__" in name:
+            keys = name[len(ENV_PREFIX) :].split("__")
+            _apply_override(tree, keys, env[name], name)
+    tree.setdefault("root", str(PROJECT_ROOT))
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
+        )
+        raise ConfigError(f"invalid configuration ({file}): {problems}") from None
+
+
+def interval_delta(interval: str) -> timedelta:
+    """The duration of a kline interval such as '1h'; a clear error for unknown ones."""
+    try:
+        return INTERVALS[interval]
+    except KeyError:
+        raise ConfigError(f"unknown interval {interval!r}; expected one of {', '.join(INTERVALS)}") from None

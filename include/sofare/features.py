@@ -1,0 +1,268 @@
+"""The one feature function, used by training (materialised features table) and by serving.
+
+`compute_features` turns a window of candles (+ daily safe-haven bars and macro observations, each
+with the instant it became visible) into one row per candle:
+
+- micro: TA-Lib indicators (RSI, MACD, Bollinger, SMA/EMA ratios, ATR, OBV flow, stochastic,
+  Williams %R, CCI, ADX, MFI), log returns and lags, momentum, volatility, volume, calendar;
+- safe haven: per ticker, daily return, 5-day return, 20-day volatility and z-score of the close;
+- macro: per series, level and change (rates) or growth (index levels);
+- targets: log return over the next `horizon` bars and its sign (up = 1), NULL when that candle is
+  not there.
+
+No look-ahead: row t uses candles up to t and daily/macro values whose `known_at` is at or before
+the candle's close (t + interval). Every feature depends on at most `warmup_bars` rows of history
+(exactly for windowed indicators, to < 1e-6 for exponentially smoothed ones), and rows with less
+history are NULL, so the same window gives the same features in the warehouse and in the service.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import numpy as np
+    import pandas as pd
+
+    from sofare.config import Config
+
+# Bump when the computation changes in a way the column names do not show.
+FEATURE_CODE_VERSION = "1"
+
+MICRO_FIXED = (
+    "log_ret_1", "hl_range", "oc_body", "parkinson_24",
+    "rsi_14", "macd", "macd_signal", "macd_hist", "bb_pctb", "bb_width",
+    "sma_ratio_7", "sma_ratio_25", "sma_ratio_99", "ema_ratio_12", "ema_ratio_26",
+    "atr_pct_14", "obv_flow_14", "stoch_k", "stoch_d", "willr_14", "cci_20", "adx_14", "mfi_14",
+    "log_volume", "volume_ratio_24",
+    "hour_sin", "hour_cos", "dow_sin", "dow_cos",
+)
+SAFE_HAVEN_PARTS = ("ret1", "ret5", "vol20", "z20")
+TARGET_COLUMNS = ("target_return", "target_up")
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """The feature columns for a configuration, grouped by modality, and their version."""
+
+    micro: tuple[str, ...]
+    safe_haven: tuple[str, ...]
+    macro: tuple[str, ...]
+    version: str
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return self.micro + self.safe_haven + self.macro
+
+
+def _macro_names(series_id: str, kind: str) -> tuple[str, ...]:
+    base = f"macro_{series_id.lower()}"
+    return (f"{base}_growth",) if kind == "index" else (base, f"{base}_chg")
+
+
+def feature_spec(cfg: Config) -> FeatureSpec:
+    f = cfg.features
+    micro = (
+        MICRO_FIXED
+        + tuple(f"log_ret_lag_{k}" for k in f.return_lags)
+        + tuple(f"mom_{w}" for w in f.momentum_windows)
+        + tuple(f"vol_{w}" for w in f.volatility_windows)
+    )
+    safe = tuple(f"sh_{t.name}_{part}" for t in cfg.safe_haven.tickers.values() for part in SAFE_HAVEN_PARTS)
+    macro = tuple(name for sid, s in cfg.macro.series.items() for name in _macro_names(sid, s.kind))
+    fingerprint = repr((FEATURE_CODE_VERSION, micro, safe, macro, f.warmup_bars, f.horizon))
+    version = f"fs{FEATURE_CODE_VERSION}-{hashlib.sha256(fingerprint.encode()).hexdigest()[:8]}"
+    return FeatureSpec(micro, safe, macro, version)
+
+
+def _safe_div(num: np.ndarray, den: np.ndarray, fill: float) -> np.ndarray:
+    import numpy as np
+
+    out = np.full_like(num, fill, dtype=float)
+    ok = np.isfinite(num) & np.isfinite(den) & (den != 0)
+    np.divide(num, den, out=out, where=ok)
+    out[~np.isfinite(num) | ~np.isfinite(den)] = np.nan
+    return out
+
+
+def micro_features(candles: pd.DataFrame, cfg: Config) -> pd.DataFrame:
+    """TA, return, volatility, volume and calendar features of consecutive candles."""
+    import numpy as np
+    import pandas as pd
+    import talib
+
+    o, h, l, c, v = (candles[k].to_numpy(dtype=float) for k in ("open", "high", "low", "close", "volume"))
+    logc = pd.Series(np.log(c))
+    r1 = logc.diff()
+    out: dict[str, np.ndarray | pd.Series] = {
+        "log_ret_1": r1,
+        "hl_range": np.log(h / l),
+        "oc_body": np.log(c / o),
+        "parkinson_24": np.sqrt((pd.Series(np.log(h / l)) ** 2).rolling(24).mean() / (4 * math.log(2))),
+        "rsi_14": talib.RSI(c, 14),
+    }
+    macd, signal, hist = talib.MACD(c, 12, 26, 9)
+    out.update(macd=macd / c, macd_signal=signal / c, macd_hist=hist / c)
+    upper, mid, lower = talib.BBANDS(c, 20, 2.0, 2.0)
+    out["bb_pctb"] = _safe_div(c - lower, upper - lower, 0.5)
+    out["bb_width"] = _safe_div(upper - lower, mid, 0.0)
+    for n in (7, 25, 99):
+        out[f"sma_ratio_{n}"] = c / talib.SMA(c, n) - 1
+    for n in (12, 26):
+        out[f"ema_ratio_{n}"] = c / talib.EMA(c, n) - 1
+    out["atr_pct_14"] = talib.ATR(h, l, c, 14) / c
+    obv = pd.Series(talib.OBV(c, v))
+    out["obv_flow_14"] = _safe_div(obv.diff(14).to_numpy(), pd.Series(v).rolling(14).sum().to_numpy(), 0.0)
+    out["stoch_k"], out["stoch_d"] = talib.STOCH(h, l, c, 14, 3, 0, 3, 0)
+    out["willr_14"] = talib.WILLR(h, l, c, 14)
+    out["cci_20"] = talib.CCI(h, l, c, 20)
+    out["adx_14"] = talib.ADX(h, l, c, 14)
+    out["mfi_14"] = talib.MFI(h, l, c, v, 14)
+    log_volume = pd.Series(np.log1p(v))
+    out["log_volume"] = log_volume
+    out["volume_ratio_24"] = log_volume - log_volume.rolling(24).mean()
+    times = candles["open_time"]
+    hour = (times.dt.hour + times.dt.minute / 60.0).to_numpy()
+    dow = times.dt.dayofweek.to_numpy() + hour / 24.0
+    out.update(
+        hour_sin=np.sin(2 * np.pi * hour / 24), hour_cos=np.cos(2 * np.pi * hour / 24),
+        dow_sin=np.sin(2 * np.pi * dow / 7), dow_cos=np.cos(2 * np.pi * dow / 7),
+    )
+    f = cfg.features
+    for k in f.return_lags:
+        out[f"log_ret_lag_{k}"] = r1.shift(k)
+    for w in f.momentum_windows:
+        out[f"mom_{w}"] = logc - logc.shift(w)
+    for w in f.volatility_windows:
+        out[f"vol_{w}"] = r1.rolling(w).std()
+    return pd.DataFrame({k: np.asarray(val, dtype=float) for k, val in out.items()}, index=candles.index)
+
+
+def _asof(as_of: pd.Series, events: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
+    """For each as-of instant, the latest event row whose known_at is at or before it."""
+    import pandas as pd
+
+    left = pd.DataFrame({"as_of": as_of.to_numpy(), "_row": range(len(as_of))}).sort_values("as_of")
+    right = events.sort_values("known_at")[["known_at", *columns]]
+    merged = pd.merge_asof(left, right, left_on="as_of", right_on="known_at", direction="backward")
+    return merged.sort_values("_row")[columns].reset_index(drop=True)
+
+
+def safe_haven_features(as_of: pd.Series, bars: pd.DataFrame, cfg: Config) -> pd.DataFrame:
+    """Per ticker: 1- and 5-day log return, 20-day volatility, 20-day z-score, as of each instant."""
+    import numpy as np
+    import pandas as pd
+
+    columns: dict[str, np.ndarray] = {}
+    for ticker, spec in cfg.safe_haven.tickers.items():
+        names = [f"sh_{spec.name}_{part}" for part in SAFE_HAVEN_PARTS]
+        own = bars[bars["ticker"] == ticker].sort_values("date") if not bars.empty else bars
+        if own.empty:
+            for name in names:
+                columns[name] = np.full(len(as_of), np.nan)
+            continue
+        close = own["close"].astype(float).reset_index(drop=True)
+        log_close = np.log(close)
+        ret1 = log_close.diff()
+        mean20, std20 = close.rolling(20).mean(), close.rolling(20).std()
+        events = pd.DataFrame(
+            {
+                "known_at": pd.to_datetime(own["known_at"], utc=True).to_numpy(),
+                names[0]: ret1,
+                names[1]: log_close - log_close.shift(5),
+                names[2]: ret1.rolling(20).std(),
+                names[3]: _safe_div((close - mean20).to_numpy(), std20.to_numpy(), 0.0),
+            }
+        )
+        aligned = _asof(as_of, events, names)
+        for name in names:
+            columns[name] = aligned[name].to_numpy(dtype=float)
+    return pd.DataFrame(columns)
+
+
+def _macro_events(obs: pd.DataFrame, kind: str, names: tuple[str, ...]) -> pd.DataFrame:
+    """Replay vintages in known_at order; after each release, the latest value and its change."""
+    import pandas as pd
+
+    known: dict[object, float] = {}
+    rows = []
+    for known_at, batch in obs.sort_values(["known_at", "observation_date"]).groupby("known_at", sort=True):
+        known.update(zip(batch["observation_date"], batch["value"].astype(float)))
+        dates = sorted(known)
+        latest = known[dates[-1]]
+        previous = known[dates[-2]] if len(dates) > 1 else math.nan
+        if kind == "index":
+            growth = math.log(latest / previous) if previous and previous > 0 and latest > 0 else math.nan
+            rows.append((known_at, growth))
+        else:
+            rows.append((known_at, latest, latest - previous))
+    return pd.DataFrame(rows, columns=["known_at", *names])
+
+
+def macro_features(as_of: pd.Series, observations: pd.DataFrame, cfg: Config) -> pd.DataFrame:
+    import numpy as np
+    import pandas as pd
+
+    columns: dict[str, np.ndarray] = {}
+    for series_id, spec in cfg.macro.series.items():
+        names = _macro_names(series_id, spec.kind)
+        own = observations[observations["series_id"] == series_id] if not observations.empty else observations
+        if own.empty:
+            for name in names:
+                columns[name] = np.full(len(as_of), np.nan)
+            continue
+        own = own.assign(known_at=pd.to_datetime(own["known_at"], utc=True))
+        aligned = _asof(as_of, _macro_events(own, spec.kind, names), list(names))
+        for name in names:
+            columns[name] = aligned[name].to_numpy(dtype=float)
+    return pd.DataFrame(columns)
+
+
+def targets(candles: pd.DataFrame, delta: timedelta, horizon: int) -> pd.DataFrame:
+    """Log return from close(t) to close(t + horizon*interval); NULL where that candle is missing."""
+    import numpy as np
+    import pandas as pd
+
+    log_close = pd.Series(np.log(candles["close"].to_numpy(dtype=float)), index=candles["open_time"].to_numpy())
+    future = log_close.reindex(candles["open_time"] + delta * horizon).to_numpy()
+    ret = future - log_close.to_numpy()
+    up = np.where(np.isnan(ret), np.nan, (ret > 0).astype(float))
+    return pd.DataFrame({"target_return": ret, "target_up": up}, index=candles.index)
+
+
+def compute_features(
+    candles: pd.DataFrame,
+    safe_haven: pd.DataFrame,
+    macro: pd.DataFrame,
+    cfg: Config,
+    interval: str,
+) -> pd.DataFrame:
+    """The one feature function: open_time, every feature column of feature_spec(cfg), targets."""
+    import numpy as np
+    import pandas as pd
+
+    from sofare.config import interval_delta
+
+    spec = feature_spec(cfg)
+    delta = interval_delta(interval)
+    if candles.empty:
+        return pd.DataFrame(columns=["open_time", *spec.columns, *TARGET_COLUMNS])
+    candles = candles.sort_values("open_time").reset_index(drop=True)
+    candles["open_time"] = pd.to_datetime(candles["open_time"], utc=True)
+    as_of = candles["open_time"] + delta  # a row is computed when its candle closes
+    parts = [
+        micro_features(candles, cfg),
+        safe_haven_features(as_of, safe_haven, cfg),
+        macro_features(as_of, macro, cfg),
+    ]
+    feats = pd.concat(parts, axis=1)[list(spec.columns)]
+    values = feats.to_numpy(dtype=float)
+    values[~np.isfinite(values)] = np.nan
+    values[: cfg.features.warmup_bars - 1] = np.nan  # not enough history: NULL, never a guess
+    out = pd.DataFrame(values, columns=list(spec.columns))
+    out.insert(0, "open_time", candles["open_time"])
+    return pd.concat([out, targets(candles, delta, cfg.features.horizon)], axis=1)

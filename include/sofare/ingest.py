@@ -1,0 +1,250 @@
+"""Loading data intervals into the warehouse and materialising features: what DAG tasks and CLI call.
+
+Each call loads exactly one modality over one half-open UTC interval, validates everything before
+writing, and writes in ONE transaction: a failed interval leaves nothing behind, a repeated one
+leaves the same rows. Interval membership: candles by open_time, daily bars by trading date,
+macro observations by the instant they became known (so a daily run replays history as it was).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from datetime import date, datetime, timedelta, timezone
+from typing import TYPE_CHECKING, Any
+
+from sofare import quality, warehouse
+from sofare.config import interval_delta
+from sofare.features import compute_features, feature_spec
+from sofare.sources import SOURCE_MODALITIES, FetchRequest, get_source
+from sofare.sources.base import trading_dates
+from sofare.visibility import macro_known_at, safe_haven_known_at
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from sqlalchemy.engine import Engine
+
+    from sofare.config import Config
+    from sofare.sources import Source
+
+log = logging.getLogger(__name__)
+MODALITIES = ("candles", "safe_haven", "macro")
+
+
+@dataclass
+class LoadResult:
+    """What one interval load did (JSON-able for XCom and the CLI)."""
+
+    modality: str
+    source: str
+    start: datetime
+    end: datetime
+    rows: int
+    gaps: list[quality.Gap] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "modality": self.modality,
+            "source": self.source,
+            "start": self.start.isoformat(),
+            "end": self.end.isoformat(),
+            "rows": self.rows,
+            "gaps": [g.to_dict() for g in self.gaps],
+        }
+
+    def __str__(self) -> str:
+        gaps = f", {len(self.gaps)} gap(s): " + "; ".join(map(str, self.gaps)) if self.gaps else ""
+        return f"{self.modality} from {self.source} [{self.start:%Y-%m-%d %H:%M} .. {self.end:%Y-%m-%d %H:%M}): {self.rows} rows{gaps}"
+
+
+def utc(moment: datetime | date | str) -> datetime:
+    """A timezone-aware UTC datetime from a datetime, date or ISO string (naive means UTC)."""
+    if isinstance(moment, str):
+        moment = datetime.fromisoformat(moment)
+    if not isinstance(moment, datetime):
+        moment = datetime(moment.year, moment.month, moment.day)
+    return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment.astimezone(timezone.utc)
+
+
+def day_range(start: date | str, end: date | str) -> tuple[datetime, datetime]:
+    """Inclusive calendar days [start, end] as the UTC interval [start 00:00, end+1 00:00)."""
+    first = utc(date.fromisoformat(start) if isinstance(start, str) else start)
+    last = utc(date.fromisoformat(end) if isinstance(end, str) else end)
+    if last < first:
+        raise ValueError(f"end {last.date()} is before start {first.date()}")
+    return first, last + timedelta(days=1)
+
+
+def _prepare_candles(raw: pd.DataFrame, req: FetchRequest, source: str) -> pd.DataFrame:
+    what = f"{source} candles {req.symbol} {req.interval} [{req.start:%Y-%m-%d %H:%M}, {req.end:%Y-%m-%d %H:%M})"
+    rows = quality.check_candles(raw, interval_delta(req.interval), what)
+    rows = rows[(rows["open_time"] >= req.start) & (rows["open_time"] < req.end)].copy()
+    rows["symbol"], rows["interval"], rows["source"] = req.symbol, req.interval, source
+    return rows
+
+
+def _prepare_safe_haven(raw: pd.DataFrame, req: FetchRequest, source: str, cfg: Config) -> pd.DataFrame:
+    import pandas as pd
+
+    what = f"{source} safe-haven bars [{req.start:%Y-%m-%d}, {req.end:%Y-%m-%d})"
+    rows = quality.check_safe_haven(raw, what)
+    unknown = set(rows["ticker"]) - set(cfg.safe_haven.tickers)
+    if unknown:
+        raise quality.MalformedDataError(f"{what}: tickers not in the config: {sorted(unknown)}")
+    first, last = trading_dates(req.start, req.end)
+    rows = rows[(rows["date"] >= first) & (rows["date"] < last)].copy()
+    known = [safe_haven_known_at(cfg, ticker, part["date"]) for ticker, part in rows.groupby("ticker")]
+    rows["known_at"] = pd.concat(known) if known else pd.Series(dtype="datetime64[ns, UTC]")
+    rows["source"] = source
+    return rows
+
+
+def _prepare_macro(raw: pd.DataFrame, req: FetchRequest, source: str, cfg: Config) -> pd.DataFrame:
+    import pandas as pd
+
+    what = f"{source} macro observations known in [{req.start:%Y-%m-%d}, {req.end:%Y-%m-%d})"
+    rows = quality.check_macro(raw, what)
+    unknown = set(rows["series_id"]) - set(cfg.macro.series)
+    if unknown:
+        raise quality.MalformedDataError(f"{what}: series not in the config: {sorted(unknown)}")
+    known = [
+        macro_known_at(cfg, series_id, part["observation_date"], part["realtime_start"])
+        for series_id, part in rows.groupby("series_id")
+    ]
+    rows["known_at"] = pd.concat(known) if known else pd.Series(dtype="datetime64[ns, UTC]")
+    rows = rows[(rows["known_at"] >= req.start) & (rows["known_at"] < req.end)].copy()
+    rows["source"] = source
+    return rows.drop(columns="realtime_start")
+
+
+def load_interval(
+    cfg: Config,
+    engine: Engine,
+    source: str | Source,
+    modality: str,
+    start: datetime,
+    end: datetime,
+    symbol: str | None = None,
+    interval: str | None = None,
+) -> LoadResult:
+    """Fetch one modality for [start, end), validate it, and upsert it in one transaction."""
+    src = get_source(source, cfg) if isinstance(source, str) else source
+    symbol = (symbol or cfg.market.symbol).upper()
+    interval = interval or cfg.market.interval
+    start, end = utc(start), utc(end)
+    req = FetchRequest(
+        modality, start, end, symbol=symbol, interval=interval,
+        tickers=tuple(cfg.safe_haven.tickers), series=tuple(cfg.macro.series),
+    )
+    raw = src.fetch(req)  # raises on a source failure: nothing has been written
+    table, _ = warehouse.RAW_TABLES[modality]
+    if modality == "candles":
+        rows = _prepare_candles(raw, req, src.name)
+    elif modality == "safe_haven":
+        rows = _prepare_safe_haven(raw, req, src.name, cfg)
+    else:
+        rows = _prepare_macro(raw, req, src.name, cfg)
+    with warehouse.transaction(engine) as conn:
+        written = warehouse.upsert(conn, table, rows)
+    gaps: list[quality.Gap] = []
+    if modality == "candles":
+        horizon = min(end, datetime.now(timezone.utc).replace(second=0, microsecond=0))
+        gaps = quality.candle_gaps(rows["open_time"], interval_delta(interval), start, horizon)
+    result = LoadResult(modality, src.name, start, end, written, gaps)
+    for gap in gaps:
+        log.warning("gap in %s %s %s: %s", symbol, interval, modality, gap)
+    log.info("loaded %s", result)
+    return result
+
+
+def materialize_features(
+    cfg: Config,
+    engine: Engine,
+    start: datetime,
+    end: datetime,
+    symbol: str | None = None,
+    interval: str | None = None,
+) -> int:
+    """Recompute the features of candles in [start - horizon, end) and upsert them in one transaction.
+
+    The `horizon` candles before `start` are refreshed so that their targets fill in once the
+    interval that holds their future has been loaded.
+    """
+    symbol = (symbol or cfg.market.symbol).upper()
+    interval = interval or cfg.market.interval
+    start, end = utc(start), utc(end)
+    spec = feature_spec(cfg)
+    lookahead = interval_delta(interval) * cfg.features.horizon
+    out_start = start - lookahead
+    with engine.connect() as conn:
+        import pandas as pd
+
+        history = warehouse.read_candles_before(conn, symbol, interval, out_start, cfg.features.warmup_bars)
+        body = warehouse.read_candles(conn, symbol, interval, out_start, end + lookahead)
+        candles = pd.concat([history, body], ignore_index=True) if not history.empty else body
+        if candles.empty:
+            return 0
+        first = candles["open_time"].iloc[0]
+        visible_until = end + interval_delta(interval)
+        bars = warehouse.read_safe_haven(conn, (first - timedelta(days=cfg.features.daily_context_days)).date(), visible_until)
+        macro = warehouse.read_macro(conn, first - timedelta(days=cfg.features.macro_context_days), visible_until)
+    feats = compute_features(candles, bars, macro, cfg, interval)
+    feats = feats[(feats["open_time"] >= out_start) & (feats["open_time"] < end)].copy()
+    feats.insert(0, "symbol", symbol)
+    feats.insert(1, "interval", interval)
+    feats.insert(3, "feature_set_version", spec.version)
+    table = warehouse.features_table(spec.columns)
+    with warehouse.transaction(engine) as conn:
+        written = warehouse.upsert(conn, table, feats)
+    log.info("features %s %s [%s, %s): %d rows (%s)", symbol, interval, out_start, end, written, spec.version)
+    return written
+
+
+def plan_chunks(start: datetime, end: datetime, chunk_days: int) -> list[tuple[datetime, datetime]]:
+    """Split [start, end) into consecutive chunks of at most `chunk_days` days."""
+    chunks = []
+    cursor = start
+    while cursor < end:
+        stop = min(cursor + timedelta(days=chunk_days), end)
+        chunks.append((cursor, stop))
+        cursor = stop
+    return chunks
+
+
+def plan_backfill(
+    cfg: Config,
+    sources: list[str],
+    start: datetime,
+    end: datetime,
+    symbol: str | None = None,
+    interval: str | None = None,
+) -> list[dict[str, Any]]:
+    """The load tasks of a backfill: one per (source, modality, chunk). Daily and macro data start
+    `ingest.context_days` earlier so that as-of features have history from the first candle."""
+    if not sources:
+        raise ValueError("choose at least one source")
+    unknown = [s for s in sources if s not in SOURCE_MODALITIES]
+    if unknown:
+        raise ValueError(f"unknown source(s) {unknown}; expected {', '.join(SOURCE_MODALITIES)} or all")
+    symbol = (symbol or cfg.market.symbol).upper()
+    interval = interval or cfg.market.interval
+    interval_delta(interval)
+    tasks = []
+    seen: dict[str, str] = {}
+    for source in sources:
+        for modality in SOURCE_MODALITIES[source]:
+            if modality in seen:
+                raise ValueError(f"both {seen[modality]!r} and {source!r} provide {modality}; choose one")
+            seen[modality] = source
+            first = start if modality == "candles" else start - timedelta(days=cfg.ingest.context_days)
+            for lo, hi in plan_chunks(first, end, cfg.ingest.chunk_days):
+                tasks.append({"source": source, "modality": modality, "start": lo.isoformat(),
+                              "end": hi.isoformat(), "symbol": symbol, "interval": interval})
+    return tasks
+
+
+def expand_sources(source: str) -> list[str]:
+    """CLI/DAG source choice -> source names ('all' means every live source)."""
+    from sofare.sources import LIVE_SOURCES
+
+    return list(LIVE_SOURCES) if source == "all" else [source]

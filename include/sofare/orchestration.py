@@ -1,0 +1,32 @@
+"""Wiring shared by the DAG files: the Assets that connect DAGs and the default task arguments.
+
+Light on purpose (Airflow's SDK and the config only): DAG files import this at parse time.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from airflow.sdk import Asset
+
+from sofare.config import Config
+
+OWNER = "sofare"
+
+CANDLES = Asset(name="sofare_candles", uri="sofare://warehouse/candles", group="warehouse")
+SAFE_HAVEN = Asset(name="sofare_safe_haven_bars", uri="sofare://warehouse/safe_haven_bars", group="warehouse")
+MACRO = Asset(name="sofare_macro_observations", uri="sofare://warehouse/macro_observations", group="warehouse")
+FEATURES = Asset(name="sofare_features", uri="sofare://warehouse/features", group="warehouse")
+RAW_ASSETS = {"candles": CANDLES, "safe_haven": SAFE_HAVEN, "macro": MACRO}
+
+
+def default_args(cfg: Config) -> dict[str, Any]:
+    """Owner and retries with exponential back-off (every SOFARE task does I/O)."""
+    return {
+        "owner": OWNER,
+        "retries": cfg.ingest.retries,
+        "retry_delay": timedelta(seconds=cfg.ingest.retry_delay_seconds),
+        "retry_exponential_backoff": 2.0,
+        "max_retry_delay": timedelta(seconds=cfg.ingest.max_retry_delay_seconds),
+    }

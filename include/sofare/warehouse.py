@@ -1,0 +1,393 @@
+"""The warehouse: dialect-neutral SQLAlchemy Core tables, engines, idempotent upserts and reads.
+
+SQLite (var/warehouse.db) by default; PostgreSQL through the Airflow connection `sofare_warehouse`
+or an explicit URL. Every write is an upsert keyed by the table's natural primary key.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import date, datetime, timezone
+from typing import TYPE_CHECKING, Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import URL, Connection, Engine, make_url
+from sqlalchemy.types import TypeDecorator
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from sofare.config import Config
+
+log = logging.getLogger(__name__)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timestamp that is always timezone-aware UTC in Python, whatever the database stores."""
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=timezone.utc)
+        value = value.astimezone(timezone.utc)
+        # SQLite has no time zone type: store naive UTC so text order is time order.
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=timezone.utc)
+        return value.astimezone(timezone.utc)
+
+
+metadata = sa.MetaData()
+
+candles = sa.Table(
+    "candles",
+    metadata,
+    sa.Column("symbol", sa.String(20), primary_key=True),
+    sa.Column("interval", sa.String(8), primary_key=True),
+    sa.Column("open_time", UTCDateTime, primary_key=True),
+    sa.Column("open", sa.Double, nullable=False),
+    sa.Column("high", sa.Double, nullable=False),
+    sa.Column("low", sa.Double, nullable=False),
+    sa.Column("close", sa.Double, nullable=False),
+    sa.Column("volume", sa.Double, nullable=False),
+    sa.Column("quote_volume", sa.Double),
+    sa.Column("trade_count", sa.BigInteger),
+    sa.Column("source", sa.String(16), nullable=False),
+)
+
+safe_haven_bars = sa.Table(
+    "safe_haven_bars",
+    metadata,
+    sa.Column("ticker", sa.String(16), primary_key=True),
+    sa.Column("date", sa.Date, primary_key=True),
+    sa.Column("open", sa.Double, nullable=False),
+    sa.Column("high", sa.Double, nullable=False),
+    sa.Column("low", sa.Double, nullable=False),
+    sa.Column("close", sa.Double, nullable=False),
+    sa.Column("volume", sa.Double),
+    sa.Column("known_at", UTCDateTime, nullable=False),
+    sa.Column("source", sa.String(16), nullable=False),
+)
+
+macro_observations = sa.Table(
+    "macro_observations",
+    metadata,
+    sa.Column("series_id", sa.String(32), primary_key=True),
+    sa.Column("observation_date", sa.Date, primary_key=True),
+    sa.Column("known_at", UTCDateTime, primary_key=True),
+    sa.Column("value", sa.Double, nullable=False),
+    sa.Column("source", sa.String(16), nullable=False),
+)
+
+# Raw tables by modality, each with its time column (the one data intervals select on).
+RAW_TABLES: dict[str, tuple[sa.Table, str]] = {
+    "candles": (candles, "open_time"),
+    "safe_haven": (safe_haven_bars, "date"),
+    "macro": (macro_observations, "known_at"),
+}
+
+FEATURE_KEY_COLUMNS = ("symbol", "interval", "open_time")
+_feature_metadata = sa.MetaData()
+
+
+@functools.cache
+def features_table(feature_columns: tuple[str, ...]) -> sa.Table:
+    """The wide features table for a feature set (its columns come from the feature function)."""
+    return sa.Table(
+        "features",
+        _feature_metadata,
+        sa.Column("symbol", sa.String(20), primary_key=True),
+        sa.Column("interval", sa.String(8), primary_key=True),
+        sa.Column("open_time", UTCDateTime, primary_key=True),
+        sa.Column("feature_set_version", sa.String(40), nullable=False),
+        *(sa.Column(name, sa.Double) for name in feature_columns),
+        sa.Column("target_return", sa.Double),
+        sa.Column("target_up", sa.SmallInteger),
+    )
+
+
+class SchemaMismatchError(RuntimeError):
+    """The database's features table was built for another feature set."""
+
+
+# --- engines -----------------------------------------------------------------------------------
+
+
+def _airflow_connection_url(conn_id: str) -> str | None:
+    """The SQLAlchemy URL of an Airflow connection, or None when Airflow does not define it."""
+    conn = None
+    try:
+        from airflow.sdk import BaseHook  # inside a task, or AIRFLOW_CONN_* in the environment
+
+        conn = BaseHook.get_connection(conn_id)
+    except Exception:  # noqa: BLE001 - Airflow raises several types for "not found here"
+        try:
+            from airflow.models import Connection  # the CLI: Airflow's metadata database
+
+            conn = Connection.get_connection_from_secrets(conn_id)
+        except Exception:  # noqa: BLE001
+            return None
+    if conn.conn_type == "sqlite":
+        return f"sqlite:///{conn.host}"
+    if conn.conn_type in ("postgres", "postgresql"):
+        extra = conn.extra_dejson if conn.extra else {}
+        query = {k: str(v) for k, v in extra.items() if k in ("sslmode", "options", "application_name")}
+        return URL.create(
+            "postgresql+psycopg2",
+            username=conn.login or None,
+            password=conn.password or None,
+            host=conn.host or None,
+            port=conn.port,
+            database=conn.schema or None,
+            query=query,
+        ).render_as_string(hide_password=False)
+    raise ValueError(f"Airflow connection {conn_id!r} has type {conn.conn_type!r}; expected postgres or sqlite")
+
+
+def normalize_url(url: str) -> str:
+    """Accept postgres://, postgresql:// and sqlite:// URLs; use psycopg2 for PostgreSQL."""
+    parsed = make_url(url.replace("postgres://", "postgresql://", 1) if url.startswith("postgres://") else url)
+    if parsed.drivername == "postgresql":
+        parsed = parsed.set(drivername="postgresql+psycopg2")
+    if parsed.get_backend_name() not in ("sqlite", "postgresql"):
+        raise ValueError(f"unsupported warehouse database {parsed.get_backend_name()!r}: use SQLite or PostgreSQL")
+    return parsed.render_as_string(hide_password=False)
+
+
+def warehouse_url(cfg: Config) -> str:
+    """Explicit config/env URL, else the Airflow connection, else SQLite under var/."""
+    if cfg.warehouse.url:
+        return normalize_url(cfg.warehouse.url)
+    from_airflow = _airflow_connection_url(cfg.warehouse.conn_id)
+    return normalize_url(from_airflow or cfg.default_warehouse_url)
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cursor = dbapi_conn.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")  # readers never block the writer
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA busy_timeout=60000")
+    cursor.close()
+
+
+@functools.cache
+def engine_for(url: str) -> Engine:
+    """One pooled engine per URL and process."""
+    url = normalize_url(url)
+    if url.startswith("sqlite"):
+        path = make_url(url).database
+        if path and path != ":memory:":
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        engine = sa.create_engine(url, connect_args={"timeout": 60})
+        sa.event.listen(engine, "connect", _sqlite_pragmas)
+        return engine
+    return sa.create_engine(url, pool_pre_ping=True)
+
+
+def get_engine(cfg: Config) -> Engine:
+    return engine_for(warehouse_url(cfg))
+
+
+def describe(engine: Engine) -> str:
+    """The engine's URL without its password, for logs and reports."""
+    return engine.url.render_as_string(hide_password=True)
+
+
+def init_schema(engine: Engine, feature_columns: Sequence[str], rebuild_features: bool = False) -> None:
+    """Create every table that is missing; refuse a features table built for other features."""
+    metadata.create_all(engine)
+    table = features_table(tuple(feature_columns))
+    inspector = sa.inspect(engine)
+    if inspector.has_table("features"):
+        existing = {c["name"] for c in inspector.get_columns("features")}
+        wanted = {c.name for c in table.columns}
+        if existing != wanted:
+            if not rebuild_features:
+                missing, extra = sorted(wanted - existing), sorted(existing - wanted)
+                raise SchemaMismatchError(
+                    "the features table was built for another feature set "
+                    f"(missing columns {missing}, unexpected {extra}); "
+                    "run `sofare init --rebuild-features` to drop and rebuild it"
+                )
+            log.warning("dropping features table to rebuild it for the current feature set")
+            table.drop(engine)
+    table.create(engine, checkfirst=True)
+
+
+_ready: set[tuple[str, tuple[str, ...]]] = set()
+
+
+def ensure_schema(engine: Engine, feature_columns: Sequence[str]) -> None:
+    """init_schema once per process and database; tolerate a concurrent task creating it first."""
+    key = (describe(engine), tuple(feature_columns))
+    if key in _ready:
+        return
+    try:
+        init_schema(engine, feature_columns)
+    except (sa.exc.IntegrityError, sa.exc.ProgrammingError, sa.exc.OperationalError):
+        init_schema(engine, feature_columns)  # another worker won the race; now it all exists
+    _ready.add(key)
+
+
+# --- writes --------------------------------------------------------------------------------------
+
+
+def _records(frame: pd.DataFrame, table: sa.Table) -> list[dict[str, Any]]:
+    """Rows as dicts of plain Python values (NaN -> NULL, Timestamps -> datetimes)."""
+    import numpy as np
+    import pandas as pd
+
+    columns = [c.name for c in table.columns if c.name in frame.columns]
+    missing = [c.name for c in table.columns if not c.nullable and c.name not in frame.columns]
+    if missing:
+        raise ValueError(f"cannot write {table.name}: missing columns {missing}")
+    out: dict[str, list[Any]] = {}
+    for name in columns:
+        series = frame[name]
+        if isinstance(series.dtype, pd.DatetimeTZDtype) or pd.api.types.is_datetime64_any_dtype(series):
+            if isinstance(series.dtype, pd.DatetimeTZDtype):
+                series = series.dt.tz_convert("UTC").dt.tz_localize(None)  # naive UTC, see UTCDateTime
+            values = series.to_numpy(dtype="datetime64[us]").astype(object)
+            values[series.isna().to_numpy()] = None
+        elif pd.api.types.is_float_dtype(series):
+            values = series.to_numpy(dtype=object)
+            values[~np.isfinite(series.to_numpy(dtype=float))] = None
+        elif pd.api.types.is_integer_dtype(series) and not pd.api.types.is_extension_array_dtype(series):
+            values = series.to_numpy(dtype=object)
+        else:
+            values = series.astype(object).where(series.notna(), None).to_numpy(dtype=object)
+        out[name] = values.tolist()
+    return [dict(zip(columns, row)) for row in zip(*(out[c] for c in columns))]
+
+
+def _insert_for(conn: Connection, table: sa.Table) -> Any:
+    if conn.dialect.name == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert
+    elif conn.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:  # pragma: no cover - normalize_url refuses other databases
+        raise ValueError(f"unsupported dialect {conn.dialect.name}")
+    stmt = insert(table)
+    keys = [c.name for c in table.primary_key.columns]
+    updates = {c.name: stmt.excluded[c.name] for c in table.columns if c.name not in keys}
+    return stmt.on_conflict_do_update(index_elements=keys, set_=updates)
+
+
+def upsert(conn: Connection, table: sa.Table, frame: pd.DataFrame, batch_size: int = 20_000) -> int:
+    """Insert or update `frame` by the table's primary key inside the caller's transaction."""
+    if frame.empty:
+        return 0
+    keys = [c.name for c in table.primary_key.columns]
+    duplicated = frame.duplicated(subset=keys, keep=False)
+    if duplicated.any():
+        example = frame.loc[duplicated, keys].iloc[0].to_dict()
+        raise ValueError(f"cannot write {table.name}: duplicate key {example}")
+    records = _records(frame, table)
+    stmt = _insert_for(conn, table)
+    for start in range(0, len(records), batch_size):
+        conn.execute(stmt, records[start : start + batch_size])
+    return len(records)
+
+
+@contextmanager
+def transaction(engine: Engine) -> Iterator[Connection]:
+    """One atomic unit of work: everything inside commits together or not at all."""
+    with engine.begin() as conn:
+        yield conn
+
+
+# --- reads ---------------------------------------------------------------------------------------
+
+
+def _frame(conn: Connection, query: sa.Select[Any]) -> pd.DataFrame:
+    import pandas as pd
+
+    result = conn.execute(query)
+    frame = pd.DataFrame(result.fetchall(), columns=list(result.keys()))
+    for column in query.selected_columns:
+        if isinstance(column.type, UTCDateTime) and column.name in frame:
+            frame[column.name] = pd.to_datetime(frame[column.name], utc=True)
+    return frame
+
+
+def read_candles(
+    conn: Connection,
+    symbol: str,
+    interval: str,
+    start: datetime | None = None,
+    end: datetime | None = None,
+) -> pd.DataFrame:
+    """Candles with start <= open_time < end, in time order."""
+    query = sa.select(candles).where(candles.c.symbol == symbol, candles.c.interval == interval)
+    if start is not None:
+        query = query.where(candles.c.open_time >= start)
+    if end is not None:
+        query = query.where(candles.c.open_time < end)
+    return _frame(conn, query.order_by(candles.c.open_time))
+
+
+def read_candles_before(conn: Connection, symbol: str, interval: str, before: datetime, limit: int) -> pd.DataFrame:
+    """The last `limit` candles that open before `before`, in time order."""
+    query = (
+        sa.select(candles)
+        .where(candles.c.symbol == symbol, candles.c.interval == interval, candles.c.open_time < before)
+        .order_by(candles.c.open_time.desc())
+        .limit(limit)
+    )
+    return _frame(conn, query).iloc[::-1].reset_index(drop=True)
+
+
+def read_safe_haven(conn: Connection, start: date | None = None, known_before: datetime | None = None) -> pd.DataFrame:
+    """Daily safe-haven bars dated on/after `start` and visible before `known_before`."""
+    query = sa.select(safe_haven_bars)
+    if start is not None:
+        query = query.where(safe_haven_bars.c.date >= start)
+    if known_before is not None:
+        query = query.where(safe_haven_bars.c.known_at < known_before)
+    return _frame(conn, query.order_by(safe_haven_bars.c.ticker, safe_haven_bars.c.date))
+
+
+def read_macro(conn: Connection, known_from: datetime | None = None, known_before: datetime | None = None) -> pd.DataFrame:
+    """Macro observations (every vintage) that became known in [known_from, known_before)."""
+    query = sa.select(macro_observations)
+    if known_from is not None:
+        query = query.where(macro_observations.c.known_at >= known_from)
+    if known_before is not None:
+        query = query.where(macro_observations.c.known_at < known_before)
+    order = (macro_observations.c.series_id, macro_observations.c.known_at, macro_observations.c.observation_date)
+    return _frame(conn, query.order_by(*order))
+
+
+def read_features(
+    conn: Connection,
+    table: sa.Table,
+    symbol: str,
+    interval: str,
+    start: datetime | None = None,
+    end: datetime | None = None,
+) -> pd.DataFrame:
+    query = sa.select(table).where(table.c.symbol == symbol, table.c.interval == interval)
+    if start is not None:
+        query = query.where(table.c.open_time >= start)
+    if end is not None:
+        query = query.where(table.c.open_time < end)
+    return _frame(conn, query.order_by(table.c.open_time))
+
+
+def read_column(conn: Connection, table: sa.Table, column: str, **equals: Any) -> list[Any]:
+    """One column of a table (filtered by equality), ordered: the input of gap detection."""
+    col = table.c[column]
+    query = sa.select(col).where(*(table.c[k] == v for k, v in equals.items())).order_by(col)
+    return list(conn.execute(query).scalars())
