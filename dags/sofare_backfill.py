@@ -21,7 +21,7 @@ import pendulum
 from airflow.sdk import Param, dag, task
 
 from sofare.config import INTERVALS, load_config
-from sofare.orchestration import CANDLES, FEATURES, MACRO, SAFE_HAVEN, default_args
+from sofare.orchestration import CANDLES, FEATURES, MACRO, SAFE_HAVEN, default_args, run
 
 CFG = load_config()
 
@@ -53,7 +53,7 @@ def sofare_backfill():
     def plan_loads(params=None) -> list[dict]:
         from sofare import tasks
 
-        return tasks.plan_backfill(params["sources"], params["start"], params["end"], params["symbol"], params["interval"])
+        return run(tasks.plan_backfill, params["sources"], params["start"], params["end"], params["symbol"], params["interval"])
 
     @task(outlets=[CANDLES, SAFE_HAVEN, MACRO], map_index_template="{{ chunk_label }}")
     def load_chunk(chunk: dict) -> dict:
@@ -62,25 +62,25 @@ def sofare_backfill():
         from sofare import tasks
 
         get_current_context()["chunk_label"] = f"{chunk['source']} {chunk['modality']} {chunk['start'][:10]}"
-        return tasks.load_chunk(chunk)
+        return run(tasks.load_chunk, chunk)
 
     @task
     def plan_features(loads: list, params=None) -> list[dict]:
         from sofare import tasks
 
-        return tasks.plan_feature_chunks(params["start"], params["end"], params["symbol"], params["interval"])
+        return run(tasks.plan_feature_chunks, params["start"], params["end"], params["symbol"], params["interval"])
 
     @task(outlets=[FEATURES])
     def features_chunk(chunk: dict) -> dict:
         from sofare import tasks
 
-        return tasks.features_chunk(chunk)
+        return run(tasks.features_chunk, chunk)
 
     @task
     def summarize(loads: list, features: list) -> dict:
         from sofare import tasks
 
-        return tasks.summarize(list(loads))
+        return run(tasks.summarize, list(loads))
 
     loads = load_chunk.expand(chunk=plan_loads())
     features = features_chunk.expand(chunk=plan_features(loads))

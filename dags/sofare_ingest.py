@@ -25,7 +25,7 @@ from airflow.sdk import dag, task
 from airflow.timetables.interval import CronDataIntervalTimetable
 
 from sofare.config import load_config
-from sofare.orchestration import CANDLES, FEATURES, MACRO, SAFE_HAVEN, default_args
+from sofare.orchestration import CANDLES, FEATURES, MACRO, SAFE_HAVEN, default_args, run
 
 CFG = load_config()
 
@@ -45,26 +45,26 @@ def sofare_ingest():
     def load_candles(data_interval_start=None, data_interval_end=None) -> dict:
         from sofare import tasks
 
-        return tasks.load("candles", data_interval_start, data_interval_end)
+        return run(tasks.load, "candles", data_interval_start, data_interval_end)
 
     @task(outlets=[SAFE_HAVEN])
     def load_safe_haven(data_interval_start=None, data_interval_end=None) -> dict:
         from sofare import tasks
 
-        return tasks.load("safe_haven", data_interval_start, data_interval_end)
+        return run(tasks.load, "safe_haven", data_interval_start, data_interval_end)
 
     @task(outlets=[MACRO])
     def load_macro(data_interval_start=None, data_interval_end=None) -> dict:
         from sofare import tasks
 
-        return tasks.load("macro", data_interval_start, data_interval_end)
+        return run(tasks.load, "macro", data_interval_start, data_interval_end)
 
     # Features need the previous interval's candles as warm-up: runs build them in order.
     @task(outlets=[FEATURES], depends_on_past=True)
     def build_features(data_interval_start=None, data_interval_end=None) -> dict:
         from sofare import tasks
 
-        return tasks.build_features(data_interval_start, data_interval_end)
+        return run(tasks.build_features, data_interval_start, data_interval_end)
 
     [load_candles(), load_safe_haven(), load_macro()] >> build_features()
 

@@ -195,7 +195,7 @@ def _apply_override(tree: dict[str, Any], keys: list[str], raw: str, env_name: s
             raise ConfigError(f"{env_name}: {'.'.join(keys[:depth])} is not a section")
         match = next((k for k in node if str(k).lower() == key.lower()), None)
         if match is None:
-            raise ConfigError(f"{env_name}: unknown config key {'.'.join(keys[: depth + 1])!r}")
+            raise ConfigError(f"{env_name}: unknown config key {'.'.join(keys[: depth + 1]).lower()!r}")
         if depth == len(keys) - 1:
             node[match] = yaml.safe_load(raw) if raw != "" else None
         else:

@@ -63,7 +63,10 @@ def utc(moment: datetime | date | str) -> datetime:
         moment = datetime.fromisoformat(moment)
     if not isinstance(moment, datetime):
         moment = datetime(moment.year, moment.month, moment.day)
-    return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment.astimezone(timezone.utc)
+    if moment.tzinfo is not None:
+        moment = moment.astimezone(timezone.utc)
+    # a plain datetime, whatever came in (Airflow hands out pendulum DateTimes pandas cannot compare)
+    return datetime(*moment.timetuple()[:6], moment.microsecond, tzinfo=timezone.utc)
 
 
 def day_range(start: date | str, end: date | str) -> tuple[datetime, datetime]:
@@ -165,38 +168,48 @@ def materialize_features(
     symbol: str | None = None,
     interval: str | None = None,
 ) -> int:
-    """Recompute the features of candles in [start - horizon, end) and upsert them in one transaction.
+    """Compute the features of candles in [start, end) and upsert them in one transaction.
 
-    The `horizon` candles before `start` are refreshed so that their targets fill in once the
-    interval that holds their future has been loaded.
+    Each row is computed by the interval that holds it, from exactly `warmup_bars` candles before
+    the interval's start, so reruns are bit-identical in any task order. The targets of the
+    `horizon` candles before `start` are refreshed too: their future may be in this interval.
     """
+    import pandas as pd
+
+    from sofare.features import targets
+
     symbol = (symbol or cfg.market.symbol).upper()
     interval = interval or cfg.market.interval
     start, end = utc(start), utc(end)
     spec = feature_spec(cfg)
-    lookahead = interval_delta(interval) * cfg.features.horizon
-    out_start = start - lookahead
+    delta = interval_delta(interval)
+    lookahead = delta * cfg.features.horizon
     with engine.connect() as conn:
-        import pandas as pd
-
-        history = warehouse.read_candles_before(conn, symbol, interval, out_start, cfg.features.warmup_bars)
-        body = warehouse.read_candles(conn, symbol, interval, out_start, end + lookahead)
-        candles = pd.concat([history, body], ignore_index=True) if not history.empty else body
-        if candles.empty:
+        history = warehouse.read_candles_before(conn, symbol, interval, start, cfg.features.warmup_bars)
+        body = warehouse.read_candles(conn, symbol, interval, start - lookahead, end + lookahead)
+        if body.empty:
             return 0
+        parts = [part for part in (history, body[body["open_time"] >= start]) if not part.empty]
+        if not parts:
+            return 0
+        candles = pd.concat(parts, ignore_index=True)
         first = candles["open_time"].iloc[0]
-        visible_until = end + interval_delta(interval)
-        bars = warehouse.read_safe_haven(conn, (first - timedelta(days=cfg.features.daily_context_days)).date(), visible_until)
-        macro = warehouse.read_macro(conn, first - timedelta(days=cfg.features.macro_context_days), visible_until)
+        bars = warehouse.read_safe_haven(conn, (first - timedelta(days=cfg.features.daily_context_days)).date(),
+                                         end + delta)
+        macro = warehouse.read_macro(conn, first - timedelta(days=cfg.features.macro_context_days), end + delta)
     feats = compute_features(candles, bars, macro, cfg, interval)
-    feats = feats[(feats["open_time"] >= out_start) & (feats["open_time"] < end)].copy()
+    feats = feats[(feats["open_time"] >= start) & (feats["open_time"] < end)].copy()
     feats.insert(0, "symbol", symbol)
     feats.insert(1, "interval", interval)
     feats.insert(3, "feature_set_version", spec.version)
+    earlier = body[body["open_time"] < end + lookahead].reset_index(drop=True)
+    refreshed = pd.concat([earlier[["open_time"]], targets(earlier, delta, cfg.features.horizon)], axis=1)
+    refreshed = refreshed[refreshed["open_time"] < start]
     table = warehouse.features_table(spec.columns)
     with warehouse.transaction(engine) as conn:
         written = warehouse.upsert(conn, table, feats)
-    log.info("features %s %s [%s, %s): %d rows (%s)", symbol, interval, out_start, end, written, spec.version)
+        warehouse.update_targets(conn, table, symbol, interval, refreshed)
+    log.info("features %s %s [%s, %s): %d rows (%s)", symbol, interval, start, end, written, spec.version)
     return written
 
 

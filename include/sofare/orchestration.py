@@ -5,12 +5,15 @@ Light on purpose (Airflow's SDK and the config only): DAG files import this at p
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from airflow.sdk import Asset
 
-from sofare.config import Config
+from sofare.config import Config, ConfigError
+
+T = TypeVar("T")
 
 OWNER = "sofare"
 
@@ -30,3 +33,21 @@ def default_args(cfg: Config) -> dict[str, Any]:
         "retry_exponential_backoff": 2.0,
         "max_retry_delay": timedelta(seconds=cfg.ingest.max_retry_delay_seconds),
     }
+
+
+def run(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run a task body; errors that a retry cannot fix fail the task at once (no retries burnt).
+
+    Malformed source data, rejected requests and bad parameters are permanent; timeouts, rate limits,
+    5xx answers and database hiccups keep Airflow's retries with exponential back-off.
+    """
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from sofare.sources import SourceError, TransientSourceError
+
+    try:
+        return fn(*args, **kwargs)
+    except TransientSourceError:
+        raise
+    except (SourceError, ConfigError, ValueError, LookupError) as exc:
+        raise AirflowFailException(f"{type(exc).__name__}: {exc}") from exc

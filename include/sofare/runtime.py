@@ -154,5 +154,5 @@ def _failed_tasks(run: Any) -> list[str]:
         return sorted(
             f"{ti.task_id}[{ti.map_index}]" if ti.map_index >= 0 else ti.task_id
             for ti in run.get_task_instances(session=session)
-            if str(ti.state) in ("failed", "upstream_failed")
+            if str(ti.state) == "failed"
         )

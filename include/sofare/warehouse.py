@@ -99,7 +99,6 @@ RAW_TABLES: dict[str, tuple[sa.Table, str]] = {
 }
 
 FEATURE_KEY_COLUMNS = ("symbol", "interval", "open_time")
-_feature_metadata = sa.MetaData()
 
 
 @functools.cache
@@ -107,7 +106,7 @@ def features_table(feature_columns: tuple[str, ...]) -> sa.Table:
     """The wide features table for a feature set (its columns come from the feature function)."""
     return sa.Table(
         "features",
-        _feature_metadata,
+        sa.MetaData(),  # one per feature set: two sets never share a Table object
         sa.Column("symbol", sa.String(20), primary_key=True),
         sa.Column("interval", sa.String(8), primary_key=True),
         sa.Column("open_time", UTCDateTime, primary_key=True),
@@ -127,7 +126,6 @@ class SchemaMismatchError(RuntimeError):
 
 def _airflow_connection_url(conn_id: str) -> str | None:
     """The SQLAlchemy URL of an Airflow connection, or None when Airflow does not define it."""
-    conn = None
     try:
         from airflow.sdk import BaseHook  # inside a task, or AIRFLOW_CONN_* in the environment
 
@@ -140,7 +138,10 @@ def _airflow_connection_url(conn_id: str) -> str | None:
         except Exception:  # noqa: BLE001
             return None
     if conn.conn_type == "sqlite":
-        return f"sqlite:///{conn.host}"
+        path = conn.host or conn.schema  # sqlite://%2Fpath puts it in host, sqlite:////path in schema
+        if not path:
+            raise ValueError(f"Airflow connection {conn_id!r} is SQLite but names no database file")
+        return f"sqlite:///{path}"
     if conn.conn_type in ("postgres", "postgresql"):
         extra = conn.extra_dejson if conn.extra else {}
         query = {k: str(v) for k, v in extra.items() if k in ("sslmode", "options", "application_name")}
@@ -299,6 +300,23 @@ def upsert(conn: Connection, table: sa.Table, frame: pd.DataFrame, batch_size: i
     for start in range(0, len(records), batch_size):
         conn.execute(stmt, records[start : start + batch_size])
     return len(records)
+
+
+def update_targets(conn: Connection, table: sa.Table, symbol: str, interval: str, frame: pd.DataFrame) -> int:
+    """Set target_return/target_up of existing feature rows (open_time, target_return, target_up)."""
+    if frame.empty:
+        return 0
+    stmt = (
+        table.update()
+        .where(table.c.symbol == symbol, table.c.interval == interval, table.c.open_time == sa.bindparam("b_time"))
+        .values(target_return=sa.bindparam("b_return"), target_up=sa.bindparam("b_up"))
+    )
+    rows = [
+        {"b_time": t.to_pydatetime(), "b_return": None if r != r else float(r), "b_up": None if u != u else int(u)}
+        for t, r, u in zip(frame["open_time"], frame["target_return"], frame["target_up"])
+    ]
+    conn.execute(stmt, rows)
+    return len(rows)
 
 
 @contextmanager

@@ -1,0 +1,133 @@
+"""Shared fixtures: an isolated Airflow home and var/, SQLite and a real PostgreSQL server,
+and the local market API that stands in for the internet."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SESSION_DIR = Path(tempfile.mkdtemp(prefix="sofare-tests-"))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Airflow reads its home when first imported: point it at a throw-away one before that."""
+    for name in list(os.environ):
+        if name.startswith(("SOFARE_", "AIRFLOW_CONN_", "AIRFLOW__")) or name == "FRED_API_KEY":
+            del os.environ[name]
+    os.environ.update(
+        AIRFLOW_HOME=str(SESSION_DIR / "airflow"),
+        AIRFLOW__CORE__DAGS_FOLDER=str(ROOT / "dags"),
+        AIRFLOW__CORE__PLUGINS_FOLDER=str(ROOT / "plugins"),
+        AIRFLOW__CORE__LOAD_EXAMPLES="False",
+        SOFARE_PATHS__VAR=str(SESSION_DIR / "var"),
+    )
+
+
+@pytest.fixture(scope="session")
+def airflow_db() -> Path:
+    """Airflow's metadata database (SQLite), migrated once per session."""
+    home = Path(os.environ["AIRFLOW_HOME"])
+    result = subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], capture_output=True, text=True,
+                            env=os.environ.copy(), check=False)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return home
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[object]:
+    """One real PostgreSQL server for the session, from the local binaries."""
+    from sofare.pgserver import LocalPostgres
+
+    server = LocalPostgres().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def pg_url(postgres: object) -> str:
+    """A fresh, empty database on the session's PostgreSQL server."""
+    return postgres.create_database(f"t_{uuid.uuid4().hex[:12]}")  # type: ignore[attr-defined]
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Each test that takes this runs on SQLite and on the real PostgreSQL server."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'warehouse.db'}"
+    return request.getfixturevalue("pg_url")
+
+
+@pytest.fixture
+def cfg(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    """The real config with var/ in a temporary directory and a SQLite warehouse there."""
+    from sofare.config import load_config
+
+    monkeypatch.setenv("SOFARE_PATHS__VAR", str(tmp_path / "var"))
+    monkeypatch.setenv("SOFARE_WAREHOUSE__URL", f"sqlite:///{tmp_path / 'var' / 'warehouse.db'}")
+    return load_config()
+
+
+@pytest.fixture
+def db_cfg(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, db_url: str):
+    """The real config pointed at `db_url` (SQLite, then PostgreSQL)."""
+    from sofare.config import load_config
+
+    monkeypatch.setenv("SOFARE_PATHS__VAR", str(tmp_path / "var"))
+    monkeypatch.setenv("SOFARE_WAREHOUSE__URL", db_url)
+    return load_config()
+
+
+@pytest.fixture
+def engine(db_cfg):
+    from sofare import warehouse
+    from sofare.features import feature_spec
+
+    eng = warehouse.get_engine(db_cfg)
+    warehouse.init_schema(eng, feature_spec(db_cfg).columns)
+    return eng
+
+
+@pytest.fixture
+def market_api(cfg) -> Iterator[object]:
+    from tests.fakes.market_api import MarketAPI
+
+    with MarketAPI(cfg) as api:
+        yield api
+
+
+@pytest.fixture
+def live_cfg(monkeypatch: pytest.MonkeyPatch, market_api):
+    """Config whose live sources talk to the local market API, with short timeouts and back-off."""
+    from sofare.config import load_config
+
+    monkeypatch.setenv("SOFARE_SOURCES__BINANCE__BASE_URL", market_api.url)
+    monkeypatch.setenv("SOFARE_SOURCES__YFINANCE__BASE_URL", market_api.url)
+    monkeypatch.setenv("SOFARE_SOURCES__FRED__BASE_URL", market_api.url)
+    monkeypatch.setenv("SOFARE_SOURCES__HTTP__TIMEOUT_SECONDS", "0.5")
+    monkeypatch.setenv("SOFARE_SOURCES__HTTP__BACKOFF_BASE_SECONDS", "0.01")
+    monkeypatch.setenv("SOFARE_SOURCES__HTTP__MAX_ATTEMPTS", "4")
+    monkeypatch.setenv("FRED_API_KEY", "sofare-test-key")
+    return load_config()
+
+
+class SleepRecorder:
+    """Records requested back-off delays instead of sleeping (the waits themselves are not under test)."""
+
+    def __init__(self) -> None:
+        self.calls: list[float] = []
+
+    def __call__(self, seconds: float) -> None:
+        self.calls.append(seconds)
+
+
+@pytest.fixture
+def sleeps() -> SleepRecorder:
+    return SleepRecorder()

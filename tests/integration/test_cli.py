@@ -1,0 +1,76 @@
+"""The `sofare` command as people run it: a real process, exit codes, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+def sofare(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "sofare.cli", *args], capture_output=True, text=True,
+                          env={**os.environ, **env}, timeout=600, check=False)
+
+
+@pytest.fixture
+def env(tmp_path, db_url):
+    return {"SOFARE_PATHS__VAR": str(tmp_path / "var"), "SOFARE_WAREHOUSE__URL": db_url}
+
+
+def test_backfill_then_status_reports_rows_ranges_and_the_real_gap(env):
+    done = sofare("backfill", "--source", "sample", "--start", "2023-03-20", "--end", "2023-03-28", env=env)
+    assert done.returncode == 0, done.stderr
+    assert "candles: 215 rows" in done.stdout  # 9 days x 24 - the real missing hour
+    assert "gap: 2023-03-24T13:00:00+00:00 (1 missing)" in done.stdout
+    status = sofare("status", "--json", "--checksum", env=env)
+    assert status.returncode == 0, status.stderr
+    report = json.loads(status.stdout)
+    assert report["candles"][0]["rows"] == 215 and report["candles"][0]["missing"] == 1
+    assert report["features"][0]["rows"] == 215
+    again = sofare("backfill", "--source", "sample", "--start", "2023-03-20", "--end", "2023-03-28", env=env)
+    assert again.returncode == 0
+    assert json.loads(sofare("status", "--json", "--checksum", env=env).stdout)["checksums"] == report["checksums"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("backfill", "--source", "sample", "--start", "2023-02-30", "--end", "2023-03-01"), "day is out of range"),
+        (("backfill", "--source", "sample", "--start", "2023-03-05", "--end", "2023-03-01"), "is before start"),
+        (("backfill", "--source", "sample", "--start", "2023-03-01", "--end", "2023-03-01", "--symbol", "DOGEUSDT"),
+         "no DOGEUSDT candles"),
+    ],
+)
+def test_bad_input_is_a_one_line_error_and_a_nonzero_exit(env, args, message):
+    done = sofare(*args, env=env)
+    assert done.returncode == 1
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"sofare {args[0]}: error:") and message in last
+
+
+def test_live_source_without_credentials_fails_clearly(env):
+    done = sofare("backfill", "--source", "fred", "--start", "2024-01-01", "--end", "2024-01-02",
+                  env={**env, "FRED_API_KEY": ""})
+    assert done.returncode == 1 and "FRED needs an API key" in done.stderr
+
+
+def test_invalid_config_override_is_reported(env):
+    done = sofare("status", env={**env, "SOFARE_MARKET__INTERVAL": "7m"})
+    assert done.returncode == 1 and "market.interval" in done.stderr
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_init_creates_schema_airflow_db_and_connection(tmp_path, env):
+    env = {**env, "AIRFLOW_HOME": str(tmp_path / "airflow")}
+    env.pop("SOFARE_WAREHOUSE__URL")
+    first = sofare("init", env=env)
+    assert first.returncode == 0, first.stderr
+    assert "Airflow connection 'sofare_warehouse' created" in first.stdout
+    second = sofare("init", env=env)
+    assert second.returncode == 0 and "exists (left as it is)" in second.stdout
+    listed = subprocess.run([sys.executable, "-m", "airflow", "connections", "get", "sofare_warehouse", "-o", "json"],
+                            capture_output=True, text=True, env={**os.environ, **env}, check=True)
+    assert json.loads(listed.stdout)[0]["host"] == str(tmp_path / "var" / "warehouse.db")

@@ -1,0 +1,108 @@
+"""Real Airflow runs (dag.test) of the ingest and backfill DAGs on the embedded data, with the
+warehouse reached through the Airflow connection `sofare_warehouse` (SQLite and PostgreSQL)."""
+
+from __future__ import annotations
+
+import gzip
+import shutil
+from datetime import datetime, timezone
+
+import pandas as pd
+import pytest
+
+from sofare import report, runtime, warehouse
+from sofare.config import load_config
+from sofare.features import feature_spec
+
+UTC = timezone.utc
+
+
+@pytest.fixture
+def via_connection(monkeypatch, tmp_path, airflow_db, request):
+    """Config whose warehouse is only known through AIRFLOW_CONN_SOFARE_WAREHOUSE."""
+    monkeypatch.setenv("SOFARE_PATHS__VAR", str(tmp_path / "var"))
+    monkeypatch.delenv("SOFARE_WAREHOUSE__URL", raising=False)
+    monkeypatch.setenv("SOFARE_INGEST__RETRY_DELAY_SECONDS", "0.2")  # keep an unexpected retry short
+    monkeypatch.setenv("SOFARE_INGEST__MAX_RETRY_DELAY_SECONDS", "1")
+    url = (request.getfixturevalue("pg_url").replace("postgresql+psycopg2://", "postgresql://")
+           if getattr(request, "param", "sqlite") == "postgres" else f"sqlite:///{tmp_path / 'wh.db'}")
+    monkeypatch.setenv("AIRFLOW_CONN_SOFARE_WAREHOUSE", url)
+    cfg = load_config()
+    assert warehouse.warehouse_url(cfg).split("://")[0] in ("sqlite", "postgresql+psycopg2")
+    return cfg
+
+
+def _ingest_day(cfg, day: str, logfile) -> None:
+    # a daily run's data interval ends at its logical date (the timetable infers [date - 1 day, date))
+    end = datetime.fromisoformat(day).replace(tzinfo=UTC) + pd.Timedelta(days=1)
+    runtime.run_dag(cfg, "sofare_ingest", logical_date=end, logfile=logfile)
+
+
+@pytest.mark.parametrize("via_connection", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)],
+                         indirect=True)
+def test_ingest_dag_loads_exactly_each_days_interval(via_connection, tmp_path):
+    cfg = via_connection
+    log = tmp_path / "dag.log"
+    for day in ("2024-03-08", "2024-03-09", "2024-03-10"):
+        _ingest_day(cfg, day, log)
+    engine = warehouse.get_engine(cfg)
+    status = report.warehouse_status(cfg, engine)
+    candles = status["candles"][0]
+    assert (candles["rows"], candles["first"], candles["last"]) == (72, "2024-03-08T00:00:00+00:00",
+                                                                    "2024-03-10T23:00:00+00:00")
+    assert {e["key"]: e["rows"] for e in status["safe_haven_bars"]} == {t: 1 for t in cfg.safe_haven.tickers}, \
+        "Friday's bars only: the weekend has none"
+    assert status["features"][0]["rows"] == 72 and status["features"][0]["rows_with_target"] == 71
+    sums = report.table_checksums(engine, feature_spec(cfg).columns)
+    _ingest_day(cfg, "2024-03-09", log)  # a rerun of a middle day changes nothing
+    assert report.table_checksums(engine, feature_spec(cfg).columns) == sums
+
+
+def test_ingest_dag_fails_fast_on_malformed_data_and_writes_nothing(via_connection, tmp_path, monkeypatch, capsys):
+    sample = tmp_path / "sample"
+    shutil.copytree(via_connection.sample_dir, sample)
+    path = sample / "binance" / "BTCUSDT_1h.csv.gz"
+    frame = pd.read_csv(path)
+    frame.loc[frame["timestamp"] == "2024-03-08 05:00:00+00:00", "low"] = 10**9  # low above high
+    with gzip.open(path, "wt") as out:
+        frame.to_csv(out, index=False)
+    monkeypatch.setenv("SOFARE_PATHS__SAMPLE_DATA", str(sample))
+    cfg = load_config()
+    end = datetime(2024, 3, 9, tzinfo=UTC)
+    with pytest.raises(runtime.DagRunFailed, match=r"failed tasks: \['load_candles'\]"):
+        runtime.run_dag(cfg, "sofare_ingest", logical_date=end)  # task logs to this test's output
+    output = capsys.readouterr()
+    assert "break 'high must be >= low'" in output.out + output.err
+    assert "up_for_retry" not in output.out + output.err, "malformed data is permanent: no retry"
+    status = report.warehouse_status(cfg, warehouse.get_engine(cfg))
+    assert status["candles"] == [], "the failed interval wrote no candle"
+
+
+def test_backfill_dag_maps_chunks_and_is_repeatable(via_connection, tmp_path, monkeypatch):
+    monkeypatch.setenv("SOFARE_INGEST__CHUNK_DAYS", "10")
+    cfg = load_config()
+    conf = {"sources": ["sample"], "start": "2023-03-10", "end": "2023-04-09"}
+    run = runtime.run_dag(cfg, "sofare_backfill", conf=conf, logfile=tmp_path / "dag.log")
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        mapped = [ti for ti in run.get_task_instances(session=session) if ti.task_id == "load_chunk"]
+    from sofare import tasks
+
+    plan = tasks.plan_backfill(["sample"], conf["start"], conf["end"])
+    assert len(mapped) == len(plan) and sum(p["modality"] == "candles" for p in plan) == 4  # 31 days / 10
+    engine = warehouse.get_engine(cfg)
+    status = report.warehouse_status(cfg, engine)
+    assert (status["candles"][0]["first"], status["candles"][0]["rows"]) == ("2023-03-10T00:00:00+00:00", 31 * 24 - 1), status["candles"]
+    assert [g["first_missing"] for g in status["candles"][0]["gaps"]] == ["2023-03-24T13:00:00+00:00"]
+    assert status["features"][0]["rows_with_target"] == 31 * 24 - 3
+    sums = report.table_checksums(engine, feature_spec(cfg).columns)
+    runtime.run_dag(cfg, "sofare_backfill", conf=conf, logfile=tmp_path / "dag.log")
+    assert report.table_checksums(engine, feature_spec(cfg).columns) == sums
+
+
+def test_backfill_dag_rejects_bad_params(via_connection, tmp_path):
+    with pytest.raises(Exception, match="start|date|end"):
+        runtime.run_dag(via_connection, "sofare_backfill",
+                        conf={"sources": ["sample"], "start": "2023-04-09", "end": "2023-03-10"},
+                        logfile=tmp_path / "dag.log")

@@ -1,0 +1,96 @@
+"""Warehouse on SQLite and on a real PostgreSQL server: idempotent upserts, atomic transactions."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import sqlalchemy as sa
+
+from sofare import warehouse
+from sofare.features import feature_spec
+
+
+def _candles(closes: list[float]) -> pd.DataFrame:
+    times = pd.date_range("2024-01-01", periods=len(closes), freq="h", tz="UTC")
+    return pd.DataFrame({"symbol": "BTCUSDT", "interval": "1h", "open_time": times, "open": closes,
+                         "high": [c + 1 for c in closes], "low": [c - 1 for c in closes], "close": closes,
+                         "volume": 1.0, "quote_volume": float("nan"), "trade_count": pd.array([1] * len(closes), "Int64"),
+                         "source": "test"})
+
+
+def _count(engine, table) -> int:
+    with engine.connect() as conn:
+        return conn.execute(sa.select(sa.func.count()).select_from(table)).scalar_one()
+
+
+def test_upsert_is_idempotent_and_updates_by_natural_key(engine):
+    with warehouse.transaction(engine) as conn:
+        warehouse.upsert(conn, warehouse.candles, _candles([10.0, 11.0, 12.0]))
+    with warehouse.transaction(engine) as conn:
+        warehouse.upsert(conn, warehouse.candles, _candles([10.0, 11.0, 12.0]))
+    assert _count(engine, warehouse.candles) == 3
+    with warehouse.transaction(engine) as conn:
+        warehouse.upsert(conn, warehouse.candles, _candles([10.0, 11.5]))
+    with engine.connect() as conn:
+        rows = warehouse.read_candles(conn, "BTCUSDT", "1h")
+    assert rows["close"].tolist() == [10.0, 11.5, 12.0]
+    assert rows["quote_volume"].isna().all(), "NaN is stored as NULL on every database"
+    assert str(rows["open_time"].dt.tz) == "UTC"
+
+
+def test_a_failed_transaction_leaves_nothing(engine):
+    with pytest.raises(RuntimeError, match="boom"), warehouse.transaction(engine) as conn:
+        warehouse.upsert(conn, warehouse.candles, _candles([10.0, 11.0]))
+        raise RuntimeError("boom")
+    assert _count(engine, warehouse.candles) == 0
+
+
+def test_duplicate_keys_in_one_write_are_refused(engine):
+    twice = pd.concat([_candles([10.0]), _candles([10.5])])
+    with pytest.raises(ValueError, match="duplicate key"), warehouse.transaction(engine) as conn:
+        warehouse.upsert(conn, warehouse.candles, twice)
+    assert _count(engine, warehouse.candles) == 0
+
+
+def test_reads_filter_half_open_ranges(engine):
+    with warehouse.transaction(engine) as conn:
+        warehouse.upsert(conn, warehouse.candles, _candles([1.0, 2.0, 3.0, 4.0, 5.0]))
+    with engine.connect() as conn:
+        rows = warehouse.read_candles(conn, "BTCUSDT", "1h", pd.Timestamp("2024-01-01 01:00", tz="UTC"),
+                                      pd.Timestamp("2024-01-01 03:00", tz="UTC"))
+        last = warehouse.read_candles_before(conn, "BTCUSDT", "1h", pd.Timestamp("2024-01-01 04:00", tz="UTC"), 2)
+    assert rows["close"].tolist() == [2.0, 3.0]
+    assert last["close"].tolist() == [3.0, 4.0]
+
+
+def test_features_table_of_another_feature_set_is_refused_until_rebuilt(engine, db_cfg):
+    columns = feature_spec(db_cfg).columns
+    with pytest.raises(warehouse.SchemaMismatchError, match="sofare init --rebuild-features"):
+        warehouse.init_schema(engine, columns[:-1])
+    warehouse.init_schema(engine, columns[:-1], rebuild_features=True)
+    assert {c["name"] for c in sa.inspect(engine).get_columns("features")} >= set(columns[:-1])
+
+
+def test_urls_are_normalised():
+    assert warehouse.normalize_url("postgres://u:p@h:5/d") == "postgresql+psycopg2://u:p@h:5/d"
+    assert warehouse.normalize_url("postgresql://u@h/d") == "postgresql+psycopg2://u@h/d"
+    with pytest.raises(ValueError, match="unsupported warehouse database 'mysql'"):
+        warehouse.normalize_url("mysql://u@h/d")
+
+
+@pytest.mark.parametrize("uri", ["sqlite:////tmp/sofare-x.db", "sqlite://%2Ftmp%2Fsofare-x.db"])
+def test_airflow_sqlite_connection_in_either_uri_form(monkeypatch, uri):
+    monkeypatch.setenv("AIRFLOW_CONN_SOFARE_TEST", uri)
+    assert warehouse._airflow_connection_url("sofare_test") == "sqlite:////tmp/sofare-x.db"
+
+
+def test_airflow_connection_without_a_database_is_an_error_not_an_in_memory_db(monkeypatch):
+    monkeypatch.setenv("AIRFLOW_CONN_SOFARE_TEST", "sqlite://")
+    with pytest.raises(ValueError, match="names no database file"):
+        warehouse._airflow_connection_url("sofare_test")
+
+
+def test_airflow_postgres_connection_becomes_a_psycopg2_url(monkeypatch):
+    monkeypatch.setenv("AIRFLOW_CONN_SOFARE_TEST", "postgres://user:secret@db.internal:5433/warehouse?sslmode=require")
+    url = warehouse._airflow_connection_url("sofare_test")
+    assert url == "postgresql+psycopg2://user:secret@db.internal:5433/warehouse?sslmode=require"
