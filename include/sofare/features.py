@@ -144,12 +144,13 @@ def micro_features(candles: pd.DataFrame, cfg: Config) -> pd.DataFrame:
 
 def _asof(as_of: pd.Series, events: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
     """For each as-of instant, the latest event row whose known_at is at or before it."""
+    import numpy as np
     import pandas as pd
 
-    left = pd.DataFrame({"as_of": as_of.to_numpy(), "_row": range(len(as_of))}).sort_values("as_of")
-    right = events.sort_values("known_at")[["known_at", *columns]]
+    left = pd.DataFrame({"as_of": as_of.array, "_row": np.arange(len(as_of))}).sort_values("as_of", kind="stable")
+    right = events.sort_values("known_at", kind="stable")[["known_at", *columns]]
     merged = pd.merge_asof(left, right, left_on="as_of", right_on="known_at", direction="backward")
-    return merged.sort_values("_row")[columns].reset_index(drop=True)
+    return merged.sort_values("_row", kind="stable")[columns].reset_index(drop=True)
 
 
 def safe_haven_features(as_of: pd.Series, bars: pd.DataFrame, cfg: Config) -> pd.DataFrame:
@@ -171,7 +172,7 @@ def safe_haven_features(as_of: pd.Series, bars: pd.DataFrame, cfg: Config) -> pd
         mean20, std20 = close.rolling(20).mean(), close.rolling(20).std()
         events = pd.DataFrame(
             {
-                "known_at": pd.to_datetime(own["known_at"], utc=True).to_numpy(),
+                "known_at": pd.to_datetime(own["known_at"], utc=True).array,
                 names[0]: ret1,
                 names[1]: log_close - log_close.shift(5),
                 names[2]: ret1.rolling(20).std(),
@@ -188,18 +189,26 @@ def _macro_events(obs: pd.DataFrame, kind: str, names: tuple[str, ...]) -> pd.Da
     """Replay vintages in known_at order; after each release, the latest value and its change."""
     import pandas as pd
 
+    ordered = obs.sort_values(["known_at", "observation_date"], kind="stable")
+    stamps = ordered["known_at"].tolist()
     known: dict[object, float] = {}
+    latest_day = previous_day = None  # the two most recent observation dates known so far
     rows = []
-    for known_at, batch in obs.sort_values(["known_at", "observation_date"]).groupby("known_at", sort=True):
-        known.update(zip(batch["observation_date"], batch["value"].astype(float)))
-        dates = sorted(known)
-        latest = known[dates[-1]]
-        previous = known[dates[-2]] if len(dates) > 1 else math.nan
+    for i, (stamp, day, value) in enumerate(zip(stamps, ordered["observation_date"], ordered["value"].astype(float))):
+        known[day] = value
+        if latest_day is None or day > latest_day:
+            previous_day, latest_day = latest_day, day
+        elif day != latest_day and (previous_day is None or day > previous_day):
+            previous_day = day
+        if i + 1 < len(stamps) and stamps[i + 1] == stamp:
+            continue  # emit once per release, after all of its values
+        latest = known[latest_day]
+        previous = known[previous_day] if previous_day is not None else math.nan
         if kind == "index":
-            growth = math.log(latest / previous) if previous and previous > 0 and latest > 0 else math.nan
-            rows.append((known_at, growth))
+            growth = math.log(latest / previous) if previous > 0 and latest > 0 else math.nan
+            rows.append((stamp, growth))
         else:
-            rows.append((known_at, latest, latest - previous))
+            rows.append((stamp, latest, latest - previous))
     return pd.DataFrame(rows, columns=["known_at", *names])
 
 

@@ -245,35 +245,32 @@ def ensure_schema(engine: Engine, feature_columns: Sequence[str]) -> None:
 # --- writes --------------------------------------------------------------------------------------
 
 
-def _records(frame: pd.DataFrame, table: sa.Table) -> list[dict[str, Any]]:
-    """Rows as dicts of plain Python values (NaN -> NULL, Timestamps -> datetimes)."""
+def _column_values(frame: pd.DataFrame, column: sa.Column[Any]) -> list[Any]:
+    """Driver-ready values of one column for SQLite: NaN -> None, timestamps as SQLAlchemy stores them."""
     import numpy as np
     import pandas as pd
 
-    columns = [c.name for c in table.columns if c.name in frame.columns]
-    missing = [c.name for c in table.columns if not c.nullable and c.name not in frame.columns]
-    if missing:
-        raise ValueError(f"cannot write {table.name}: missing columns {missing}")
-    out: dict[str, list[Any]] = {}
-    for name in columns:
-        series = frame[name]
-        if isinstance(series.dtype, pd.DatetimeTZDtype) or pd.api.types.is_datetime64_any_dtype(series):
-            if isinstance(series.dtype, pd.DatetimeTZDtype):
-                series = series.dt.tz_convert("UTC").dt.tz_localize(None)  # naive UTC, see UTCDateTime
-            values = series.to_numpy(dtype="datetime64[us]").astype(object)
-            values[series.isna().to_numpy()] = None
-        elif pd.api.types.is_float_dtype(series):
-            values = series.to_numpy(dtype=object)
-            values[~np.isfinite(series.to_numpy(dtype=float))] = None
-        elif pd.api.types.is_integer_dtype(series) and not pd.api.types.is_extension_array_dtype(series):
-            values = series.to_numpy(dtype=object)
-        else:
-            values = series.astype(object).where(series.notna(), None).to_numpy(dtype=object)
-        out[name] = values.tolist()
-    return [dict(zip(columns, row)) for row in zip(*(out[c] for c in columns))]
+    series = frame[column.name]
+    missing = series.isna().to_numpy()
+    if isinstance(column.type, UTCDateTime):
+        times = pd.to_datetime(series, utc=True).dt.tz_localize(None)
+        values = times.dt.strftime("%Y-%m-%d %H:%M:%S.%f").to_numpy(dtype=object)  # SQLAlchemy's SQLite format
+    elif isinstance(column.type, sa.Date):
+        values = pd.to_datetime(series).dt.strftime("%Y-%m-%d").to_numpy(dtype=object)
+    elif isinstance(column.type, (sa.Integer, sa.SmallInteger, sa.BigInteger)):
+        values = np.array([None if m else int(v) for v, m in zip(series.to_numpy(dtype=object), missing)], dtype=object)
+    elif isinstance(column.type, sa.Double):
+        numbers = series.to_numpy(dtype=float, na_value=np.nan)
+        missing = missing | ~np.isfinite(numbers)
+        values = numbers.astype(object)
+    else:
+        values = series.to_numpy(dtype=object)
+    values[missing] = None
+    return values.tolist()
 
 
-def _insert_for(conn: Connection, table: sa.Table) -> Any:
+def _upsert_statement(conn: Connection, table: sa.Table, columns: list[str], source: Any = None) -> Any:
+    """INSERT … ON CONFLICT (primary key) DO UPDATE, from VALUES or from a SELECT."""
     if conn.dialect.name == "sqlite":
         from sqlalchemy.dialects.sqlite import insert
     elif conn.dialect.name == "postgresql":
@@ -281,25 +278,128 @@ def _insert_for(conn: Connection, table: sa.Table) -> Any:
     else:  # pragma: no cover - normalize_url refuses other databases
         raise ValueError(f"unsupported dialect {conn.dialect.name}")
     stmt = insert(table)
+    stmt = stmt.from_select(columns, source) if source is not None else stmt.values({c: sa.bindparam(c) for c in columns})
     keys = [c.name for c in table.primary_key.columns]
-    updates = {c.name: stmt.excluded[c.name] for c in table.columns if c.name not in keys}
-    return stmt.on_conflict_do_update(index_elements=keys, set_=updates)
+    updates = {c: stmt.excluded[c] for c in columns if c not in keys}
+    return stmt.on_conflict_do_update(index_elements=keys, set_=updates) if updates else stmt.on_conflict_do_nothing()
 
 
-def upsert(conn: Connection, table: sa.Table, frame: pd.DataFrame, batch_size: int = 20_000) -> int:
-    """Insert or update `frame` by the table's primary key inside the caller's transaction."""
+def _upsert_sqlite(conn: Connection, table: sa.Table, frame: pd.DataFrame, columns: list[str], batch_size: int) -> None:
+    compiled = _upsert_statement(conn, table, columns).compile(dialect=conn.dialect)
+    order = compiled.positiontup or []
+    values = {name: _column_values(frame, table.c[name]) for name in columns}
+    rows = list(zip(*(values[name] for name in order)))
+    for start in range(0, len(rows), batch_size):
+        conn.exec_driver_sql(str(compiled), rows[start : start + batch_size])
+
+
+_PG_EPOCH_US = 946_684_800 * 10**6  # 2000-01-01 in Unix microseconds: PostgreSQL's binary epoch
+_PG_EPOCH_DAYS = 10_957
+_INTEGER_TYPES = (sa.Integer, sa.SmallInteger, sa.BigInteger)
+
+
+def _binary_copy(frame: pd.DataFrame, table: sa.Table, columns: list[str]) -> tuple[bytes, list[str]]:
+    """Rows in PostgreSQL's binary COPY format, built column-wise with numpy (fixed-width fields).
+
+    Numbers travel as float8 with NaN for missing (NULLIF turns them into NULL on insert), strings
+    space-padded to the column's longest value (trimmed on insert). Returns payload and staging DDL.
+    """
+    import numpy as np
+    import pandas as pd
+
+    fields: list[tuple[str, str]] = [("n", ">i2")]
+    values: dict[str, np.ndarray] = {}
+    lengths: dict[str, int] = {}
+    ddl = []
+    for name in columns:
+        kind = table.c[name].type
+        series = frame[name]
+        if isinstance(kind, UTCDateTime):
+            times = pd.to_datetime(series, utc=True)
+            if times.isna().any():
+                raise ValueError(f"cannot write {table.name}: {name} has missing timestamps")
+            micros = times.dt.tz_localize(None).to_numpy(dtype="datetime64[us]").astype("int64")
+            values[name], lengths[name], dtype, sql = micros - _PG_EPOCH_US, 8, ">i8", "timestamptz"
+        elif isinstance(kind, sa.Date):
+            days = pd.to_datetime(series).to_numpy(dtype="datetime64[D]").astype("int64")
+            values[name], lengths[name], dtype, sql = days - _PG_EPOCH_DAYS, 4, ">i4", "date"
+        elif isinstance(kind, (sa.Double, *_INTEGER_TYPES)):
+            numbers = pd.to_numeric(series).to_numpy(dtype=float, na_value=np.nan)
+            numbers[~np.isfinite(numbers)] = np.nan
+            values[name], lengths[name], dtype, sql = numbers, 8, ">f8", "float8"
+        else:
+            encoded = series.astype(str).str.encode("utf-8")
+            width = max(1, int(encoded.str.len().max()))
+            padded = encoded.map(lambda raw: raw.ljust(width)).to_numpy(dtype=f"S{width}")
+            values[name], lengths[name], dtype, sql = padded, width, f"S{width}", "text"
+        fields += [(f"{name}__len", ">i4"), (name, dtype)]
+        ddl.append(f'"{name}" {sql}')
+    rows = np.empty(len(frame), dtype=fields)
+    rows["n"] = len(columns)
+    for name in columns:
+        rows[f"{name}__len"] = lengths[name]
+        rows[name] = values[name]
+    payload = b"PGCOPY\n\xff\r\n\x00" + b"\x00" * 8 + rows.tobytes() + b"\xff\xff"
+    return payload, ddl
+
+
+def _upsert_postgres(conn: Connection, table: sa.Table, frame: pd.DataFrame, columns: list[str]) -> None:
+    """Binary COPY into a temporary table, then one INSERT … SELECT … ON CONFLICT (same transaction)."""
+    import io
+    import uuid
+
+    payload, ddl = _binary_copy(frame, table, columns)
+    stage = f"stage_{table.name}_{uuid.uuid4().hex[:8]}"
+    quoted = ", ".join(f'"{c}"' for c in columns)
+    cursor = conn.connection.dbapi_connection.cursor()
+    try:
+        cursor.execute(f'CREATE TEMP TABLE "{stage}" ({", ".join(ddl)}) ON COMMIT DROP')
+        cursor.copy_expert(f'COPY "{stage}" ({quoted}) FROM STDIN WITH (FORMAT binary)', io.BytesIO(payload))
+    finally:
+        cursor.close()
+    nan = sa.literal_column("'NaN'::float8")
+    selected = []
+    for name in columns:
+        kind, column = table.c[name].type, sa.column(name)
+        if isinstance(kind, sa.Double):
+            column = sa.func.nullif(column, nan)
+        elif isinstance(kind, _INTEGER_TYPES):
+            column = sa.cast(sa.func.nullif(column, nan), kind)
+        elif not isinstance(kind, (UTCDateTime, sa.Date)):
+            column = sa.func.rtrim(column)
+        selected.append(column.label(name))
+    source = sa.select(*selected).select_from(sa.table(stage))
+    conn.execute(_upsert_statement(conn, table, columns, source))
+    conn.exec_driver_sql(f'DROP TABLE "{stage}"')
+
+
+def upsert(conn: Connection, table: sa.Table, frame: pd.DataFrame, batch_size: int = 50_000) -> int:
+    """Insert or update `frame` by the table's primary key inside the caller's transaction.
+
+    Statements are SQLAlchemy Core; rows go through the driver in bulk (executemany on SQLite,
+    COPY into a staging table on PostgreSQL) because per-row parameter processing dominated.
+    """
     if frame.empty:
         return 0
     keys = [c.name for c in table.primary_key.columns]
+    missing = [c.name for c in table.columns if not c.nullable and c.name not in frame.columns]
+    if missing:
+        raise ValueError(f"cannot write {table.name}: missing columns {missing}")
     duplicated = frame.duplicated(subset=keys, keep=False)
     if duplicated.any():
         example = frame.loc[duplicated, keys].iloc[0].to_dict()
         raise ValueError(f"cannot write {table.name}: duplicate key {example}")
-    records = _records(frame, table)
-    stmt = _insert_for(conn, table)
-    for start in range(0, len(records), batch_size):
-        conn.execute(stmt, records[start : start + batch_size])
-    return len(records)
+    columns = [c.name for c in table.columns if c.name in frame.columns]
+    for name in columns:
+        if isinstance(table.c[name].type, sa.String):
+            text = frame[name]
+            if text.isna().any() or text.astype(str).str.contains(r"\s$|\x00", regex=True).any():
+                raise ValueError(f"cannot write {table.name}: {name} has missing values or trailing whitespace")
+    if conn.dialect.name == "postgresql":
+        _upsert_postgres(conn, table, frame, columns)
+    else:
+        _upsert_sqlite(conn, table, frame, columns, batch_size)
+    return len(frame)
 
 
 def update_targets(conn: Connection, table: sa.Table, symbol: str, interval: str, frame: pd.DataFrame) -> int:

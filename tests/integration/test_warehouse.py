@@ -94,3 +94,26 @@ def test_airflow_postgres_connection_becomes_a_psycopg2_url(monkeypatch):
     monkeypatch.setenv("AIRFLOW_CONN_SOFARE_TEST", "postgres://user:secret@db.internal:5433/warehouse?sslmode=require")
     url = warehouse._airflow_connection_url("sofare_test")
     assert url == "postgresql+psycopg2://user:secret@db.internal:5433/warehouse?sslmode=require"
+
+
+def test_text_and_missing_values_round_trip_exactly(engine):
+    """Bulk paths (executemany on SQLite, binary COPY on PostgreSQL) keep every value and NULL."""
+    bars = pd.DataFrame({
+        "ticker": ["GC=F", "^GSPC", "DX-Y.NYB"], "date": pd.to_datetime(["2024-01-02", "2024-01-02", "2024-01-03"]).date,
+        "open": [2063.4, 4745.2, 101.3], "high": [2079.5, 4754.3, 102.1], "low": [2058.1, 4722.7, 101.0],
+        "close": [2064.4, 4742.8, 102.0], "volume": [110.0, None, float("nan")],
+        "known_at": pd.to_datetime(["2024-01-02 22:30:00", "2024-01-02 21:30:00", "2024-01-03 22:30:00.123456"], utc=True, format="ISO8601"),
+        "source": "sample",
+    })
+    with warehouse.transaction(engine) as conn:
+        warehouse.upsert(conn, warehouse.safe_haven_bars, bars)
+    with engine.connect() as conn:
+        back = warehouse.read_safe_haven(conn).sort_values("date", kind="stable").reset_index(drop=True)
+    expected = bars.sort_values("ticker").sort_values("date", kind="stable").reset_index(drop=True)
+    assert back["ticker"].tolist() == expected["ticker"].tolist()
+    assert back["close"].tolist() == expected["close"].tolist()
+    assert back["volume"].isna().tolist() == [False, True, True]
+    assert back["known_at"].tolist() == expected["known_at"].tolist()
+    bad = bars.assign(source=["sample", "sample ", "sample"])
+    with pytest.raises(ValueError, match="trailing whitespace"), warehouse.transaction(engine) as conn:
+        warehouse.upsert(conn, warehouse.safe_haven_bars, bad)
