@@ -86,38 +86,33 @@ def _prepare_candles(raw: pd.DataFrame, req: FetchRequest, source: str) -> pd.Da
     return rows
 
 
-def _prepare_safe_haven(raw: pd.DataFrame, req: FetchRequest, source: str, cfg: Config) -> pd.DataFrame:
+def _per_key(rows: pd.DataFrame, key: str, allowed: Any, what: str, known_at: Any) -> pd.DataFrame:
+    """Refuse keys the config does not know; add known_at computed per key (ticker or series)."""
     import pandas as pd
 
-    what = f"{source} safe-haven bars [{req.start:%Y-%m-%d}, {req.end:%Y-%m-%d})"
-    rows = quality.check_safe_haven(raw, what)
-    unknown = set(rows["ticker"]) - set(cfg.safe_haven.tickers)
+    unknown = set(rows[key]) - set(allowed)
     if unknown:
-        raise quality.MalformedDataError(f"{what}: tickers not in the config: {sorted(unknown)}")
+        raise quality.MalformedDataError(f"{what}: {key} values not in the config: {sorted(unknown)}")
+    known = [known_at(value, part) for value, part in rows.groupby(key)]
+    return rows.assign(known_at=pd.concat(known) if known else pd.Series(dtype="datetime64[ns, UTC]"))
+
+
+def _prepare_safe_haven(raw: pd.DataFrame, req: FetchRequest, source: str, cfg: Config) -> pd.DataFrame:
+    what = f"{source} safe-haven bars [{req.start:%Y-%m-%d}, {req.end:%Y-%m-%d})"
     first, last = trading_dates(req.start, req.end)
-    rows = rows[(rows["date"] >= first) & (rows["date"] < last)].copy()
-    known = [safe_haven_known_at(cfg, ticker, part["date"]) for ticker, part in rows.groupby("ticker")]
-    rows["known_at"] = pd.concat(known) if known else pd.Series(dtype="datetime64[ns, UTC]")
-    rows["source"] = source
-    return rows
+    rows = quality.check_safe_haven(raw, what)
+    rows = rows[(rows["date"] >= first) & (rows["date"] < last)]
+    rows = _per_key(rows, "ticker", cfg.safe_haven.tickers, what,
+                    lambda ticker, part: safe_haven_known_at(cfg, ticker, part["date"]))
+    return rows.assign(source=source)
 
 
 def _prepare_macro(raw: pd.DataFrame, req: FetchRequest, source: str, cfg: Config) -> pd.DataFrame:
-    import pandas as pd
-
     what = f"{source} macro observations known in [{req.start:%Y-%m-%d}, {req.end:%Y-%m-%d})"
-    rows = quality.check_macro(raw, what)
-    unknown = set(rows["series_id"]) - set(cfg.macro.series)
-    if unknown:
-        raise quality.MalformedDataError(f"{what}: series not in the config: {sorted(unknown)}")
-    known = [
-        macro_known_at(cfg, series_id, part["observation_date"], part["realtime_start"])
-        for series_id, part in rows.groupby("series_id")
-    ]
-    rows["known_at"] = pd.concat(known) if known else pd.Series(dtype="datetime64[ns, UTC]")
-    rows = rows[(rows["known_at"] >= req.start) & (rows["known_at"] < req.end)].copy()
-    rows["source"] = source
-    return rows.drop(columns="realtime_start")
+    rows = _per_key(quality.check_macro(raw, what), "series_id", cfg.macro.series, what,
+                    lambda series, part: macro_known_at(cfg, series, part["observation_date"], part["realtime_start"]))
+    rows = rows[(rows["known_at"] >= req.start) & (rows["known_at"] < req.end)]
+    return rows.assign(source=source).drop(columns="realtime_start")
 
 
 def load_interval(

@@ -113,17 +113,23 @@ def check_candles(raw: pd.DataFrame, delta: timedelta, what: str) -> pd.DataFram
     return _unique(frame, ["open_time"], what).sort_values("open_time").reset_index(drop=True)
 
 
-def check_safe_haven(raw: pd.DataFrame, what: str) -> pd.DataFrame:
+def _dated(raw: pd.DataFrame, keys: tuple[str, str], what: str) -> pd.DataFrame:
+    """A copy with both key columns present and the second (a date) parsed; names what is wrong."""
     import pandas as pd
 
-    for column in ("ticker", "date"):
+    for column in keys:
         if column not in raw.columns:
             raise MalformedDataError(f"{what}: missing column {column!r}")
     frame = raw.copy()
-    dates = pd.to_datetime(frame["date"], errors="coerce")
+    dates = pd.to_datetime(frame[keys[1]], errors="coerce")
     if dates.isna().any():
-        raise MalformedDataError(f"{what}: {int(dates.isna().sum())} date value(s) are not dates")
-    frame["date"] = dates.dt.date
+        raise MalformedDataError(f"{what}: {int(dates.isna().sum())} {keys[1]} value(s) are not dates")
+    frame[keys[1]] = dates.dt.date
+    return frame
+
+
+def check_safe_haven(raw: pd.DataFrame, what: str) -> pd.DataFrame:
+    frame = _dated(raw, ("ticker", "date"), what)
     frame = _numeric(frame, ["open", "high", "low", "close"], what, "date")
     frame = _numeric(frame, ["volume"], what, "date", required=False)
     _ohlc(frame, what, "date")
@@ -133,15 +139,7 @@ def check_safe_haven(raw: pd.DataFrame, what: str) -> pd.DataFrame:
 def check_macro(raw: pd.DataFrame, what: str) -> pd.DataFrame:
     import pandas as pd
 
-    for column in ("series_id", "observation_date"):
-        if column not in raw.columns:
-            raise MalformedDataError(f"{what}: missing column {column!r}")
-    frame = raw.copy()
-    dates = pd.to_datetime(frame["observation_date"], errors="coerce")
-    if dates.isna().any():
-        raise MalformedDataError(f"{what}: {int(dates.isna().sum())} observation_date value(s) are not dates")
-    frame["observation_date"] = dates.dt.date
-    frame = _numeric(frame, ["value"], what, "observation_date")
+    frame = _numeric(_dated(raw, ("series_id", "observation_date"), what), ["value"], what, "observation_date")
     if "realtime_start" not in frame:
         frame["realtime_start"] = pd.NaT
     return _unique(frame, ["series_id", "observation_date", "realtime_start"], what)
