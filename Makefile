@@ -25,7 +25,7 @@ init: setup  ## var/: warehouse schema, Airflow metadata DB and connection
 demo: setup  ## set up, run the pipeline through the DAGs on the embedded data, report
 	$(BIN)/sofare demo
 
-test: setup  ## set up, then run every test tier
+test: init  ## set up (.venv, lock, var/), then run every test tier
 	scripts/system-deps.sh
 	$(BIN)/pytest
 

@@ -11,6 +11,7 @@ and optionally **symbol** and **interval**. The range is cut into `ingest.chunk_
    (features need their neighbours' candles as warm-up and targets);
 4. `summarize` — rows, ranges and gaps per table (also in the task log).
 
+Each features chunk emits `sofare_features` with its interval, so `sofare_validate` validates it.
 Sources: `sample` (embedded real data, all modalities), `binance` (candles), `yfinance`
 (safe-haven bars), `fred` (macro). Repeating a backfill gives identical rows.
 """
@@ -21,7 +22,7 @@ import pendulum
 from airflow.sdk import Param, dag, task
 
 from sofare.config import INTERVALS, load_config
-from sofare.orchestration import CANDLES, FEATURES, MACRO, SAFE_HAVEN, default_args, run
+from sofare.orchestration import CANDLES, FEATURES, MACRO, SAFE_HAVEN, default_args, interval_extra, run
 
 CFG = load_config()
 
@@ -71,10 +72,12 @@ def sofare_backfill():
         return run(tasks.plan_feature_chunks, params["start"], params["end"], params["symbol"], params["interval"])
 
     @task(outlets=[FEATURES])
-    def features_chunk(chunk: dict) -> dict:
+    def features_chunk(chunk: dict, outlet_events=None) -> dict:
         from sofare import tasks
 
-        return run(tasks.features_chunk, chunk)
+        result = run(tasks.features_chunk, chunk)
+        outlet_events[FEATURES].extra = interval_extra(chunk["start"], chunk["end"])
+        return result
 
     @task
     def summarize(loads: list, features: list) -> dict:

@@ -15,17 +15,17 @@ Every load validates before it writes and writes in one transaction: a failed ru
 half-written and a repeated run leaves identical rows. Gaps are reported in the task log and in the
 returned summary. Backfill with `airflow backfill create --dag-id sofare_ingest --from-date … --to-date …`
 or the UI's *Backfill* button; for long ranges in parallel chunks use `sofare_backfill`.
-Emits the `sofare_*` Assets that `sofare_validate` listens to.
+Emits the `sofare_*` Assets; the features event carries the interval, which `sofare_validate`
+then validates.
 """
 
 from __future__ import annotations
 
 import pendulum
-from airflow.sdk import dag, task
-from airflow.timetables.interval import CronDataIntervalTimetable
+from airflow.sdk import CronDataIntervalTimetable, dag, task
 
 from sofare.config import load_config
-from sofare.orchestration import CANDLES, FEATURES, MACRO, SAFE_HAVEN, default_args, run
+from sofare.orchestration import CANDLES, FEATURES, MACRO, SAFE_HAVEN, default_args, interval_extra, run
 
 CFG = load_config()
 
@@ -61,10 +61,12 @@ def sofare_ingest():
 
     # Features need the previous interval's candles as warm-up: runs build them in order.
     @task(outlets=[FEATURES], depends_on_past=True)
-    def build_features(data_interval_start=None, data_interval_end=None) -> dict:
+    def build_features(data_interval_start=None, data_interval_end=None, outlet_events=None) -> dict:
         from sofare import tasks
 
-        return run(tasks.build_features, data_interval_start, data_interval_end)
+        result = run(tasks.build_features, data_interval_start, data_interval_end)
+        outlet_events[FEATURES].extra = interval_extra(data_interval_start, data_interval_end)
+        return result
 
     [load_candles(), load_safe_haven(), load_macro()] >> build_features()
 

@@ -1,5 +1,6 @@
-"""SOFARE inside Airflow's UI: a warehouse status page (rows, ranges, gaps per table) under
-/sofare/status, linked from the navigation bar. Imports nothing heavy until a page is opened."""
+"""SOFARE inside Airflow's UI, linked from the navigation bar: a warehouse status page (rows,
+ranges, gaps per table) under /sofare/status and the Great Expectations Data Docs under
+/sofare/data-docs/. Imports nothing heavy until a page is opened."""
 
 from __future__ import annotations
 
@@ -8,8 +9,13 @@ import html
 from airflow.plugins_manager import AirflowPlugin
 from fastapi import FastAPI
 from fastapi.responses import HTMLResponse
+from fastapi.staticfiles import StaticFiles
+
+from sofare.config import load_config
 
 app = FastAPI(title="SOFARE", description="SOFARE pages served by the Airflow API server")
+app.mount("/data-docs", StaticFiles(directory=str(load_config().var_dir / "data_docs"), html=True, check_dir=False),
+          name="data-docs")
 
 PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>SOFARE warehouse status</title>
 <style>body{{font-family:system-ui,sans-serif;margin:2rem}}pre{{background:#f6f8fa;padding:1rem}}</style></head>
@@ -36,4 +42,5 @@ class SofarePlugin(AirflowPlugin):
     fastapi_apps = [{"app": app, "url_prefix": "/sofare", "name": "SOFARE"}]
     external_views = [
         {"name": "Warehouse status", "href": "/sofare/status", "category": "SOFARE", "destination": "nav"},
+        {"name": "Data Docs", "href": "/sofare/data-docs/index.html", "category": "SOFARE", "destination": "nav"},
     ]

@@ -15,6 +15,14 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SESSION_DIR = Path(tempfile.mkdtemp(prefix="sofare-tests-"))
+SMALL_TRAINING = {  # a small, fast search space for tests that train
+    "SOFARE_TRAINING__SEARCH_SPACE__HIDDEN_SIZE": "[64, 96, 32]",
+    "SOFARE_TRAINING__SEARCH_SPACE__NUM_LAYERS": "[1, 2]",
+    "SOFARE_TRAINING__SEARCH_SPACE__NUM_HEADS": "[4]",
+    "SOFARE_TRAINING__SEARCH_SPACE__LOOKBACK": "[24]",
+    "SOFARE_TRAINING__WORKERS": "2",
+    "SOFARE_EVALUATION__BOOTSTRAP_SAMPLES": "200",
+}
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -131,3 +139,22 @@ class SleepRecorder:
 @pytest.fixture
 def sleeps() -> SleepRecorder:
     return SleepRecorder()
+
+
+@pytest.fixture(scope="session")
+def validated_db(tmp_path_factory) -> Path:
+    """Real hourly data 2023-10 .. 2024-06, loaded and validated once per session (SQLite)."""
+    from sofare import tasks
+
+    path = tmp_path_factory.mktemp("validated")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SOFARE_PATHS__VAR", str(path / "var"))
+        mp.setenv("SOFARE_WAREHOUSE__URL", f"sqlite:///{path / 'warehouse.db'}")
+        mp.setenv("SOFARE_INGEST__CONTEXT_DAYS", "60")
+        for chunk in tasks.plan_backfill(["sample"], "2023-10-01", "2024-06-30"):
+            tasks.load_chunk(chunk)
+        for chunk in tasks.plan_feature_chunks("2023-10-01", "2024-06-30"):
+            tasks.features_chunk(chunk)
+        results = tasks.validate_range("2023-10-01", "2024-06-30")
+        assert all(r.success for r in results)
+    return path / "warehouse.db"

@@ -8,15 +8,19 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from sofare.config import INTERVALS, load_config
 
 log = logging.getLogger("sofare")
 DEMO_START, DEMO_END = "2023-01-01", "2025-06-30"
+DEMO_TRAIN = ("2025-01-01", "2025-06-30")  # six months: a small study takes minutes on 2 cores
+DEMO_TRIALS, DEMO_EPOCHS = 4, 3
 
 
 def _print(text: str = "") -> None:
@@ -79,18 +83,121 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_validate(args: argparse.Namespace) -> int:
+    from sofare import tasks, validation
+
+    results = tasks.validate_range(args.start, args.end, args.symbol, args.interval)
+    for result in results:
+        _print(result.summary())
+    _print(f"Data Docs: {validation.data_docs_index(load_config())}")
+    failed = [f"{r.suite} ({len(r.failures)} expectation(s), {len(r.days_failed)} day(s))" for r in results if not r.success]
+    if failed:
+        print(f"sofare validate: error: validation failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def format_training(result: dict[str, Any]) -> str:
+    """The registered version with its test metrics beside the baselines."""
+    names = ("sofare_m3", "persistence", "majority", "linear")
+    scores = result["scores"]
+    metrics = list(scores["sofare_m3"])
+    lines = [f"registered {result['model']} version {result['version']} (semver {result['semver']}), MLflow run "
+             f"{result['run_id']}; primary metric {result['primary_metric']} = {result['primary']:.4f}",
+             f"{'test metric':<12}" + "".join(f"{n:>13}" for n in names)]
+    lines += [f"{m:<12}" + "".join(f"{scores[n][m]:>13.4f}" for n in names) for m in metrics]
+    lines.append(f"model card (95% CIs, backtest): {result['model_card']}")
+    return "\n".join(lines)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from sofare import tasks
+
+    result = tasks.train(args.trials, args.timeout, args.max_epochs, args.start, args.end)
+    _print(format_training(result))
+    return 0
+
+
+def cmd_model_card(args: argparse.Namespace) -> int:
+    from sofare import model_card, registry
+
+    cfg = load_config()
+    version = args.version
+    if version is None:
+        versions = registry.client(cfg).search_model_versions(f"name = '{cfg.mlflow.model_name}'")
+        if not versions:
+            raise LookupError(f"no registered {cfg.mlflow.model_name} version; run `sofare train` first")
+        version = str(max(int(v.version) for v in versions))
+    _print(f"model card of {cfg.mlflow.model_name} version {version}: {model_card.write(cfg, version, args.out)}")
+    return 0
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    from sofare import tasks
+
+    verdict = tasks.promote(args.version, actor=args.actor)
+    _print("\n".join([f"{verdict['model']} version {verdict['version']}: "
+                      f"{'PROMOTED to challenger' if verdict['passed'] else 'REJECTED'} (champion: {verdict['champion'] or 'none'})",
+                      *(f"  {r}" for r in verdict["reasons"])]))
+    if not verdict["passed"]:
+        print(f"sofare promote: error: version {verdict['version']} rejected by the promotion gate", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _version_or_alias(cfg: Any, version: str | None) -> str:
+    """An explicit version, else the `challenger`, else the newest registered version."""
+    from sofare import pipeline, registry
+
+    if version:
+        return version
+    try:
+        return str(registry.client(cfg).get_model_version_by_alias(cfg.mlflow.model_name, "challenger").version)
+    except Exception:  # noqa: BLE001 - no challenger alias: fall back to the newest version
+        return pipeline.registered_summary(cfg)["version"]
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from sofare import tasks
+
+    version = _version_or_alias(load_config(), args.version)
+    built = tasks.build_bento(version)
+    _print(f"bento {built['bento']} (model {built['model']}, {load_config().mlflow.model_name} version {version})")
+    result = tasks.containerize(version, built["bento"])
+    _print(result.get("message") or f"image {result['image']} built ({result['engine']})")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from sofare import bento, registry
+
+    cfg = load_config()
+    if args.stop:
+        _print("stopped" if bento.stop_detached(cfg, args.variant) else f"no {args.variant} server running")
+        return 0
+    version = _version_or_alias(cfg, args.version)
+    tag = registry.client(cfg).get_model_version(cfg.mlflow.model_name, version).tags.get("bento_tag")
+    if not tag:
+        raise LookupError(f"version {version} has no bento yet; run `sofare build --version {version}`")
+    port = args.port or cfg.serving.port
+    url = bento.serve_detached(cfg, tag, port, args.variant)
+    _print(f"serving {tag} ({cfg.mlflow.model_name} version {version}, {args.variant}) on {url} "
+           f"(Swagger UI: {url}/; stop: sofare serve --stop)")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Set up, run the pipeline through the DAGs on the embedded data, report."""
-    from sofare import report, runtime, warehouse
+    from sofare import ingest, report, runtime, validation, warehouse
     from sofare.features import feature_spec
 
     cfg = load_config()
     started = time.monotonic()
     _print("== SOFARE demo: embedded real market data through the Airflow DAGs ==")
-    for line in runtime.init(cfg):
+    for line in runtime.init(cfg, rebuild_features=True):  # the demo re-materialises every feature
         _print(f"✓ {line}")
     logfile = cfg.var_dir / "logs" / "demo.log"
-    _print(f"\n[1/1] sofare_backfill {DEMO_START} .. {DEMO_END}, source sample (task logs: {logfile})")
+    _print(f"\n[1/3] sofare_backfill {DEMO_START} .. {DEMO_END}, source sample (task logs: {logfile})")
     runtime.run_dag(cfg, "sofare_backfill",
                     conf={"sources": ["sample"], "start": DEMO_START, "end": DEMO_END}, logfile=logfile)
     engine = warehouse.get_engine(cfg)
@@ -101,6 +208,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
                                                      for key, g in gaps))
     for table, digest in report.table_checksums(engine, feature_spec(cfg).columns).items():
         _print(f"checksum {table:<20} {digest}")
+
+    _print(f"\n[2/3] sofare_validate {DEMO_START} .. {DEMO_END}: Great Expectations on every loaded day")
+    runtime.run_dag(cfg, "sofare_validate", conf={"start": DEMO_START, "end": DEMO_END}, logfile=logfile)
+    for line in report.latest_validations(engine, *ingest.day_range(DEMO_START, DEMO_END)):
+        _print(f"  {line}")
+    _print(f"Data Docs: file://{validation.data_docs_index(cfg)}")
+
+    _print(f"\n[3/3] sofare_train {DEMO_TRAIN[0]} .. {DEMO_TRAIN[1]} (validated days): a small study "
+           f"({DEMO_TRIALS} Optuna trials, ≤ {DEMO_EPOCHS} epochs each), final fit, test evaluation, MLflow registry")
+    runtime.run_dag(cfg, "sofare_train", logfile=logfile,
+                    conf={"n_trials": DEMO_TRIALS, "max_epochs": DEMO_EPOCHS, "timeout": 1800,
+                          "start": DEMO_TRAIN[0], "end": DEMO_TRAIN[1]})
+    from sofare import pipeline
+
+    _print(format_training(pipeline.registered_summary(cfg)))
+    _print(f"MLflow: {cfg.mlflow_tracking_uri} (UI: .venv/bin/mlflow ui --backend-store-uri {cfg.mlflow_tracking_uri})")
     _print(f"\ndemo finished in {time.monotonic() - started:.0f}s; run it again: same rows, same checksums.")
     return 0
 
@@ -127,6 +250,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument("--checksum", action="store_true", help="also a content checksum per table")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("validate", help="Great Expectations on [start, end] (inclusive days); exit 1 on failure")
+    p.add_argument("--start", required=True, metavar="YYYY-MM-DD")
+    p.add_argument("--end", required=True, metavar="YYYY-MM-DD")
+    p.add_argument("--symbol", default=None)
+    p.add_argument("--interval", default=None, choices=list(INTERVALS))
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("train", help="tune (Optuna), train, evaluate and register SofareM3 on validated data")
+    p.add_argument("--trials", type=int, default=None, help="Optuna trials (default: training.n_trials)")
+    p.add_argument("--max-epochs", type=int, default=None, help="epochs per trial (default: training.max_epochs)")
+    p.add_argument("--timeout", type=int, default=None, help="tuning seconds (default: training.timeout_seconds)")
+    p.add_argument("--start", default=None, metavar="YYYY-MM-DD", help="training window (default: latest validated span)")
+    p.add_argument("--end", default=None, metavar="YYYY-MM-DD")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("model-card", help="write the model card of a registered version from its MLflow run")
+    p.add_argument("--version", default=None, help="default: the newest version")
+    p.add_argument("--out", type=Path, default=None, help="default: var/reports/model_card.md")
+    p.set_defaults(func=cmd_model_card)
+
+    p = sub.add_parser("promote", help="the promotion gate on a version; exit 1 when rejected")
+    p.add_argument("--version", default=None, help="default: the newest registered version")
+    p.add_argument("--actor", default=os.environ.get("USER", "sofare"), help="recorded in the audit log")
+    p.set_defaults(func=cmd_promote)
+
+    p = sub.add_parser("build", help="build the BentoML bento of a version and containerize it (or keep the context)")
+    p.add_argument("--version", default=None, help="default: the challenger, else the newest version")
+    p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("serve", help="start (or --stop) a background `bentoml serve` of a version's bento")
+    p.add_argument("--version", default=None, help="default: the challenger, else the newest version")
+    p.add_argument("--port", type=int, default=None, help="default: serving.port")
+    p.add_argument("--variant", default="stable", choices=["stable", "canary"])
+    p.add_argument("--stop", action="store_true")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("demo", help="the whole pipeline through the DAGs on the embedded data")
     p.set_defaults(func=cmd_demo)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from datetime import time, timedelta
+from datetime import datetime, time, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
@@ -126,6 +126,121 @@ class FeaturesConfig(_Model):
     macro_context_days: int = Field(gt=0)
 
 
+class KnownGap(_Model):
+    symbol: str
+    interval: str
+    first: datetime
+    last: datetime
+    reason: str
+
+
+class ValidationConfig(_Model):
+    max_abs_log_return: float = Field(gt=0)
+    freshness_bars: int = Field(ge=0)
+    safe_haven_max_abs_log_return: dict[str, float]
+    macro_max_abs_change: dict[str, float]
+    known_gaps: list[KnownGap] = Field(default_factory=list)
+
+    @field_validator("safe_haven_max_abs_log_return", "macro_max_abs_change")
+    @classmethod
+    def _has_default(cls, value: dict[str, float]) -> dict[str, float]:
+        if "default" not in value:
+            raise ValueError("needs a 'default' entry")
+        return value
+
+    def limit(self, table: dict[str, float], key: str) -> float:
+        return table.get(key, table["default"])
+
+
+class AlertsConfig(_Model):
+    webhook_url: str | None = None
+    timeout_seconds: float = Field(gt=0)
+
+
+class SplitConfig(_Model):
+    train: float = Field(gt=0, lt=1)
+    validation: float = Field(gt=0, lt=1)
+    test: float = Field(gt=0, lt=1)
+
+    @field_validator("test")
+    @classmethod
+    def _sums_to_one(cls, test: float, info: Any) -> float:
+        total = test + info.data.get("train", 0) + info.data.get("validation", 0)
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"train + validation + test must be 1, got {total:g}")
+        return test
+
+
+class WalkForwardConfig(_Model):
+    folds: int = Field(ge=0)  # 0: off
+    mode: Literal["expanding", "sliding"]
+
+
+class SearchSpaceConfig(_Model):
+    hidden_size: tuple[int, int, int]  # low, high, step
+    num_layers: tuple[int, int]
+    num_heads: list[int]
+    dropout: tuple[float, float]
+    learning_rate: tuple[float, float]  # log scale
+    batch_size: list[int]
+    weight_decay: tuple[float, float]  # log scale
+    lookback: list[int]
+
+
+class TrainingConfig(_Model):
+    schedule: str
+    seed: int
+    start: str | None = None  # training window (inclusive days); null: the latest validated span
+    end: str | None = None
+    split: SplitConfig
+    purge_bars: int | None = Field(default=None, ge=0)  # null: max lookback + horizon
+    walk_forward: WalkForwardConfig
+    loss_weight: float = Field(ge=0, le=1)
+    huber_delta: float = Field(gt=0)
+    max_epochs: int = Field(ge=1)
+    patience: int = Field(ge=1)
+    warmup_fraction: float = Field(ge=0, lt=1)
+    gradient_clip: float = Field(gt=0)
+    threads: int = Field(ge=1)
+    n_trials: int = Field(ge=1)
+    timeout_seconds: int = Field(ge=1)
+    workers: int = Field(ge=1, le=16)
+    pruner: Literal["hyperband", "median", "none"]
+    study_name: str
+    search_space: SearchSpaceConfig
+
+
+class EvaluationConfig(_Model):
+    primary_metric: Literal["roc_auc", "accuracy", "f1", "mcc", "ic"]
+    bootstrap_samples: int = Field(ge=100)
+    bootstrap_block_bars: int = Field(ge=1)
+    fee_bps: float = Field(ge=0)  # per side, per position change
+    decision_threshold: float = Field(gt=0, lt=1)
+
+
+class PromotionConfig(_Model):
+    baseline_margin: float = Field(default=0.0, ge=0)  # primary metric must beat each baseline by more
+    champion_tolerance: float = Field(default=0.0, ge=0)  # may trail the champion by at most this
+    max_model_mb: float = Field(default=50.0, gt=0)
+    max_latency_ms: float = Field(default=25.0, gt=0)  # p95 of one window, in process
+
+
+class ServingConfig(_Model):
+    port: int = Field(default=3000, ge=1, le=65535)
+    max_batch_windows: int = Field(default=256, ge=1)
+    max_window_candles: int = Field(default=2000, ge=1)
+    batch_wait_ms: float = Field(default=0.0, ge=0)  # extra wait to fill a forward pass; 0: take what is queued
+    log_queue_size: int = Field(default=10_000, ge=1)
+    log_batch_size: int = Field(default=500, ge=1)
+    log_flush_seconds: float = Field(default=0.5, gt=0)
+
+
+class MlflowConfig(_Model):
+    tracking_uri: str | None = None  # null: sqlite:///<var>/mlflow.db, artifacts in <var>/mlartifacts
+    experiment: str
+    model_name: str
+
+
 class HttpConfig(_Model):
     timeout_seconds: float = Field(gt=0)
     max_attempts: int = Field(ge=1)
@@ -165,6 +280,13 @@ class Config(_Model):
     safe_haven: SafeHavenConfig
     macro: MacroConfig
     features: FeaturesConfig
+    validation: ValidationConfig
+    alerts: AlertsConfig
+    training: TrainingConfig
+    evaluation: EvaluationConfig
+    mlflow: MlflowConfig
+    promotion: PromotionConfig = PromotionConfig()
+    serving: ServingConfig = ServingConfig()
     sources: SourcesConfig
 
     def resolve(self, path: Path) -> Path:
@@ -182,6 +304,14 @@ class Config(_Model):
     @property
     def airflow_home(self) -> Path:
         return self.var_dir / "airflow"
+
+    @property
+    def mlflow_tracking_uri(self) -> str:
+        return self.mlflow.tracking_uri or f"sqlite:///{self.var_dir / 'mlflow.db'}"
+
+    @property
+    def mlflow_artifacts(self) -> Path:
+        return self.var_dir / "mlartifacts"
 
     @property
     def default_warehouse_url(self) -> str:

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from sofare.config import Config
 
 # Bump when the computation changes in a way the column names do not show.
-FEATURE_CODE_VERSION = "1"
+FEATURE_CODE_VERSION = "2"
 
 MICRO_FIXED = (
     "log_ret_1", "hl_range", "oc_body", "parkinson_24",
@@ -117,8 +117,11 @@ def micro_features(candles: pd.DataFrame, cfg: Config) -> pd.DataFrame:
     out["atr_pct_14"] = talib.ATR(h, l, c, 14) / c
     obv = pd.Series(talib.OBV(c, v))
     out["obv_flow_14"] = _safe_div(obv.diff(14).to_numpy(), pd.Series(v).rolling(14).sum().to_numpy(), 0.0)
-    out["stoch_k"], out["stoch_d"] = talib.STOCH(h, l, c, 14, 3, 0, 3, 0)
-    out["willr_14"] = talib.WILLR(h, l, c, 14)
+    # bounded oscillators are clipped to their ranges: TA-Lib's smoothing overshoots 100 by ~1e-14 on
+    # flat minute bars (found by the features suite on the real December 2024 minutes)
+    stoch_k, stoch_d = talib.STOCH(h, l, c, 14, 3, 0, 3, 0)
+    out["stoch_k"], out["stoch_d"] = np.clip(stoch_k, 0, 100), np.clip(stoch_d, 0, 100)
+    out["willr_14"] = np.clip(talib.WILLR(h, l, c, 14), -100, 0)
     out["cci_20"] = talib.CCI(h, l, c, 20)
     out["adx_14"] = talib.ADX(h, l, c, 14)
     out["mfi_14"] = talib.MFI(h, l, c, v, 14)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
 
-from sofare import quality, warehouse
+from sofare import quality, validation, warehouse
 from sofare.config import interval_delta
 from sofare.features import compute_features, feature_spec
 from sofare.sources import SOURCE_MODALITIES, FetchRequest, get_source
@@ -142,8 +142,10 @@ def load_interval(
         rows = _prepare_safe_haven(raw, req, src.name, cfg)
     else:
         rows = _prepare_macro(raw, req, src.name, cfg)
+    suite = table.name  # the validation suite of this table
     with warehouse.transaction(engine) as conn:
         written = warehouse.upsert(conn, table, rows)
+        validation.invalidate(conn, suite, validation.scope_of(suite, symbol, interval), start, end)
     gaps: list[quality.Gap] = []
     if modality == "candles":
         horizon = min(end, datetime.now(timezone.utc).replace(second=0, microsecond=0))
@@ -204,6 +206,8 @@ def materialize_features(
     with warehouse.transaction(engine) as conn:
         written = warehouse.upsert(conn, table, feats)
         warehouse.update_targets(conn, table, symbol, interval, refreshed)
+        validation.invalidate(conn, "features", validation.scope_of("features", symbol, interval),
+                              min(start, refreshed["open_time"].min()) if len(refreshed) else start, end)
     log.info("features %s %s [%s, %s): %d rows (%s)", symbol, interval, start, end, written, spec.version)
     return written
 

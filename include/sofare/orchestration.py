@@ -21,6 +21,9 @@ CANDLES = Asset(name="sofare_candles", uri="sofare://warehouse/candles", group="
 SAFE_HAVEN = Asset(name="sofare_safe_haven_bars", uri="sofare://warehouse/safe_haven_bars", group="warehouse")
 MACRO = Asset(name="sofare_macro_observations", uri="sofare://warehouse/macro_observations", group="warehouse")
 FEATURES = Asset(name="sofare_features", uri="sofare://warehouse/features", group="warehouse")
+VALIDATED_FEATURES = Asset(name="sofare_validated_features", uri="sofare://warehouse/validated_days", group="warehouse")
+MODEL_CANDIDATE = Asset(name="sofare_model_candidate", uri="sofare://mlflow/sofare-m3", group="models")
+BENTO = Asset(name="sofare_bento", uri="sofare://bentoml/sofare", group="models")
 RAW_ASSETS = {"candles": CANDLES, "safe_haven": SAFE_HAVEN, "macro": MACRO}
 
 
@@ -51,3 +54,9 @@ def run(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         raise
     except (SourceError, ConfigError, ValueError, LookupError) as exc:
         raise AirflowFailException(f"{type(exc).__name__}: {exc}") from exc
+
+
+def interval_extra(start: Any, end: Any) -> dict[str, str]:
+    """What an asset event carries: the interval the producing task wrote (validation reads it)."""
+    return {"start": start.isoformat() if hasattr(start, "isoformat") else str(start),
+            "end": end.isoformat() if hasattr(end, "isoformat") else str(end)}

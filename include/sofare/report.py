@@ -149,3 +149,27 @@ def table_checksums(engine: Engine, feature_columns: tuple[str, ...]) -> dict[st
                 digest.update(repr(tuple(row)).encode())
             digests[table.name] = digest.hexdigest()[:16]
     return digests
+
+
+def latest_validations(engine: Engine, start: Any, end: Any) -> list[str]:
+    """One line per suite: the most recent run over exactly [start, end), with its known gaps."""
+    import json
+
+    v = warehouse.validation_runs
+    lines = []
+    with engine.connect() as conn:
+        for suite in ("candles", "safe_haven_bars", "macro_observations", "features"):
+            row = conn.execute(
+                sa.select(v).where(v.c.suite == suite, v.c.interval_start == start, v.c.interval_end == end)
+                .order_by(v.c.run_at.desc()).limit(1)
+            ).mappings().first()
+            if row is None:
+                lines.append(f"{suite:<20} not validated")
+                continue
+            stats = json.loads(row["statistics"])
+            failed = json.loads(row["failed_expectations"])
+            state = "passed" if row["success"] else f"FAILED ({len(failed)} expectation(s))"
+            lines.append(f"{suite:<20} {state}: {stats['successful_expectations']}/{stats['evaluated_expectations']} "
+                         f"expectations over {row['rows']} rows")
+            lines += [f"{'':<20} known gap {g['first']} ({g['reason']})" for g in json.loads(row["known_gaps"])]
+    return lines

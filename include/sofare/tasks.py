@@ -10,7 +10,7 @@ import logging
 from datetime import datetime
 from typing import Any
 
-from sofare import ingest, report, warehouse
+from sofare import ingest, report, validation, warehouse
 from sofare.config import Config, load_config
 from sofare.features import feature_spec
 
@@ -87,3 +87,128 @@ def summarize(loads: list[dict[str, Any]]) -> dict[str, Any]:
     log.info("backfill loaded %d rows in %d intervals; gaps: %s\n%s", summary["loaded_rows"], len(loads),
              gaps or "none", report.format_status(summary["status"]))
     return summary
+
+
+class ValidationFailed(ValueError):
+    """Data broke an expectation: a permanent failure (retrying validates the same data)."""
+
+
+def validation_windows(
+    params: dict[str, Any] | None,
+    data_interval_start: datetime | None,
+    data_interval_end: datetime | None,
+    asset_extras: list[dict[str, Any]] | None = None,
+) -> list[dict[str, str]]:
+    """What a validation run covers: manual start/end Params, else the intervals the triggering asset
+    events carry (merged when they touch), else the run's data interval."""
+    if params and params.get("start") and params.get("end"):
+        spans = [ingest.day_range(params["start"], params["end"])]
+    elif asset_extras:
+        spans = sorted((ingest.utc(e["start"]), ingest.utc(e["end"])) for e in asset_extras if "start" in e and "end" in e)
+        if not spans:
+            raise ValueError("the triggering asset events carry no interval (extra start/end)")
+    elif data_interval_start is not None and data_interval_end is not None and data_interval_end > data_interval_start:
+        spans = [(ingest.utc(data_interval_start), ingest.utc(data_interval_end))]
+    else:
+        raise ValueError("nothing to validate: give start and end, or run on a schedule or asset event")
+    merged: list[list[datetime]] = []
+    for lo, hi in spans:
+        if merged and lo <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], hi)
+        else:
+            merged.append([lo, hi])
+    return [{"start": lo.isoformat(), "end": hi.isoformat()} for lo, hi in merged]
+
+
+def validate(suite: str, windows: list[dict[str, str]], symbol: str | None = None, interval: str | None = None) -> dict[str, Any]:
+    """Run one suite over each window; raise ValidationFailed naming every broken expectation."""
+    cfg = load_config()
+    engine = _engine(cfg)
+    results = [validation.run_suite(cfg, engine, suite, ingest.utc(w["start"]), ingest.utc(w["end"]), symbol, interval)
+               for w in windows]
+    failed = [r for r in results if not r.success]
+    if failed:
+        raise ValidationFailed(
+            f"{suite}: {sum(len(r.days_failed) for r in failed)} day(s) failed validation\n"
+            + "\n".join(r.summary() for r in failed)
+            + f"\nData Docs: {validation.data_docs_index(cfg)} (rebuilt at the end of the run)"
+        )
+    return {"suite": suite, "runs": [r.run_id for r in results], "days": sum(len(r.days_passed) for r in results)}
+
+
+def validate_range(start: str, end: str, symbol: str | None = None, interval: str | None = None) -> list[Any]:
+    """Every suite over inclusive days [start, end], then Data Docs (the CLI)."""
+    cfg = load_config()
+    engine = _engine(cfg)
+    lo, hi = ingest.day_range(start, end)
+    results = [validation.run_suite(cfg, engine, suite, lo, hi, symbol, interval) for suite in validation.SUITES]
+    validation.build_data_docs(cfg)
+    return results
+
+
+def data_docs() -> str:
+    return str(validation.build_data_docs(load_config()))
+
+
+# --- training (torch, lightning, optuna and mlflow are imported only here) ---------------------------
+
+
+def train_plan(n_trials: int | None = None, timeout: int | None = None, max_epochs: int | None = None,
+               start: str | None = None, end: str | None = None) -> dict[str, Any]:
+    from sofare import pipeline
+
+    return pipeline.plan(load_config(), n_trials, timeout, max_epochs, start, end)
+
+
+def train_tune(plan: dict[str, Any], worker: int) -> dict[str, Any]:
+    from sofare import pipeline
+
+    return pipeline.tune(load_config(), plan, worker)
+
+
+def train_finalize(plan: dict[str, Any]) -> dict[str, Any]:
+    from sofare import pipeline
+
+    return pipeline.finalize(load_config(), plan)
+
+
+def train(n_trials: int | None = None, timeout: int | None = None, max_epochs: int | None = None,
+          start: str | None = None, end: str | None = None) -> dict[str, Any]:
+    """The whole sofare_train DAG in one process (the CLI): plan, each tuning worker in turn, final fit."""
+    plan = train_plan(n_trials, timeout, max_epochs, start, end)
+    for worker in range(load_config().training.workers):
+        train_tune(plan, worker)
+    return train_finalize(plan)
+
+
+# --- promotion and the serving bundle --------------------------------------------------------------
+
+
+def promote(version: str | None = None, actor: str = "sofare") -> dict[str, Any]:
+    """The promotion gate on a registered version (default: the newest)."""
+    from sofare import promotion
+
+    verdict = promotion.gate(load_config(), version, actor)
+    log.info("%s", verdict.summary())
+    return verdict.to_dict()
+
+
+def build_bento(version: str, actor: str = "sofare") -> dict[str, Any]:
+    from sofare import audit, bento
+
+    cfg = load_config()
+    built = bento.build(cfg, version)
+    audit.record(cfg, actor, "bento_build", version, "built", built)
+    return built
+
+
+def containerize(version: str, bento_tag: str, actor: str = "sofare") -> dict[str, Any]:
+    from sofare import audit, bento, registry
+
+    cfg = load_config()
+    result = bento.containerize(cfg, bento_tag)
+    audit.record(cfg, actor, "containerize", version, "image" if result["built"] else "context_only", result)
+    registry.client(cfg).set_model_version_tag(cfg.mlflow.model_name, version, "container",
+                                               result["image"] or f"not built: {result['engine']}")
+    log.info("%s", result.get("message") or f"image {result['image']} built ({result['engine']})")
+    return result

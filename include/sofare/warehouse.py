@@ -91,7 +91,76 @@ macro_observations = sa.Table(
     sa.Column("source", sa.String(16), nullable=False),
 )
 
+validation_runs = sa.Table(
+    "validation_runs",
+    metadata,
+    sa.Column("run_id", sa.String(40), primary_key=True),
+    sa.Column("suite", sa.String(40), nullable=False),
+    sa.Column("scope", sa.String(40), nullable=False),  # "BTCUSDT 1h" for candles/features, "*" otherwise
+    sa.Column("interval_start", UTCDateTime, nullable=False),
+    sa.Column("interval_end", UTCDateTime, nullable=False),
+    sa.Column("run_at", UTCDateTime, nullable=False),
+    sa.Column("success", sa.Boolean, nullable=False),
+    sa.Column("rows", sa.Integer, nullable=False),
+    sa.Column("statistics", sa.Text, nullable=False),  # JSON: evaluated/successful/unsuccessful/percent
+    sa.Column("failed_expectations", sa.Text, nullable=False),  # JSON list: expectation, column, rows, days
+    sa.Column("known_gaps", sa.Text, nullable=False),  # JSON list of the configured gaps inside the interval
+    sa.Column("data_docs", sa.Text),
+    sa.Index("ix_validation_runs_suite_interval", "suite", "scope", "interval_start"),
+)
+
+validated_days = sa.Table(
+    "validated_days",
+    metadata,
+    sa.Column("suite", sa.String(40), primary_key=True),
+    sa.Column("scope", sa.String(40), primary_key=True),
+    sa.Column("day", sa.Date, primary_key=True),
+    sa.Column("status", sa.String(8), nullable=False),  # passed | failed
+    sa.Column("run_id", sa.String(40), nullable=False),
+)
+
+alerts = sa.Table(
+    "alerts",
+    metadata,
+    sa.Column("alert_id", sa.String(40), primary_key=True),
+    sa.Column("raised_at", UTCDateTime, nullable=False),
+    sa.Column("source", sa.String(120), nullable=False),
+    sa.Column("severity", sa.String(12), nullable=False),
+    sa.Column("message", sa.Text, nullable=False),
+    sa.Column("details", sa.Text, nullable=False),  # JSON
+    sa.Column("delivered", sa.Boolean, nullable=False),  # reached the webhook (False when none is set)
+)
+
 # Raw tables by modality, each with its time column (the one data intervals select on).
+audit_log = sa.Table(
+    "audit_log",
+    metadata,
+    sa.Column("audit_id", sa.String(40), primary_key=True),
+    sa.Column("at", UTCDateTime, nullable=False),
+    sa.Column("actor", sa.String(80), nullable=False),
+    sa.Column("action", sa.String(40), nullable=False),  # promotion_gate, build, containerize, …
+    sa.Column("model_version", sa.String(20), nullable=False),
+    sa.Column("outcome", sa.String(20), nullable=False),
+    sa.Column("details", sa.Text, nullable=False),  # JSON
+)
+
+predictions = sa.Table(
+    "predictions",
+    metadata,
+    sa.Column("prediction_id", sa.String(40), primary_key=True),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("endpoint", sa.String(20), nullable=False),
+    sa.Column("model_version", sa.String(20), nullable=False),
+    sa.Column("variant", sa.String(12), nullable=False),
+    sa.Column("symbol", sa.String(20), nullable=False),
+    sa.Column("interval", sa.String(8), nullable=False),
+    sa.Column("as_of", UTCDateTime, nullable=False),  # close of the last candle of the window
+    sa.Column("horizon", sa.Integer, nullable=False),
+    sa.Column("prob_up", sa.Double, nullable=False),
+    sa.Column("expected_return", sa.Double, nullable=False),
+    sa.Column("latency_ms", sa.Double, nullable=False),
+)
+
 RAW_TABLES: dict[str, tuple[sa.Table, str]] = {
     "candles": (candles, "open_time"),
     "safe_haven": (safe_haven_bars, "date"),
@@ -328,6 +397,8 @@ def _binary_copy(frame: pd.DataFrame, table: sa.Table, columns: list[str]) -> tu
             numbers[~np.isfinite(numbers)] = np.nan
             values[name], lengths[name], dtype, sql = numbers, 8, ">f8", "float8"
         else:
+            if series.isna().any() or series.astype(str).str.contains(r"\s$|\x00", regex=True).any():
+                raise ValueError(f"cannot bulk-copy {table.name}: {name} has missing values or trailing whitespace")
             encoded = series.astype(str).str.encode("utf-8")
             width = max(1, int(encoded.str.len().max()))
             padded = encoded.map(lambda raw: raw.ljust(width)).to_numpy(dtype=f"S{width}")
@@ -390,16 +461,45 @@ def upsert(conn: Connection, table: sa.Table, frame: pd.DataFrame, batch_size: i
         example = frame.loc[duplicated, keys].iloc[0].to_dict()
         raise ValueError(f"cannot write {table.name}: duplicate key {example}")
     columns = [c.name for c in table.columns if c.name in frame.columns]
-    for name in columns:
-        if isinstance(table.c[name].type, sa.String):
-            text = frame[name]
-            if text.isna().any() or text.astype(str).str.contains(r"\s$|\x00", regex=True).any():
-                raise ValueError(f"cannot write {table.name}: {name} has missing values or trailing whitespace")
-    if conn.dialect.name == "postgresql":
+    if conn.dialect.name == "sqlite":
+        _upsert_sqlite(conn, table, frame, columns, batch_size)
+    elif len(frame) >= _COPY_MIN_ROWS and _copyable(table, columns):
         _upsert_postgres(conn, table, frame, columns)
     else:
-        _upsert_sqlite(conn, table, frame, columns, batch_size)
+        conn.execute(_upsert_statement(conn, table, columns), _python_rows(frame, table, columns))
     return len(frame)
+
+
+_COPY_MIN_ROWS = 1_000
+
+
+def _copyable(table: sa.Table, columns: list[str]) -> bool:
+    """Binary COPY carries numbers, timestamps, dates and short key strings (no free text, no booleans)."""
+    return not any(isinstance(table.c[c].type, (sa.Text, sa.Boolean)) for c in columns)
+
+
+def _python_rows(frame: pd.DataFrame, table: sa.Table, columns: list[str]) -> list[dict[str, Any]]:
+    """Plain Python values for SQLAlchemy's own parameter handling (small frames)."""
+    import math
+
+    import pandas as pd
+
+    rows = []
+    for record in frame[columns].to_dict("records"):
+        row = {}
+        for name, value in record.items():
+            if value is None or (isinstance(value, float) and not math.isfinite(value)) or value is pd.NaT:
+                row[name] = None
+            elif isinstance(value, pd.Timestamp):
+                row[name] = value.to_pydatetime()
+            elif isinstance(table.c[name].type, sa.Boolean):
+                row[name] = bool(value)
+            elif hasattr(value, "item"):  # numpy scalars
+                row[name] = value.item()
+            else:
+                row[name] = value
+        rows.append(row)
+    return rows
 
 
 def update_targets(conn: Connection, table: sa.Table, symbol: str, interval: str, frame: pd.DataFrame) -> int:

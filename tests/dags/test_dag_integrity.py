@@ -12,7 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 DAG_FILES = sorted((ROOT / "dags").glob("*.py"))
 HEAVY = ("torch", "lightning", "bentoml", "mlflow", "evidently", "great_expectations", "talib", "sklearn")
-EXPECTED_DAGS = {"sofare_ingest", "sofare_backfill"}
+EXPECTED_DAGS = {"sofare_ingest", "sofare_backfill", "sofare_validate", "sofare_train", "sofare_promote"}
 
 
 @pytest.fixture(scope="module")
@@ -55,11 +55,40 @@ def test_manual_dags_have_typed_params(dagbag):
 def test_ingest_dag_has_real_data_intervals(dagbag):
     """Backfills need data intervals: each daily run covers exactly one day."""
     import pendulum
+    from airflow.serialization.encoders import coerce_to_core_timetable
     from airflow.timetables.base import DataInterval
 
-    dag = dagbag.dags["sofare_ingest"]
-    interval = dag.timetable.infer_manual_data_interval(run_after=pendulum.datetime(2024, 1, 5, tz="UTC"))
-    assert interval == DataInterval(pendulum.datetime(2024, 1, 4, tz="UTC"), pendulum.datetime(2024, 1, 5, tz="UTC"))
+    for dag_id in ("sofare_ingest", "sofare_validate"):
+        timetable = coerce_to_core_timetable(dagbag.dags[dag_id].timetable)
+        interval = timetable.infer_manual_data_interval(run_after=pendulum.datetime(2024, 1, 5, tz="UTC"))
+        assert interval == DataInterval(pendulum.datetime(2024, 1, 4, tz="UTC"), pendulum.datetime(2024, 1, 5, tz="UTC"))
+
+
+def test_validation_runs_on_the_features_asset(dagbag):
+    from sofare.orchestration import FEATURES
+
+    dag = dagbag.dags["sofare_validate"]
+    assert dag.timetable.asset_condition == FEATURES
+    producers = [t for d in ("sofare_ingest", "sofare_backfill") for t in dagbag.dags[d].tasks
+                 if any(getattr(o, "name", None) == FEATURES.name for o in t.outlets)]
+    assert {t.task_id for t in producers} == {"build_features", "features_chunk"}
+
+
+def test_training_runs_weekly_and_on_validated_features_with_typed_params(dagbag):
+    from sofare.orchestration import MODEL_CANDIDATE, VALIDATED_FEATURES
+
+    dag = dagbag.dags["sofare_train"]
+    assert dag.timetable.asset_condition == VALIDATED_FEATURES
+    from airflow.serialization.encoders import coerce_to_core_timetable
+
+    assert coerce_to_core_timetable(dag.timetable.timetable).summary == "0 0 * * 0"  # @weekly
+    schema = {name: param.schema for name, param in dag.params.items()}
+    assert {schema[k]["type"] for k in ("n_trials", "timeout", "max_epochs")} == {"integer"}
+    assert schema["start"]["format"] == "date"
+    assert [o.name for o in dag.get_task("finalize").outlets] == [MODEL_CANDIDATE.name]
+    producers = [t.task_id for t in dagbag.dags["sofare_validate"].tasks
+                 if any(getattr(o, "name", None) == VALIDATED_FEATURES.name for o in t.outlets)]
+    assert producers == ["validate"]
 
 
 PROBE = """

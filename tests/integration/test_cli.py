@@ -74,3 +74,23 @@ def test_init_creates_schema_airflow_db_and_connection(tmp_path, env):
     listed = subprocess.run([sys.executable, "-m", "airflow", "connections", "get", "sofare_warehouse", "-o", "json"],
                             capture_output=True, text=True, env={**os.environ, **env}, check=True)
     assert json.loads(listed.stdout)[0]["host"] == str(tmp_path / "var" / "warehouse.db")
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_validate_exits_0_on_real_data_and_1_naming_a_broken_expectation(env, tmp_path):
+    env = {**env, "SOFARE_INGEST__CONTEXT_DAYS": "40"}
+    assert sofare("backfill", "--source", "sample", "--start", "2023-02-10", "--end", "2023-03-23", env=env).returncode == 0
+    ok = sofare("validate", "--start", "2023-03-21", "--end", "2023-03-23", env=env)
+    assert ok.returncode == 0, ok.stderr
+    docs = tmp_path / "var" / "data_docs" / "index.html"
+    assert f"Data Docs: {docs}" in ok.stdout and docs.exists()
+    assert ok.stdout.count(": passed (") == 4
+    import sqlite3
+
+    with sqlite3.connect(env["SOFARE_WAREHOUSE__URL"].removeprefix("sqlite:///")) as db:
+        db.execute("UPDATE candles SET volume = -1 WHERE open_time LIKE '2023-03-22 07:00%'")
+    bad = sofare("validate", "--start", "2023-03-21", "--end", "2023-03-23", env=env)
+    assert bad.returncode == 1
+    assert "volume >= 0: 1 row(s) break it; days: 2023-03-22" in bad.stdout
+    assert f"Data Docs: {docs}" in bad.stdout
+    assert bad.stderr.strip().splitlines()[-1].startswith("sofare validate: error: validation failed: candles")

@@ -31,3 +31,18 @@ def test_status_page_shows_rows_and_gaps(cfg):
     assert page.status_code == 200
     assert "BTCUSDT 1h" in page.text and "gap: 2023-03-24T13:00:00+00:00 (1 missing)" in page.text
     assert client.get("/status.json").json()["candles"][0]["rows"] == 23
+
+
+def test_data_docs_are_served_under_the_plugin(cfg):
+    import importlib.util
+
+    index = cfg.var_dir / "data_docs" / "index.html"
+    index.parent.mkdir(parents=True)
+    index.write_text("<html><body>SOFARE data docs: candles</body></html>")
+    spec = importlib.util.spec_from_file_location("sofare_plugin_docs", cfg.root / "plugins" / "sofare_plugin.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    client = TestClient(module.app)
+    page = client.get("/data-docs/index.html")
+    assert page.status_code == 200 and "SOFARE data docs: candles" in page.text
+    assert client.get("/data-docs/missing.html").status_code == 404

@@ -114,6 +114,40 @@ def test_text_and_missing_values_round_trip_exactly(engine):
     assert back["close"].tolist() == expected["close"].tolist()
     assert back["volume"].isna().tolist() == [False, True, True]
     assert back["known_at"].tolist() == expected["known_at"].tolist()
-    bad = bars.assign(source=["sample", "sample ", "sample"])
+
+
+def test_bulk_paths_round_trip_every_value_and_null(engine):
+    """Large frames take the bulk path (executemany on SQLite, binary COPY on PostgreSQL)."""
+    import numpy as np
+
+    closes = list(np.round(np.linspace(100, 200, 1500), 6))
+    frame = _candles(closes)
+    frame.loc[::7, "quote_volume"] = 123.456789
+    frame.loc[::5, "trade_count"] = pd.NA
+    with warehouse.transaction(engine) as conn:
+        warehouse.upsert(conn, warehouse.candles, frame)
+    with engine.connect() as conn:
+        back = warehouse.read_candles(conn, "BTCUSDT", "1h")
+    assert back["close"].tolist() == closes
+    assert back["open_time"].tolist() == frame["open_time"].tolist()
+    assert back["quote_volume"].isna().tolist() == frame["quote_volume"].isna().tolist()
+    assert back["trade_count"].isna().tolist() == frame["trade_count"].isna().tolist()
+
+
+def test_bulk_copy_refuses_what_it_cannot_carry_exactly(pg_url):
+    engine = warehouse.engine_for(pg_url)
+    warehouse.metadata.create_all(engine)
+    frame = _candles([10.0] * 1500).assign(source="sample ")
     with pytest.raises(ValueError, match="trailing whitespace"), warehouse.transaction(engine) as conn:
-        warehouse.upsert(conn, warehouse.safe_haven_bars, bad)
+        warehouse.upsert(conn, warehouse.candles, frame)
+
+
+def test_booleans_and_text_round_trip(engine):
+    row = pd.DataFrame([{"alert_id": "a1", "raised_at": pd.Timestamp("2024-01-01", tz="UTC"), "source": "test",
+                         "severity": "high", "message": "line one\nline two ", "details": '{"k": 1}',
+                         "delivered": False}])
+    with warehouse.transaction(engine) as conn:
+        warehouse.upsert(conn, warehouse.alerts, row)
+    with engine.connect() as conn:
+        back = conn.execute(sa.select(warehouse.alerts)).mappings().one()
+    assert back["message"] == "line one\nline two " and back["delivered"] is False

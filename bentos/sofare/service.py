@@ -1,0 +1,110 @@
+"""SOFARE prediction service (BentoML 1.4). A thin shell: all logic is `sofare.serving`, and the
+features come from the same `sofare.features.compute_features` that training materialised.
+
+The model is declared at class level (`SOFARE_BENTO_MODEL`, default `sofare-m3:latest` in the bento
+store; `sofare build` imports it from the MLflow registry and packs it into the bento). Each
+deployment sets `SOFARE_VARIANT` (stable | canary); every answer and metric carries it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import bentoml
+from bentoml.exceptions import InvalidArgument, NotFound
+
+try:  # inside a built bento the package travels as source under include/
+    import sofare  # noqa: F401
+except ImportError:  # pragma: no cover - exercised by the built bento
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "include"))
+
+from sofare import serving  # noqa: E402
+from sofare.config import load_config  # noqa: E402
+
+MODEL_TAG = os.environ.get("SOFARE_BENTO_MODEL", "sofare-m3:latest")
+LABELS = ["model_version", "variant", "endpoint"]
+PREDICTIONS = bentoml.metrics.Counter(name="sofare_predictions", documentation="Predictions served",
+                                      labelnames=LABELS)
+LATENCY = bentoml.metrics.Histogram(name="sofare_prediction_latency_seconds", labelnames=LABELS,
+                                    documentation="Time from request to answer, features and model included",
+                                    buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5))
+BAD_REQUESTS = bentoml.metrics.Counter(name="sofare_bad_requests", documentation="Requests refused with a 4xx",
+                                       labelnames=["variant", "endpoint"])
+DROPPED = bentoml.metrics.Counter(name="sofare_prediction_log_dropped", labelnames=["variant", "reason"],
+                                  documentation="Prediction log rows dropped (queue full or database down)")
+
+
+@bentoml.service(name="sofare", traffic={"timeout": 30}, workers=1)
+class Sofare:
+    model = bentoml.models.BentoModel(MODEL_TAG)
+
+    def __init__(self) -> None:
+        cfg = load_config()
+        stored = bentoml.models.get(MODEL_TAG)
+        labels = dict(stored.info.labels)
+        self.predictor = serving.Predictor.from_directory(cfg, Path(stored.path), labels.get("model_version", "?"),
+                                                          info={"semver": labels.get("semver"), "bento_model": str(stored.tag)})
+        variant = self.predictor.variant
+        self.log = serving.PredictionLog(cfg, on_drop=lambda n, reason: DROPPED.labels(variant=variant, reason=reason).inc(n))
+        self.infer = serving.MicroBatcher(self.predictor.predict_raw, cfg.serving.max_batch_windows,
+                                          cfg.serving.batch_wait_ms)
+
+    def _served(self, answers: list[dict[str, Any]], endpoint: str, started: float) -> None:
+        labels = {"model_version": self.predictor.version, "variant": self.predictor.variant, "endpoint": endpoint}
+        PREDICTIONS.labels(**labels).inc(len(answers))
+        LATENCY.labels(**labels).observe(time.perf_counter() - started)
+        for answer in answers:
+            self.log.put(serving.log_row(answer, endpoint))
+
+    def _windows(self, windows: list[serving.Window], endpoint: str) -> list[dict[str, Any]]:
+        started = time.perf_counter()
+        p = self.predictor
+        try:
+            if not windows:
+                raise serving.BadRequest("windows: empty batch")
+            if len(windows) > p.max_batch:
+                raise serving.BadRequest(f"windows: {len(windows)} given, at most {p.max_batch} per request")
+            prefix = "" if endpoint != "predict_batch" else "windows[{}]."
+            for i, w in enumerate(windows):
+                p.check(w, prefix.format(i))
+            raw = [p.features(w) for w in windows]
+        except serving.BadRequest as exc:
+            BAD_REQUESTS.labels(variant=p.variant, endpoint=endpoint).inc()
+            raise InvalidArgument(str(exc)) from None
+        import numpy as np
+
+        prob, ret = self.infer(np.stack(raw))
+        answers = [p.answer(w, pr, r, started) for w, pr, r in zip(windows, prob, ret)]
+        self._served(answers, endpoint, started)
+        return answers
+
+    @bentoml.api(route="/predict", input_spec=serving.Window)
+    def predict(self, **window: Any) -> dict[str, Any]:
+        """One window of candles (oldest first; optional safe-haven bars and macro observations) →
+        direction, prob_up, confidence, expected_return, horizon, as_of."""
+        return self._windows([serving.Window(**window)], "predict")[0]
+
+    @bentoml.api(route="/predict_batch", input_spec=serving.Batch)
+    def predict_batch(self, windows: list[serving.Window]) -> list[dict[str, Any]]:
+        """Many windows in one request; concurrent requests share forward passes (adaptive batching)."""
+        return self._windows(windows, "predict_batch")
+
+    @bentoml.api(route="/predict_latest", input_spec=serving.LatestRequest)
+    def predict_latest(self, symbol: str) -> dict[str, Any]:
+        """The latest complete window of `symbol` read from the warehouse."""
+        try:
+            window = self.predictor.latest_window(symbol)
+        except serving.BadRequest as exc:
+            BAD_REQUESTS.labels(variant=self.predictor.variant, endpoint="predict_latest").inc()
+            raise InvalidArgument(str(exc)) from None
+        except LookupError as exc:
+            raise NotFound(str(exc)) from None
+        return self._windows([window], "predict_latest")[0]
+
+    @bentoml.api(route="/model_info")
+    def model_info(self) -> dict[str, Any]:
+        return {**self.predictor.model_info(), "prediction_log": {"written": self.log.written, "dropped": self.log.dropped}}

@@ -1,0 +1,118 @@
+"""Training end to end: the sofare_train DAG under dag.test(), the registered version in MLflow
+(tags, metrics with CIs, baselines, plots, model card, a loadable pyfunc), reproducibility, a killed
+study that resumes, and the `sofare train` CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import mlflow
+import numpy as np
+import optuna
+import pytest
+
+from sofare import registry, runtime, tasks, tuning
+
+WINDOW = {"start": "2024-01-12", "end": "2024-03-31"}
+
+
+def _conf(**extra):
+    return {"n_trials": 3, "timeout": 600, "max_epochs": 2, **WINDOW, **extra}
+
+
+def test_train_dag_registers_a_version_with_honest_metrics_and_reproduces_them(train_cfg, airflow_db, tmp_path):
+    cfg = train_cfg
+    runtime.run_dag(cfg, "sofare_train", conf=_conf(), logfile=tmp_path / "dag.log")
+    c = registry.client(cfg)
+    [v1] = c.search_model_versions("name = 'sofare-m3'")
+    tags = v1.tags
+    assert tags["semver"] == "1.0.0" and tags["data_window"] == "2024-01-12..2024-03-31"
+    assert tags["feature_set_version"].startswith("fs") and tags["git_commit"] and tags["architecture"] == "SofareM3/1"
+    run = c.get_run(v1.run_id)
+    metrics = run.data.metrics
+    for name in ("accuracy", "precision", "recall", "f1", "roc_auc", "mcc", "mae", "rmse", "r2", "ic"):
+        assert metrics[f"test_{name}_ci_low"] <= metrics[f"test_{name}"] <= metrics[f"test_{name}_ci_high"], name
+        for baseline in ("persistence", "majority", "linear"):
+            assert f"baseline_{baseline}_{name}" in metrics
+    assert {"backtest_strategy_sharpe", "backtest_buy_and_hold_total_return", "backtest_strategy_max_drawdown"} <= set(metrics)
+    artifacts = {a.path for a in c.list_artifacts(v1.run_id, "plots")}
+    assert artifacts == {f"plots/{p}.png" for p in ("learning_curves", "confusion_matrix", "calibration", "equity_curve")}
+    report = json.loads(open(mlflow.artifacts.download_artifacts(run_id=v1.run_id, artifact_path="evaluation.json",
+                                                                  tracking_uri=cfg.mlflow_tracking_uri)).read())
+    assert report["purge_rows"] >= 24 + 1 and report["parts"]["test"] > 0
+    children = c.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{v1.run_id}'")
+    assert len(children) == 3 and {r.data.tags["sofare.kind"] for r in children} == {"trial"}
+    card = (cfg.var_dir / "reports" / "model_card.md").read_text()
+    assert f"MLflow run `{v1.run_id}`" in card and "| ROC-AUC |" in card and "nan" not in card.lower()
+
+    model = mlflow.pyfunc.load_model(f"models:/sofare-m3/{v1.version}")
+    example = np.asarray(model.input_example, dtype=np.float32)
+    out = model.predict(example)
+    assert list(out.columns) == ["prob_up", "expected_return"] and 0 <= out["prob_up"].iloc[0] <= 1
+    assert example.shape[:2] == (1, 24)
+
+    # same data, same seed: the resumed study runs no new trial and the final fit gives the same numbers
+    runtime.run_dag(cfg, "sofare_train", conf=_conf(), logfile=tmp_path / "dag.log")
+    v2 = max(c.search_model_versions("name = 'sofare-m3'"), key=lambda v: int(v.version))
+    assert str(v2.version) == "2" and v2.tags["semver"] == "1.0.1"
+    again = c.get_run(v2.run_id).data.metrics
+    assert {k: v for k, v in again.items() if k.startswith(("test_", "baseline_", "backtest_"))} == \
+        {k: v for k, v in metrics.items() if k.startswith(("test_", "baseline_", "backtest_"))}
+    study = optuna.load_study(study_name=tags.get("study") or c.get_run(v2.run_id).data.tags["study"],
+                              storage=tuning.storage(cfg))
+    assert tuning.finished_trials(study) == 3
+
+
+def test_a_killed_study_resumes(train_cfg, monkeypatch):
+    cfg = train_cfg
+    plan = tasks.train_plan(n_trials=3, timeout=600, max_epochs=3, **WINDOW)
+    code = ("import json, sys; from sofare import tasks; "
+            "tasks.train_tune(json.loads(sys.argv[1]), 0)")
+    worker = subprocess.Popen([sys.executable, "-c", code, json.dumps(plan)], env=os.environ.copy(),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    study = optuna.load_study(study_name=plan["study"], storage=tuning.storage(cfg))
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        states = [t.state for t in study.get_trials(deepcopy=False)]
+        if optuna.trial.TrialState.COMPLETE in states and states[-1] == optuna.trial.TrialState.RUNNING:
+            break
+        assert worker.poll() is None, "the worker ended before it could be killed"
+        time.sleep(0.2)
+    worker.send_signal(signal.SIGKILL)
+    worker.wait()
+    first = study.get_trials(deepcopy=False)[0]
+    assert first.state == optuna.trial.TrialState.COMPLETE
+    assert any(t.state == optuna.trial.TrialState.RUNNING for t in study.get_trials(deepcopy=False))
+
+    monkeypatch.setattr(tuning, "GRACE_SECONDS", 1)  # the dead worker's heartbeat is already stale
+    time.sleep(2)
+    result = tasks.train_tune(plan, 0)
+    trials = study.get_trials(deepcopy=False)
+    assert tuning.finished_trials(study) == 3 and result["finished"] == 3
+    assert trials[0].params == first.params and trials[0].value == first.value, "finished work is kept"
+    killed = [t for t in trials if t.state == optuna.trial.TrialState.FAIL]
+    assert len(killed) == 1
+    retried = [t for t in trials if t.system_attrs.get("failed_trial") == killed[0].number]
+    assert retried and retried[0].params == killed[0].params, "the killed trial is retried with its parameters"
+
+
+def test_cli_train_prints_the_version_beside_the_baselines_and_refuses_unvalidated_days(train_cfg):
+    env = {**os.environ}
+
+    def sofare(*args):
+        return subprocess.run([sys.executable, "-m", "sofare.cli", *args], capture_output=True, text=True, env=env,
+                              timeout=600, check=False)
+
+    done = sofare("train", "--trials", "2", "--max-epochs", "1", "--start", WINDOW["start"], "--end", WINDOW["end"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "registered sofare-m3 version 1 (semver 1.0.0)" in done.stdout
+    header = next(line for line in done.stdout.splitlines() if line.startswith("test metric"))
+    assert header.split() == ["test", "metric", "sofare_m3", "persistence", "majority", "linear"]
+    bad = sofare("train", "--trials", "1", "--max-epochs", "1", "--start", "2023-09-01", "--end", "2024-01-31")
+    assert bad.returncode == 1
+    assert "not validated: 2023-09-01 .. 2023-09-30" in bad.stderr.strip().splitlines()[-1]
