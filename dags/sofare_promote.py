@@ -8,7 +8,8 @@ the version), or manually with the **version** Param (empty: the newest register
   every baseline on the candidate's test window; not worse than the current `champion` re-scored on
   the same test rows; size and latency budgets. Verdict and reasons go to MLflow version tags and
   the `audit_log` table; a pass sets alias `challenger`. A rejection ends the run here (the
-  downstream tasks are skipped, the run stays green: rejecting is the gate working).
+  downstream tasks are skipped, the run stays green: rejecting is the gate working) unless the
+  **override_reason** Param is set: then the version is promoted as `overridden`, with the reason.
 - `build` — imports the version from the MLflow registry into the bento store (var/bentoml) and
   runs `bentoml build` of `bentos/sofare`; the bento tag is recorded on the model version.
 - `containerize` — `bentoml containerize` when a container engine answers; otherwise the build
@@ -37,9 +38,13 @@ CFG = load_config()
     default_args=default_args(CFG),
     tags=["sofare", "promotion", "bentoml"],
     doc_md=__doc__,
-    params={"version": Param(None, type=["null", "string"], title="Model version",
-                             description="Registered sofare-m3 version; empty: the one the triggering event carries, "
-                                         "else the newest")},
+    params={
+        "version": Param(None, type=["null", "string"], title="Model version",
+                         description="Registered sofare-m3 version; empty: the one the triggering event carries, "
+                                     "else the newest"),
+        "override_reason": Param(None, type=["null", "string"], title="Override reason (on-call)",
+                                 description="Promote even if the gate rejects the version; recorded with the failed checks"),
+    },
 )
 def sofare_promote():
     @task.short_circuit
@@ -49,8 +54,8 @@ def sofare_promote():
         version = params.get("version") or next(
             (e.extra.get("version") for events in (triggering_asset_events or {}).values() for e in events
              if e.extra.get("version")), None)
-        verdict = run(tasks.promote, version, "airflow:sofare_promote")
-        return verdict if verdict["passed"] else False
+        verdict = run(tasks.promote, version, "airflow:sofare_promote", params.get("override_reason"))
+        return verdict if verdict["promoted"] else False
 
     @task
     def build(verdict: dict) -> dict:

@@ -135,12 +135,14 @@ def cmd_model_card(args: argparse.Namespace) -> int:
 def cmd_promote(args: argparse.Namespace) -> int:
     from sofare import tasks
 
-    verdict = tasks.promote(args.version, actor=args.actor)
-    _print("\n".join([f"{verdict['model']} version {verdict['version']}: "
-                      f"{'PROMOTED to challenger' if verdict['passed'] else 'REJECTED'} (champion: {verdict['champion'] or 'none'})",
-                      *(f"  {r}" for r in verdict["reasons"])]))
-    if not verdict["passed"]:
-        print(f"sofare promote: error: version {verdict['version']} rejected by the promotion gate", file=sys.stderr)
+    from sofare.promotion import Check, Verdict
+
+    d = tasks.promote(args.version, actor=args.actor, override_reason=args.override)
+    verdict = Verdict(d["model"], d["version"], d["passed"], [Check(**c) for c in d["checks"]], d["champion"],
+                      d["audit_id"], d["override"])
+    _print(verdict.summary() + f"\n  audit record: {verdict.audit_id}")
+    if not verdict.promoted:
+        print(f"sofare promote: error: version {verdict.version} rejected by the promotion gate", file=sys.stderr)
         return 1
     return 0
 
@@ -197,7 +199,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     for line in runtime.init(cfg, rebuild_features=True):  # the demo re-materialises every feature
         _print(f"✓ {line}")
     logfile = cfg.var_dir / "logs" / "demo.log"
-    _print(f"\n[1/3] sofare_backfill {DEMO_START} .. {DEMO_END}, source sample (task logs: {logfile})")
+    _print(f"\n[1/4] sofare_backfill {DEMO_START} .. {DEMO_END}, source sample (task logs: {logfile})")
     runtime.run_dag(cfg, "sofare_backfill",
                     conf={"sources": ["sample"], "start": DEMO_START, "end": DEMO_END}, logfile=logfile)
     engine = warehouse.get_engine(cfg)
@@ -209,13 +211,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     for table, digest in report.table_checksums(engine, feature_spec(cfg).columns).items():
         _print(f"checksum {table:<20} {digest}")
 
-    _print(f"\n[2/3] sofare_validate {DEMO_START} .. {DEMO_END}: Great Expectations on every loaded day")
+    _print(f"\n[2/4] sofare_validate {DEMO_START} .. {DEMO_END}: Great Expectations on every loaded day")
     runtime.run_dag(cfg, "sofare_validate", conf={"start": DEMO_START, "end": DEMO_END}, logfile=logfile)
     for line in report.latest_validations(engine, *ingest.day_range(DEMO_START, DEMO_END)):
         _print(f"  {line}")
     _print(f"Data Docs: file://{validation.data_docs_index(cfg)}")
 
-    _print(f"\n[3/3] sofare_train {DEMO_TRAIN[0]} .. {DEMO_TRAIN[1]} (validated days): a small study "
+    _print(f"\n[3/4] sofare_train {DEMO_TRAIN[0]} .. {DEMO_TRAIN[1]} (validated days): a small study "
            f"({DEMO_TRIALS} Optuna trials, ≤ {DEMO_EPOCHS} epochs each), final fit, test evaluation, MLflow registry")
     runtime.run_dag(cfg, "sofare_train", logfile=logfile,
                     conf={"n_trials": DEMO_TRIALS, "max_epochs": DEMO_EPOCHS, "timeout": 1800,
@@ -224,8 +226,55 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     _print(format_training(pipeline.registered_summary(cfg)))
     _print(f"MLflow: {cfg.mlflow_tracking_uri} (UI: .venv/bin/mlflow ui --backend-store-uri {cfg.mlflow_tracking_uri})")
-    _print(f"\ndemo finished in {time.monotonic() - started:.0f}s; run it again: same rows, same checksums.")
+
+    url = _demo_serve(cfg, logfile, pipeline.registered_summary(cfg)["version"])
+    _print(f"\ndemo finished in {time.monotonic() - started:.0f}s; run it again: same rows, same checksums, same metrics.")
+    _print(f"The service keeps running on {url} (Swagger UI: {url}/). Try:\n"
+           f"  curl -s -X POST {url}/predict_latest -H 'Content-Type: application/json' -d '{{\"symbol\": \"BTCUSDT\"}}'\n"
+           f"  curl -s -X POST {url}/predict_latest -H 'Content-Type: application/json' -d '{{\"symbol\": \"ETHUSDT\"}}'   # a 400\n"
+           "Stop it: .venv/bin/sofare serve --stop")
     return 0
+
+
+def _free_port(preferred: int) -> int:
+    import socket
+
+    for port in (preferred, 0):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return s.getsockname()[1]
+    raise RuntimeError("no free port on 127.0.0.1")
+
+
+def _demo_serve(cfg: Any, logfile: Any, version: str) -> str:
+    """[4/4]: the promotion DAG, then a real `bentoml serve` and one live /predict."""
+    import urllib.request
+
+    from sofare import bento, registry, runtime
+
+    _print(f"\n[4/4] sofare_promote version {version}: promotion gate, bentoml build, containerize; then serve")
+    runtime.run_dag(cfg, "sofare_promote", conf={"version": version}, logfile=logfile)
+    c = registry.client(cfg)
+    tags = c.get_model_version(cfg.mlflow.model_name, version).tags
+    _print(f"gate: {tags['promotion_verdict']}" + "".join(f"\n  {r}" for r in json.loads(tags["promotion_reasons"])))
+    if tags["promotion_verdict"] == "rejected":
+        _print("No version passed the gate, so nothing would be served in production. To show the serving path,\n"
+               "the demo overrides the gate as an on-call engineer can (`sofare promote --override REASON`);\n"
+               "the override and every failed check are recorded in the audit_log table and on the version.")
+        runtime.run_dag(cfg, "sofare_promote", logfile=logfile,
+                        conf={"version": version, "override_reason": "make demo: show the serving path, not a production promotion"})
+        tags = c.get_model_version(cfg.mlflow.model_name, version).tags
+    _print(f"bento: {tags['bento_tag']}; container: {tags['container']}")
+    url = bento.serve_detached(cfg, tags["bento_tag"], _free_port(cfg.serving.port))
+    with urllib.request.urlopen(urllib.request.Request(
+            f"{url}/predict_latest", data=json.dumps({"symbol": cfg.market.symbol}).encode(), method="POST",
+            headers={"Content-Type": "application/json"}), timeout=60) as response:
+        answer = json.loads(response.read())
+    _print(f"live POST {url}/predict_latest {{\"symbol\": \"{cfg.market.symbol}\"}} ->\n  {json.dumps(answer)}")
+    return url
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -274,6 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("promote", help="the promotion gate on a version; exit 1 when rejected")
     p.add_argument("--version", default=None, help="default: the newest registered version")
     p.add_argument("--actor", default=os.environ.get("USER", "sofare"), help="recorded in the audit log")
+    p.add_argument("--override", default=None, metavar="REASON",
+                   help="promote even if the gate rejects it (recorded with this reason); for on-call use")
     p.set_defaults(func=cmd_promote)
 
     p = sub.add_parser("build", help="build the BentoML bento of a version and containerize it (or keep the context)")

@@ -227,8 +227,10 @@ class PromotionConfig(_Model):
 
 class ServingConfig(_Model):
     port: int = Field(default=3000, ge=1, le=65535)
+    runtime: Literal["onnx", "torch"] = "onnx"  # the faster on this model (docs/benchmarks.md)
     max_batch_windows: int = Field(default=256, ge=1)
     max_window_candles: int = Field(default=2000, ge=1)
+    context_ttl_seconds: float = Field(default=30.0, ge=0)  # safe-haven/macro rows re-read this often
     batch_wait_ms: float = Field(default=0.0, ge=0)  # extra wait to fill a forward pass; 0: take what is queued
     log_queue_size: int = Field(default=10_000, ge=1)
     log_batch_size: int = Field(default=500, ge=1)

@@ -145,47 +145,64 @@ def micro_features(candles: pd.DataFrame, cfg: Config) -> pd.DataFrame:
     return pd.DataFrame({k: np.asarray(val, dtype=float) for k, val in out.items()}, index=candles.index)
 
 
-def _asof(as_of: pd.Series, events: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
-    """For each as-of instant, the latest event row whose known_at is at or before it."""
+@dataclass(frozen=True)
+class Events:
+    """Feature values with the instant each became known, sorted by that instant (ns since epoch)."""
+
+    names: tuple[str, ...]
+    keys: np.ndarray  # int64, ascending (stable: ties keep their input order)
+    values: np.ndarray  # float, one row per key
+
+    @classmethod
+    def of(cls, frame: pd.DataFrame, names: tuple[str, ...]) -> Events:
+        import numpy as np
+        import pandas as pd
+
+        keys = pd.DatetimeIndex(pd.to_datetime(frame["known_at"], utc=True)).as_unit("ns").asi8
+        order = np.argsort(keys, kind="stable")
+        return cls(names, keys[order], frame[list(names)].to_numpy(dtype=float)[order])
+
+    def asof(self, instants: np.ndarray) -> np.ndarray:
+        """For each instant (int64 ns), the values of the latest event known at or before it (ties:
+        the last one); NaN before the first event. A binary search, no pandas merge: serving calls
+        this on every request."""
+        import numpy as np
+
+        found = np.searchsorted(self.keys, instants, side="right") - 1
+        out = np.full((len(found), len(self.names)), np.nan)
+        hit = found >= 0
+        if len(self.values):
+            out[hit] = self.values[found[hit]]
+        return out
+
+
+EventTables = list[tuple[tuple[str, ...], "Events | None"]]  # feature names, their events (None: no data)
+
+
+def safe_haven_events(bars: pd.DataFrame, cfg: Config) -> EventTables:
+    """Per ticker: 1- and 5-day log return, 20-day volatility, 20-day z-score, each known at its bar's known_at."""
     import numpy as np
     import pandas as pd
 
-    left = pd.DataFrame({"as_of": as_of.array, "_row": np.arange(len(as_of))}).sort_values("as_of", kind="stable")
-    right = events.sort_values("known_at", kind="stable")[["known_at", *columns]]
-    merged = pd.merge_asof(left, right, left_on="as_of", right_on="known_at", direction="backward")
-    return merged.sort_values("_row", kind="stable")[columns].reset_index(drop=True)
-
-
-def safe_haven_features(as_of: pd.Series, bars: pd.DataFrame, cfg: Config) -> pd.DataFrame:
-    """Per ticker: 1- and 5-day log return, 20-day volatility, 20-day z-score, as of each instant."""
-    import numpy as np
-    import pandas as pd
-
-    columns: dict[str, np.ndarray] = {}
+    tables: EventTables = []
     for ticker, spec in cfg.safe_haven.tickers.items():
-        names = [f"sh_{spec.name}_{part}" for part in SAFE_HAVEN_PARTS]
+        names = tuple(f"sh_{spec.name}_{part}" for part in SAFE_HAVEN_PARTS)
         own = bars[bars["ticker"] == ticker].sort_values("date") if not bars.empty else bars
         if own.empty:
-            for name in names:
-                columns[name] = np.full(len(as_of), np.nan)
+            tables.append((names, None))
             continue
         close = own["close"].astype(float).reset_index(drop=True)
         log_close = np.log(close)
         ret1 = log_close.diff()
         mean20, std20 = close.rolling(20).mean(), close.rolling(20).std()
-        events = pd.DataFrame(
-            {
-                "known_at": pd.to_datetime(own["known_at"], utc=True).array,
-                names[0]: ret1,
-                names[1]: log_close - log_close.shift(5),
-                names[2]: ret1.rolling(20).std(),
-                names[3]: _safe_div((close - mean20).to_numpy(), std20.to_numpy(), 0.0),
-            }
-        )
-        aligned = _asof(as_of, events, names)
-        for name in names:
-            columns[name] = aligned[name].to_numpy(dtype=float)
-    return pd.DataFrame(columns)
+        tables.append((names, Events.of(pd.DataFrame({
+            "known_at": pd.to_datetime(own["known_at"], utc=True).array,
+            names[0]: ret1,
+            names[1]: log_close - log_close.shift(5),
+            names[2]: ret1.rolling(20).std(),
+            names[3]: _safe_div((close - mean20).to_numpy(), std20.to_numpy(), 0.0),
+        }), names)))
+    return tables
 
 
 def _macro_events(obs: pd.DataFrame, kind: str, names: tuple[str, ...]) -> pd.DataFrame:
@@ -215,22 +232,40 @@ def _macro_events(obs: pd.DataFrame, kind: str, names: tuple[str, ...]) -> pd.Da
     return pd.DataFrame(rows, columns=["known_at", *names])
 
 
-def macro_features(as_of: pd.Series, observations: pd.DataFrame, cfg: Config) -> pd.DataFrame:
-    import numpy as np
+def macro_events(observations: pd.DataFrame, cfg: Config) -> EventTables:
+    """Per series: level and change (rates) or growth (index levels) after each release."""
     import pandas as pd
 
-    columns: dict[str, np.ndarray] = {}
+    tables: EventTables = []
     for series_id, spec in cfg.macro.series.items():
         names = _macro_names(series_id, spec.kind)
         own = observations[observations["series_id"] == series_id] if not observations.empty else observations
         if own.empty:
-            for name in names:
-                columns[name] = np.full(len(as_of), np.nan)
+            tables.append((names, None))
             continue
         own = own.assign(known_at=pd.to_datetime(own["known_at"], utc=True))
-        aligned = _asof(as_of, _macro_events(own, spec.kind, names), list(names))
-        for name in names:
-            columns[name] = aligned[name].to_numpy(dtype=float)
+        tables.append((names, Events.of(_macro_events(own, spec.kind, names), names)))
+    return tables
+
+
+def prepare_context(safe_haven: pd.DataFrame, macro: pd.DataFrame, cfg: Config) -> EventTables:
+    """The safe-haven and macro inputs of the feature function as event tables. Rows known after an
+    instant never reach that instant's features, so one table built from all rows known so far
+    serves every later request (the service keeps one and refreshes it)."""
+    return safe_haven_events(safe_haven, cfg) + macro_events(macro, cfg)
+
+
+def align(as_of: pd.Series, tables: EventTables) -> pd.DataFrame:
+    """Every event-table feature as of each instant (NaN before its first event)."""
+    import numpy as np
+    import pandas as pd
+
+    instants = pd.DatetimeIndex(pd.to_datetime(as_of, utc=True)).as_unit("ns").asi8
+    columns: dict[str, np.ndarray] = {}
+    for names, events in tables:
+        values = np.full((len(instants), len(names)), np.nan) if events is None else events.asof(instants)
+        for i, name in enumerate(names):
+            columns[name] = values[:, i]
     return pd.DataFrame(columns)
 
 
@@ -248,12 +283,16 @@ def targets(candles: pd.DataFrame, delta: timedelta, horizon: int) -> pd.DataFra
 
 def compute_features(
     candles: pd.DataFrame,
-    safe_haven: pd.DataFrame,
-    macro: pd.DataFrame,
+    safe_haven: pd.DataFrame | None,
+    macro: pd.DataFrame | None,
     cfg: Config,
     interval: str,
+    context: EventTables | None = None,
 ) -> pd.DataFrame:
-    """The one feature function: open_time, every feature column of feature_spec(cfg), targets."""
+    """The one feature function: open_time, every feature column of feature_spec(cfg), targets.
+
+    `context`: safe-haven and macro inputs already turned into event tables by `prepare_context`
+    (then `safe_haven` and `macro` are not read)."""
     import numpy as np
     import pandas as pd
 
@@ -266,11 +305,9 @@ def compute_features(
     candles = candles.sort_values("open_time").reset_index(drop=True)
     candles["open_time"] = pd.to_datetime(candles["open_time"], utc=True)
     as_of = candles["open_time"] + delta  # a row is computed when its candle closes
-    parts = [
-        micro_features(candles, cfg),
-        safe_haven_features(as_of, safe_haven, cfg),
-        macro_features(as_of, macro, cfg),
-    ]
+    if context is None:
+        context = prepare_context(safe_haven, macro, cfg)
+    parts = [micro_features(candles, cfg), align(as_of, context)]
     feats = pd.concat(parts, axis=1)[list(spec.columns)]
     values = feats.to_numpy(dtype=float)
     values[~np.isfinite(values)] = np.nan

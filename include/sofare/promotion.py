@@ -42,19 +42,29 @@ class Verdict:
     checks: list[Check] = field(default_factory=list)
     champion: str | None = None
     audit_id: str = ""
+    override: str | None = None  # an on-call engineer promoted a rejected version: who and why
+
+    @property
+    def promoted(self) -> bool:
+        return self.passed or self.override is not None
 
     @property
     def reasons(self) -> list[str]:
         return [f"{'PASS' if c.passed else 'FAIL'} {c.name}: {c.detail}" for c in self.checks]
 
+    @property
+    def outcome(self) -> str:
+        return "passed" if self.passed else "overridden" if self.override else "rejected"
+
     def summary(self) -> str:
-        head = (f"{self.model} version {self.version}: {'PROMOTED to challenger' if self.passed else 'REJECTED'}"
-                f" (champion: {self.champion or 'none'})")
+        state = {"passed": "PROMOTED to challenger", "rejected": "REJECTED",
+                 "overridden": f"REJECTED by the gate, PROMOTED to challenger by override ({self.override})"}[self.outcome]
+        head = f"{self.model} version {self.version}: {state} (champion: {self.champion or 'none'})"
         return "\n".join([head, *(f"  {r}" for r in self.reasons)])
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
-        out["reasons"] = self.reasons
+        out.update(reasons=self.reasons, outcome=self.outcome, promoted=self.promoted)
         return out
 
 
@@ -172,8 +182,11 @@ def measure(cfg: Config, summary: dict[str, Any], report: dict[str, Any]) -> tup
     return facts, champion
 
 
-def gate(cfg: Config, version: str | None = None, actor: str = "sofare") -> Verdict:
-    """Judge a registered version (default: the newest); record the verdict; alias it on success."""
+def gate(cfg: Config, version: str | None = None, actor: str = "sofare", override_reason: str | None = None) -> Verdict:
+    """Judge a registered version (default: the newest); record the verdict; alias it on success.
+
+    `override_reason`: a person promotes the version even if it fails (recorded as `overridden`,
+    with who and why, next to every failed check)."""
     import mlflow
 
     from sofare import pipeline, registry
@@ -185,12 +198,16 @@ def gate(cfg: Config, version: str | None = None, actor: str = "sofare") -> Verd
     facts, champion = measure(cfg, summary, report)
     checks = judge(facts, cfg.promotion, cfg.evaluation.primary_metric)
     verdict = Verdict(name, summary["version"], all(c.passed for c in checks), checks, champion)
+    if not verdict.passed and override_reason:
+        if not override_reason.strip():
+            raise ValueError("an override needs a reason")
+        verdict.override = f"{actor}: {override_reason.strip()}"
     _record(cfg, verdict, actor)
     c = registry.client(cfg)
-    for key, value in (("promotion_verdict", "passed" if verdict.passed else "rejected"),
+    for key, value in (("promotion_verdict", verdict.outcome),
                        ("promotion_reasons", json.dumps(verdict.reasons)), ("promotion_audit_id", verdict.audit_id)):
         c.set_model_version_tag(name, verdict.version, key, value)
-    if verdict.passed:
+    if verdict.promoted:
         c.set_registered_model_alias(name, "challenger", verdict.version)
     return verdict
 
@@ -198,5 +215,4 @@ def gate(cfg: Config, version: str | None = None, actor: str = "sofare") -> Verd
 def _record(cfg: Config, verdict: Verdict, actor: str) -> None:
     from sofare import audit
 
-    verdict.audit_id = audit.record(cfg, actor, "promotion_gate", verdict.version,
-                                    "passed" if verdict.passed else "rejected", verdict.to_dict())
+    verdict.audit_id = audit.record(cfg, actor, "promotion_gate", verdict.version, verdict.outcome, verdict.to_dict())

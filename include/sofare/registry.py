@@ -79,19 +79,44 @@ class Bundle:
         self.columns = list(meta["columns"])
         self.groups = {k: np.asarray(v, dtype=int) for k, v in meta["groups"].items()}
 
-    def predict_windows(self, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Raw feature windows [B, L, F] -> (prob_up, expected log return)."""
+        self.runtime = "torch"
+        self._onnx: Any = None
+
+    def use_onnx(self, path: Path) -> None:
+        """Export the network to ONNX at `path` and run it with ONNX Runtime from now on."""
+        import onnxruntime as ort
         import torch
 
+        shapes = {g: len(self.groups[g]) for g in ("micro", "safe", "macro")}
+        example = tuple(torch.zeros(2, self.lookback, max(shapes[g], 1)) for g in ("micro", "safe", "macro"))
+        torch.onnx.export(self.model, example, str(path), input_names=["micro", "safe", "macro"],
+                          output_names=["logits", "ret"], dynamo=False,
+                          dynamic_axes={n: {0: "batch"} for n in ("micro", "safe", "macro", "logits", "ret")})
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        self._onnx = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.runtime = "onnx"
+
+    def _network(self, micro: np.ndarray, safe: np.ndarray, macro: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if self._onnx is not None:
+            logits, ret = self._onnx.run(None, {"micro": micro, "safe": safe, "macro": macro})
+            return logits, ret
+        import torch
+
+        with torch.no_grad():
+            logits, ret = self.model(torch.from_numpy(micro), torch.from_numpy(safe), torch.from_numpy(macro))
+        return logits.numpy(), ret.numpy()
+
+    def predict_windows(self, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Raw feature windows [B, L, F] -> (prob_up, expected log return)."""
         if raw.ndim != 3 or raw.shape[1:] != (self.lookback, len(self.columns)):
             raise ValueError(f"expected windows of shape (batch, {self.lookback}, {len(self.columns)}), got {raw.shape}")
         x = (raw.astype(np.float64) - self.scaler.mean) / self.scaler.std
         x = np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0).astype(np.float32)
-        with torch.no_grad():
-            logits, ret = self.model(*(torch.from_numpy(np.ascontiguousarray(x[:, :, self.groups[g]]))
-                                       for g in ("micro", "safe", "macro")))
-        prob = torch.softmax(logits, -1)[:, 1].numpy().astype(np.float64)
-        return prob, ret.numpy().astype(np.float64) * self.scaler.ret_std + self.scaler.ret_mean
+        logits, ret = self._network(*(np.ascontiguousarray(x[:, :, self.groups[g]]) for g in ("micro", "safe", "macro")))
+        z = logits - logits.max(axis=1, keepdims=True)
+        prob = (np.exp(z[:, 1]) / np.exp(z).sum(axis=1)).astype(np.float64)
+        return prob, ret.astype(np.float64) * self.scaler.ret_std + self.scaler.ret_mean
 
 
 def save_bundle(directory: Path, model: Any, meta: dict[str, Any]) -> Path:

@@ -8,6 +8,7 @@ Bad input raises `BadRequest` (the service answers 400) with a message naming th
 from __future__ import annotations
 
 import logging
+import math
 import os
 import queue
 import threading
@@ -113,6 +114,7 @@ class Predictor:
         self.needed = int(meta["warmup_bars"]) + bundle.lookback - 1  # candles for one full window
         self.max_batch = cfg.serving.max_batch_windows
         self.max_candles = max(self.needed, cfg.serving.max_window_candles)
+        self.context = WarehouseContext(cfg)
 
     @classmethod
     def from_directory(cls, cfg: Config, directory: Path, version: str, variant: str | None = None,
@@ -122,7 +124,12 @@ class Predictor:
         meta = next(Path(directory).rglob("meta.json"), None)
         if meta is None:
             raise LookupError(f"no SofareM3 bundle (meta.json) under {directory}")
-        return cls(cfg, load_bundle(meta.parent), version, variant or os.environ.get("SOFARE_VARIANT", "stable"), info)
+        bundle = load_bundle(meta.parent)
+        if cfg.serving.runtime == "onnx":
+            import tempfile
+
+            bundle.use_onnx(Path(tempfile.mkdtemp(prefix="sofare-onnx-")) / "sofare-m3.onnx")
+        return cls(cfg, bundle, version, variant or os.environ.get("SOFARE_VARIANT", "stable"), info)
 
     # --- validation ---
 
@@ -172,23 +179,15 @@ class Predictor:
 
     def _context(self, window: Window, first: datetime, as_of: datetime) -> tuple[pd.DataFrame, pd.DataFrame]:
         """Safe-haven and macro rows: the request's, else the warehouse's known by `as_of`."""
-        if window.safe_haven is not None and window.macro is not None:
-            safe = pd.DataFrame([b.model_dump() for b in window.safe_haven],
-                                columns=list(SafeHavenBar.model_fields))
-            macro = pd.DataFrame([m.model_dump() for m in window.macro], columns=list(MacroObservation.model_fields))
-        else:
-            engine = warehouse.get_engine(self.cfg)
-            with engine.connect() as conn:
-                safe = (pd.DataFrame([b.model_dump() for b in window.safe_haven], columns=list(SafeHavenBar.model_fields))
-                        if window.safe_haven is not None else
-                        warehouse.read_safe_haven(conn, (first - timedelta(days=self.cfg.features.daily_context_days)).date(),
-                                                  known_before=as_of + timedelta(microseconds=1)))
-                macro = (pd.DataFrame([m.model_dump() for m in window.macro], columns=list(MacroObservation.model_fields))
-                         if window.macro is not None else
-                         warehouse.read_macro(conn, None, as_of + timedelta(microseconds=1)))
-        if len(safe):
+        start = (first - timedelta(days=self.cfg.features.daily_context_days)).date()
+        since = first - timedelta(days=self.cfg.features.macro_context_days)
+        if window.safe_haven is None or window.macro is None:
+            safe, macro = self.context.rows(start, since, as_of)
+        if window.safe_haven is not None:
+            safe = pd.DataFrame([b.model_dump() for b in window.safe_haven], columns=list(SafeHavenBar.model_fields))
             safe["known_at"] = pd.to_datetime(safe["known_at"], utc=True)
-        if len(macro):
+        if window.macro is not None:
+            macro = pd.DataFrame([m.model_dump() for m in window.macro], columns=list(MacroObservation.model_fields))
             macro["known_at"] = pd.to_datetime(macro["known_at"], utc=True)
         return safe, macro
 
@@ -196,9 +195,12 @@ class Predictor:
         """The model's raw input [lookback, features] from the request, via the one feature function."""
         candles = pd.DataFrame([c.model_dump() for c in window.candles])
         candles["open_time"] = pd.to_datetime(candles["open_time"], utc=True)
-        as_of = candles["open_time"].iloc[-1].to_pydatetime() + self.delta
-        safe, macro = self._context(window, candles["open_time"].iloc[0].to_pydatetime(), as_of)
-        feats = compute_features(candles, safe, macro, self.cfg, self.interval)
+        if window.safe_haven is None and window.macro is None:  # the common case: no per-request context work
+            feats = compute_features(candles, None, None, self.cfg, self.interval, context=self.context.tables())
+        else:
+            as_of = candles["open_time"].iloc[-1].to_pydatetime() + self.delta
+            safe, macro = self._context(window, candles["open_time"].iloc[0].to_pydatetime(), as_of)
+            feats = compute_features(candles, safe, macro, self.cfg, self.interval)
         raw = feats[self.bundle.columns].to_numpy(dtype=np.float32)[-self.bundle.lookback:]
         if np.isnan(raw[:, self.bundle.groups["micro"]]).any():
             raise BadRequest("candles: not enough history for the features of the last window "
@@ -257,7 +259,56 @@ class Predictor:
                 "symbol": self.symbol, "interval": self.interval, "horizon": self.horizon,
                 "lookback": self.bundle.lookback, "candles_needed": self.needed,
                 "feature_set_version": meta["feature_set_version"], "architecture": meta["architecture"],
-                "features": len(self.bundle.columns), "max_batch_windows": self.max_batch, **self.info}
+                "features": len(self.bundle.columns), "max_batch_windows": self.max_batch,
+                "runtime": self.bundle.runtime, **self.info}
+
+
+class WarehouseContext:
+    """Safe-haven bars and macro observations from the warehouse, re-read every
+    `serving.context_ttl_seconds` and filtered per request by what was known at the window's close
+    (the same rows a direct read would give; new rows appear within the TTL)."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.ttl = cfg.serving.context_ttl_seconds
+        self.loaded_at = -math.inf
+        self.lock = threading.Lock()
+        self.safe = pd.DataFrame()
+        self.macro = pd.DataFrame()
+        self.prepared: Any = None
+
+    def _refresh(self) -> None:
+        engine = warehouse.get_engine(self.cfg)
+        with engine.connect() as conn:
+            safe = warehouse.read_safe_haven(conn)
+            macro = warehouse.read_macro(conn)
+        for frame in (safe, macro):
+            if len(frame):
+                frame["known_at"] = pd.to_datetime(frame["known_at"], utc=True)
+        from sofare.features import prepare_context
+
+        self.prepared = prepare_context(safe, macro, self.cfg)
+        self.safe, self.macro, self.loaded_at = safe, macro, time.monotonic()
+
+    def _current(self) -> None:
+        with self.lock:
+            if time.monotonic() - self.loaded_at > self.ttl:
+                self._refresh()
+
+    def tables(self) -> Any:
+        """Event tables of every row known now (features.prepare_context): as-of lookups only per request."""
+        self._current()
+        return self.prepared
+
+    def rows(self, start: date, since: datetime, as_of: datetime) -> tuple[pd.DataFrame, pd.DataFrame]:
+        self._current()
+        safe, macro = self.safe, self.macro
+        cutoff = pd.Timestamp(as_of)
+        if len(safe):
+            safe = safe[(safe["date"] >= start) & (safe["known_at"] <= cutoff)]
+        if len(macro):
+            macro = macro[(macro["known_at"] >= pd.Timestamp(since)) & (macro["known_at"] <= cutoff)]
+        return safe.reset_index(drop=True), macro.reset_index(drop=True)
 
 
 # --- prediction log ----------------------------------------------------------------------------------
@@ -383,3 +434,29 @@ class MicroBatcher:
 
 class Batch(_Strict):
     windows: list[Window] = Field(min_length=1)
+
+
+def request_body(cfg: Config, last_open: datetime, candles: int | None = None, context: bool = False) -> dict[str, Any]:
+    """A /predict body from the warehouse: the candles up to `last_open` (inclusive; default: as many as
+    one window needs), optionally with the safe-haven bars and macro observations known at its close."""
+    symbol, interval = cfg.market.symbol, cfg.market.interval
+    delta = interval_delta(interval)
+    engine = warehouse.get_engine(cfg)
+    with engine.connect() as conn:
+        needed = cfg.features.warmup_bars + max(cfg.training.search_space.lookback) - 1
+        frame = warehouse.read_candles_before(conn, symbol, interval, last_open + delta, candles or needed)
+        body: dict[str, Any] = {"symbol": symbol, "interval": interval, "candles": [
+            {"open_time": r["open_time"].isoformat(), **{k: float(r[k]) for k in ("open", "high", "low", "close", "volume")}}
+            for r in frame.to_dict("records")]}
+        if context:
+            first = frame["open_time"].iloc[0].to_pydatetime()
+            known = last_open + delta + timedelta(microseconds=1)
+            safe = warehouse.read_safe_haven(conn, (first - timedelta(days=cfg.features.daily_context_days)).date(), known)
+            macro = warehouse.read_macro(conn, first - timedelta(days=cfg.features.macro_context_days), known)
+            body["safe_haven"] = [{"ticker": r["ticker"], "date": str(r["date"]), "known_at": r["known_at"].isoformat(),
+                                   **{k: (None if r[k] != r[k] else float(r[k])) for k in ("open", "high", "low", "close", "volume")}}
+                                  for r in safe.to_dict("records")]
+            body["macro"] = [{"series_id": r["series_id"], "observation_date": str(r["observation_date"]),
+                              "known_at": r["known_at"].isoformat(), "value": float(r["value"])}
+                             for r in macro.to_dict("records")]
+    return body

@@ -184,11 +184,11 @@ def train(n_trials: int | None = None, timeout: int | None = None, max_epochs: i
 # --- promotion and the serving bundle --------------------------------------------------------------
 
 
-def promote(version: str | None = None, actor: str = "sofare") -> dict[str, Any]:
-    """The promotion gate on a registered version (default: the newest)."""
+def promote(version: str | None = None, actor: str = "sofare", override_reason: str | None = None) -> dict[str, Any]:
+    """The promotion gate on a registered version (default: the newest); an override needs a reason."""
     from sofare import promotion
 
-    verdict = promotion.gate(load_config(), version, actor)
+    verdict = promotion.gate(load_config(), version, actor, override_reason)
     log.info("%s", verdict.summary())
     return verdict.to_dict()
 

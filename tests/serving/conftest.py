@@ -1,0 +1,86 @@
+"""One trained, registered, gated and built model per session, served by a real `bentoml serve`
+process on 127.0.0.1, plus helpers to build requests from the real warehouse data."""
+
+from __future__ import annotations
+
+import json
+import socket
+import sqlite3
+import urllib.error
+import urllib.request
+from datetime import datetime
+from typing import Any
+
+import pytest
+
+from sofare import serving
+from tests.conftest import SMALL_TRAINING
+
+WINDOW = ("2024-01-12", "2024-03-31")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Client:
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def post(self, path: str, body: Any, raw: bytes | None = None) -> tuple[int, Any]:
+        data = raw if raw is not None else json.dumps(body).encode()
+        request = urllib.request.Request(self.url + path, data=data, method="POST",
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as error:
+            text = error.read().decode()
+            try:
+                return error.code, json.loads(text)
+            except ValueError:
+                return error.code, text
+
+    def get(self, path: str) -> tuple[int, str]:
+        with urllib.request.urlopen(self.url + path, timeout=30) as response:
+            return response.status, response.read().decode()
+
+
+@pytest.fixture(scope="session")
+def model_home(validated_db, tmp_path_factory) -> dict[str, Any]:
+    """A copy of the validated warehouse with version 1 trained on it, gated and built."""
+    from sofare import bento, promotion, tasks
+    from sofare.config import load_config
+
+    home = tmp_path_factory.mktemp("served")
+    db = home / "warehouse.db"
+    with sqlite3.connect(validated_db) as source, sqlite3.connect(db) as target:
+        source.backup(target)
+    env = {"SOFARE_PATHS__VAR": str(home / "var"), "SOFARE_WAREHOUSE__URL": f"sqlite:///{db}",
+           "SOFARE_SERVING__MAX_BATCH_WINDOWS": "8", **SMALL_TRAINING}
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in env.items():
+            mp.setenv(key, value)
+        cfg = load_config()
+        result = tasks.train(n_trials=1, max_epochs=1, start=WINDOW[0], end=WINDOW[1])
+        verdict = promotion.gate(cfg, result["version"])
+        built = bento.build(cfg, result["version"])
+    return {"cfg": cfg, "env": env, "version": result["version"], "verdict": verdict, "built": built}
+
+
+@pytest.fixture(scope="session")
+def served(model_home):
+    from sofare import bento
+
+    cfg = model_home["cfg"]
+    server = bento.Server(cfg, model_home["built"]["bento"], free_port(), "stable",
+                          SOFARE_SERVING__MAX_BATCH_WINDOWS="8")
+    with server:
+        yield {**model_home, "client": Client(server.url), "server": server}
+
+
+def window_payload(cfg, end: str = "2024-03-20T12:00:00+00:00", candles: int | None = None,
+                   context: bool = False) -> dict[str, Any]:
+    return serving.request_body(cfg, datetime.fromisoformat(end), candles, context)

@@ -1,0 +1,64 @@
+"""Prediction logging never blocks or fails a prediction: rows reach the `predictions` table in
+batches, and while the (real PostgreSQL) database is down predictions still succeed and the
+dropped-log counter rises."""
+
+from __future__ import annotations
+
+import time
+
+import sqlalchemy as sa
+
+from sofare import bento, warehouse
+from sofare.features import feature_spec
+from sofare.pgserver import LocalPostgres
+
+from tests.serving.conftest import Client, free_port, window_payload
+
+
+def _count(url: str) -> int:
+    engine = warehouse.engine_for(url)
+    try:
+        with engine.connect() as conn:
+            return conn.execute(sa.select(sa.func.count()).select_from(warehouse.predictions)).scalar_one()
+    finally:
+        engine.dispose()
+
+
+def _wait(predicate, timeout: float = 15.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_predictions_survive_a_database_outage(model_home):
+    cfg = model_home["cfg"]
+    body = window_payload(cfg, candles=300, context=True)  # self-contained: needs no warehouse read
+    with LocalPostgres() as pg:
+        url = pg.create_database("served")
+        warehouse.init_schema(warehouse.engine_for(url), feature_spec(cfg).columns)
+        with bento.Server(cfg, model_home["built"]["bento"], free_port(), "canary",
+                          SOFARE_WAREHOUSE__URL=url, SOFARE_SERVING__LOG_FLUSH_SECONDS="0.2") as server:
+            client = Client(server.url)
+            for _ in range(3):
+                status, answer = client.post("/predict", body)
+                assert status == 200 and answer["variant"] == "canary"
+            assert _wait(lambda: _count(url) == 3), "logged rows reach the predictions table"
+
+            pg.pause()
+            started = time.monotonic()
+            for _ in range(4):
+                status, answer = client.post("/predict", body)
+                assert status == 200, answer
+            assert time.monotonic() - started < 10, "a dead database never slows predictions down"
+            assert _wait(lambda: client.post("/model_info", {})[1]["prediction_log"]["dropped"] >= 4)
+            metrics = client.get("/metrics")[1]
+            dropped = [line for line in metrics.splitlines()
+                       if line.startswith('sofare_prediction_log_dropped_total{reason="database",variant="canary"}')]
+            assert dropped and float(dropped[0].rsplit(" ", 1)[1]) >= 4
+
+            pg.resume()
+            assert client.post("/predict", body)[0] == 200
+            assert _wait(lambda: _count(url) == 4), "logging resumes when the database is back"

@@ -1,0 +1,149 @@
+"""The BentoML service, served by a real `bentoml serve` on 127.0.0.1: every endpoint, the bad-input
+table, served = in-process predictions, labelled metrics."""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+
+import pytest
+
+from sofare import promotion, serving
+
+from tests.serving.conftest import window_payload
+
+CONTRACT = {"prediction_id", "model_version", "variant", "latency_ms", "direction", "prob_up", "confidence",
+            "expected_return", "horizon", "as_of", "symbol", "interval"}
+
+
+def test_every_endpoint_answers(served):
+    client, version = served["client"], served["version"]
+    status, answer = client.post("/predict", window_payload(served["cfg"]))
+    assert status == 200, answer
+    assert CONTRACT <= set(answer) and answer["model_version"] == version and answer["variant"] == "stable"
+    assert answer["as_of"] == "2024-03-20T13:00:00+00:00" and answer["direction"] in ("up", "down")
+    assert 0 <= answer["prob_up"] <= 1 and answer["latency_ms"] > 0
+    windows = [window_payload(served["cfg"], end) for end in
+               ("2024-03-20T12:00:00+00:00", "2024-03-21T12:00:00+00:00", "2024-03-22T12:00:00+00:00")]
+    status, answers = client.post("/predict_batch", {"windows": windows})
+    assert status == 200 and [a["as_of"][:10] for a in answers] == ["2024-03-20", "2024-03-21", "2024-03-22"]
+    assert answers[0]["prob_up"] == answer["prob_up"]
+    assert len({a["prediction_id"] for a in answers}) == 3
+    status, latest = client.post("/predict_latest", {"symbol": "BTCUSDT"})
+    assert status == 200 and latest["as_of"] == "2024-07-01T00:00:00+00:00"  # the newest candle loaded
+    status, info = client.post("/model_info", {})
+    assert status == 200 and info["model_version"] == version and info["lookback"] == 24
+    assert info["candles_needed"] == 273 and info["feature_set_version"].startswith("fs")
+    for path in ("/livez", "/readyz"):
+        assert client.get(path)[0] == 200
+    spec = json.loads(client.get("/docs.json")[1])
+    assert {"/predict", "/predict_batch", "/predict_latest", "/model_info"} <= set(spec["paths"])
+    assert "swagger" in client.get("/")[1].lower()
+
+
+def _mutate(body, how):
+    b = copy.deepcopy(body)
+    c = b["candles"]
+    if how == "missing field":
+        del b["candles"]
+    elif how == "extra field":
+        b["comment"] = "hi"
+    elif how == "extra candle field":
+        c[3]["vwap"] = 1.0
+    elif how == "wrong type":
+        c[5]["close"] = "a lot"
+    elif how == "nan":
+        return json.dumps(b).replace(json.dumps(c[7]["close"]), "NaN", 1).encode()
+    elif how == "infinity":
+        return json.dumps(b).replace(json.dumps(c[7]["volume"]), "Infinity", 1).encode()
+    elif how == "negative price":
+        c[9]["low"] = -1.0
+    elif how == "too short":
+        b["candles"] = c[-100:]
+    elif how == "unsorted":
+        c[10], c[11] = c[11], c[10]
+    elif how == "duplicate":
+        c[12] = dict(c[11])
+    elif how == "off grid":
+        c[-1]["open_time"] = c[-1]["open_time"].replace(":00:00+", ":30:00+")
+    elif how == "future":
+        c[-1]["open_time"] = "2099-01-01T00:00:00+00:00"
+    elif how == "wrong symbol":
+        b["symbol"] = "ETHUSDT"
+    elif how == "wrong interval":
+        b["interval"] = "5m"
+    elif how == "unknown interval":
+        b["interval"] = "7m"
+    elif how == "high below close":
+        c[20]["high"] = c[20]["close"] / 2
+    elif how == "unknown ticker":
+        b["safe_haven"] = [{"ticker": "BTC-USD", "date": "2024-03-19", "open": 1, "high": 1, "low": 1, "close": 1,
+                            "known_at": "2024-03-19T22:00:00+00:00"}]
+        b["macro"] = []
+    elif how == "gap in the lookback":
+        del c[-3]
+    return json.dumps(b).encode()
+
+
+BAD = [  # how, message fragment that names the field
+    ("missing field", "candles"), ("extra field", "comment"), ("extra candle field", "vwap"),
+    ("wrong type", "close"), ("nan", "close"), ("infinity", "volume"), ("negative price", "low"),
+    ("too short", "candles: 100 given, at least 273 needed"), ("unsorted", "candles[11].open_time: not sorted"),
+    ("duplicate", "candles[12].open_time: duplicate"), ("off grid", "not on the 1h grid"),
+    ("future", "is in the future"), ("wrong symbol", "symbol: 'ETHUSDT' is not served here"),
+    ("wrong interval", "interval: '5m' is not served here"), ("unknown interval", "interval: unknown interval '7m'"),
+    ("high below close", "candles[20]: high/low"), ("unknown ticker", "safe_haven[0].ticker"),
+    ("gap in the lookback", "must be consecutive"),
+]
+
+
+@pytest.mark.parametrize(("how", "message"), BAD, ids=[b[0] for b in BAD])
+def test_bad_input_is_a_4xx_naming_the_field(served, how, message):
+    status, answer = served["client"].post("/predict", None, raw=_mutate(window_payload(served["cfg"], candles=300), how))
+    assert 400 <= status < 500, (status, answer)
+    assert message in json.dumps(answer), answer
+
+
+def test_bad_batches_are_refused_by_window(served):
+    client = served["client"]
+    good = window_payload(served["cfg"])
+    status, answer = client.post("/predict_batch", {"windows": [good] * 9})
+    assert status == 400 and "windows: 9 given, at most 8" in json.dumps(answer)
+    bad = copy.deepcopy(good)
+    bad["symbol"] = "ETHUSDT"
+    status, answer = client.post("/predict_batch", {"windows": [good, bad]})
+    assert status == 400 and "windows[1].symbol" in json.dumps(answer)
+    status, answer = client.post("/predict_batch", {"windows": []})
+    assert status == 400 and "windows" in json.dumps(answer)
+    status, answer = client.post("/predict_latest", {"symbol": "DOGEUSDT"})
+    assert status == 400 and "symbol" in json.dumps(answer)
+
+
+def test_served_prediction_equals_the_in_process_prediction(served):
+    cfg = served["cfg"]
+    body = window_payload(cfg, "2024-03-25T06:00:00+00:00", candles=400, context=True)
+    status, answer = served["client"].post("/predict", body)
+    assert status == 200, answer
+    bundle_dir = promotion.version_bundle(cfg, served["version"])[1]
+    local = serving.Predictor.from_directory(cfg, bundle_dir, served["version"], "stable").predict(serving.Window(**body))
+    assert answer["prob_up"] == local["prob_up"]
+    assert answer["expected_return"] == pytest.approx(local["expected_return"], rel=1e-6, abs=1e-12)
+    without_context = {k: v for k, v in body.items() if k not in ("safe_haven", "macro")}
+    status, from_warehouse = served["client"].post("/predict", without_context)
+    assert status == 200 and from_warehouse["prob_up"] == answer["prob_up"], \
+        "the service reads the same safe-haven and macro rows from the warehouse"
+
+
+def test_metrics_expose_labelled_series(served):
+    client, version = served["client"], served["version"]
+    assert client.post("/predict", window_payload(served["cfg"]))[0] == 200
+    client.post("/predict", {"symbol": "ETHUSDT", "interval": "1h", "candles": window_payload(served["cfg"])["candles"]})
+    time.sleep(0.5)
+    metrics = client.get("/metrics")[1]
+    served_line = next(line for line in metrics.splitlines() if line.startswith("sofare_predictions_total{")
+                       and 'endpoint="predict"' in line)
+    assert f'model_version="{version}"' in served_line and 'variant="stable"' in served_line
+    assert float(served_line.rsplit(" ", 1)[1]) >= 1
+    assert f'sofare_prediction_latency_seconds_bucket{{endpoint="predict",le="0.05",model_version="{version}",variant="stable"}}' in metrics
+    assert 'sofare_bad_requests_total{endpoint="predict",variant="stable"}' in metrics
