@@ -470,7 +470,7 @@ def upsert(conn: Connection, table: sa.Table, frame: pd.DataFrame, batch_size: i
     return len(frame)
 
 
-_COPY_MIN_ROWS = 1_000
+_COPY_MIN_ROWS = 100  # below this, a staging table costs more than executemany saves
 
 
 def _copyable(table: sa.Table, columns: list[str]) -> bool:
