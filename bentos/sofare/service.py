@@ -64,20 +64,11 @@ class Sofare:
         started = time.perf_counter()
         p = self.predictor
         try:
-            if not windows:
-                raise serving.BadRequest("windows: empty batch")
-            if len(windows) > p.max_batch:
-                raise serving.BadRequest(f"windows: {len(windows)} given, at most {p.max_batch} per request")
-            prefix = "" if endpoint != "predict_batch" else "windows[{}]."
-            for i, w in enumerate(windows):
-                p.check(w, prefix.format(i))
-            raw = [p.features(w) for w in windows]
+            raw = p.inputs(windows, batch=endpoint == "predict_batch")
         except serving.BadRequest as exc:
             BAD_REQUESTS.labels(variant=p.variant, endpoint=endpoint).inc()
             raise InvalidArgument(str(exc)) from None
-        import numpy as np
-
-        prob, ret = self.infer(np.stack(raw))
+        prob, ret = self.infer(raw)
         answers = [p.answer(w, pr, r, started) for w, pr, r in zip(windows, prob, ret)]
         self._served(answers, endpoint, started)
         return answers

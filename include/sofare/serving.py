@@ -222,23 +222,21 @@ class Predictor:
             "latency_ms": round((time.perf_counter() - started) * 1000, 3),
         }
 
-    def predict(self, window: Window) -> dict[str, Any]:
-        started = time.perf_counter()
-        self.check(window)
-        prob, ret = self.predict_raw(self.features(window)[None])
-        return self.answer(window, prob[0], ret[0], started)
-
-    def predict_batch(self, windows: list[Window]) -> list[dict[str, Any]]:
-        started = time.perf_counter()
+    def inputs(self, windows: list[Window], batch: bool = False) -> np.ndarray:
+        """Validated model inputs [n, lookback, features]; BadRequest names the window and the field."""
         if not windows:
             raise BadRequest("windows: empty batch")
         if len(windows) > self.max_batch:
             raise BadRequest(f"windows: {len(windows)} given, at most {self.max_batch} per request")
         for i, w in enumerate(windows):
-            self.check(w, f"windows[{i}].")
-        raw = np.stack([self.features(w) for w in windows])
-        prob, ret = self.predict_raw(raw)
-        return [self.answer(w, p, r, started) for w, p, r in zip(windows, prob, ret)]
+            self.check(w, f"windows[{i}]." if batch else "")
+        return np.stack([self.features(w) for w in windows])
+
+    def predict(self, window: Window) -> dict[str, Any]:
+        """One window in process (what the service answers for /predict)."""
+        started = time.perf_counter()
+        prob, ret = self.predict_raw(self.inputs([window]))
+        return self.answer(window, prob[0], ret[0], started)
 
     def latest_window(self, symbol: str) -> Window:
         """The newest `needed` candles of `symbol` from the warehouse (safe-haven/macro read as-of)."""
@@ -409,15 +407,13 @@ class MicroBatcher:
             items = [self.queue.get()]
             size = len(items[0][0])
             deadline = time.monotonic() + self.max_latency
-            while size < self.max_batch:
+            while size < self.max_batch:  # what is queued now, or arrives before the deadline
                 try:
-                    item = self.queue.get(timeout=max(deadline - time.monotonic(), 0)) if self.queue.empty() else self.queue.get_nowait()
+                    item = self.queue.get(timeout=max(deadline - time.monotonic(), 0))
                 except queue.Empty:
                     break
                 items.append(item)
                 size += len(item[0])
-                if time.monotonic() >= deadline and self.queue.empty():
-                    break
             self.batches += 1
             try:
                 prob, ret = self.predict(np.concatenate([raw for raw, _ in items]))
