@@ -46,20 +46,22 @@ def _run_case(url: str, interval: str, start: str, end: str, sample_dir: Path | 
     os.environ.update(env)
     try:
         from sofare import tasks
+        from sofare.config import load_config
 
-        plan = tasks.plan_backfill(["sample"], start, end)
-        tasks.status()  # creates the schema outside the timed part
+        cfg = load_config()
+        plan = tasks.plan_backfill(cfg, ["sample"], start, end)
+        tasks.status(cfg)  # creates the schema outside the timed part
         timings = {"candles": 0.0, "daily+macro": 0.0, "features": 0.0}
         rows = 0
         for chunk in plan:
             began = time.perf_counter()
-            result = tasks.load_chunk(chunk)
+            result = tasks.load_chunk(cfg, chunk)
             key = "candles" if chunk["modality"] == "candles" else "daily+macro"
             timings[key] += time.perf_counter() - began
             rows += result["rows"] if key == "candles" else 0
-        for chunk in tasks.plan_feature_chunks(start, end):
+        for chunk in tasks.plan_feature_chunks(cfg, start, end):
             began = time.perf_counter()
-            tasks.features_chunk(chunk)
+            tasks.features_chunk(cfg, chunk)
             timings["features"] += time.perf_counter() - began
         return {"rows": rows, **timings}
     finally:
@@ -68,7 +70,7 @@ def _run_case(url: str, interval: str, start: str, end: str, sample_dir: Path | 
 
 
 def run() -> str:
-    from sofare.pgserver import LocalPostgres
+    from sofare.data.pgserver import LocalPostgres
 
     scratch = Path(tempfile.mkdtemp(prefix="sofare-bench-"))
     year = _year_of_minutes(scratch / "year-sample")

@@ -78,33 +78,32 @@ def run() -> str:
            "SOFARE_INGEST__CONTEXT_DAYS": "60", "SOFARE_SERVING__MAX_BATCH_WINDOWS": str(BATCH)}
     os.environ.update(env)
     try:
-        from sofare import bento, promotion, serving, tasks
+        from sofare import tasks
         from sofare.config import load_config
+        from sofare.registry import versions
+        from sofare.serving import bento, predictor, schemas
 
         print("  loading, validating, training, building …", flush=True)
-        for chunk in tasks.plan_backfill(["sample"], "2024-01-01", "2024-06-30"):
-            tasks.load_chunk(chunk)
-        for chunk in tasks.plan_feature_chunks("2024-01-01", "2024-06-30"):
-            tasks.features_chunk(chunk)
-        tasks.validate_range("2024-01-01", "2024-06-30")
         cfg = load_config()
-        version = tasks.train(n_trials=1, max_epochs=1, start="2024-01-12", end="2024-06-30")["version"]
-        built = bento.build(cfg, version)
-        bundle_dir = promotion.version_bundle(cfg, version)[1]
-        lookback = json.loads((bundle_dir / "meta.json").read_text())["hyper"]["lookback"]
+        tasks.backfill(cfg, ["sample"], "2024-01-01", "2024-06-30")
+        tasks.validate_range(cfg, "2024-01-01", "2024-06-30")
+        version = tasks.train(cfg, n_trials=1, max_epochs=1, start="2024-01-12", end="2024-06-30")["version"]
+        built = tasks.build_bento(cfg, version)
+        bundle_dir = versions.download(cfg, version)
+        lookback = json.loads((bundle_dir / "meta.json").read_text())["lookback"]
 
         from datetime import datetime, timezone
 
-        bodies = [serving.request_body(cfg, datetime(2024, 6, day, hour, tzinfo=timezone.utc))
+        bodies = [schemas.request_body(cfg, datetime(2024, 6, day, hour, tzinfo=timezone.utc))
                   for day in range(10, 28) for hour in (3, 15)]
         one = json.dumps(bodies[0]).encode()
 
         print("  in process: torch vs ONNX Runtime …", flush=True)
         floor = {}
         for runtime in ("torch", "onnx"):
-            local = serving.Predictor.from_directory(
+            local = predictor.Predictor.from_directory(
                 cfg.model_copy(update={"serving": cfg.serving.model_copy(update={"runtime": runtime})}), bundle_dir, version)
-            windows = [serving.Window(**b) for b in bodies]
+            windows = [schemas.Window(**b) for b in bodies]
             raw1 = local.features(windows[0])[None]
             raw64 = np.repeat(raw1, BATCH, axis=0)
             for _ in range(20):
@@ -180,7 +179,7 @@ def run() -> str:
         f" requests of {len(bodies[0]['candles'])} real hourly candles (feature warm-up + lookback); safe-haven and macro",
         "rows read from the warehouse by the service.",
         "",
-        "**Model runtime, in process** (per call; the service runs the faster one, `serving.runtime`):",
+        "**Model runtime, in process** (per call; the service runs the faster one, `predictor.runtime`):",
         "",
         "| runtime | model, 1 window p50 / p99 ms | model, 64 windows ms | features p50 / p99 ms | whole /predict path p50 / p99 ms |",
         "|---|---|---:|---|---|",

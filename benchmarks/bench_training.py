@@ -35,8 +35,8 @@ def _study(pruner: str, scratch: Path, db: Path, window: tuple[str, str], trials
     try:
         import optuna
 
-        from sofare import pipeline, tuning
         from sofare.config import load_config
+        from sofare.training import pipeline, tuning
 
         cfg = load_config()
         plan = pipeline.plan(cfg, trials, 24 * 3600, epochs, *window, run_name=f"benchmark ({pruner})")
@@ -62,13 +62,12 @@ def run() -> str:
     os.environ.update({"SOFARE_WAREHOUSE__URL": f"sqlite:///{db}", "SOFARE_PATHS__VAR": str(scratch / "var")})
     try:
         from sofare import tasks
+        from sofare.config import load_config
 
         print("  loading and validating 2.5 years of hourly data …", flush=True)
-        for chunk in tasks.plan_backfill(["sample"], *WINDOW):
-            tasks.load_chunk(chunk)
-        for chunk in tasks.plan_feature_chunks(*WINDOW):
-            tasks.features_chunk(chunk)
-        tasks.validate_range(*WINDOW)
+        cfg = load_config()
+        tasks.backfill(cfg, ["sample"], *WINDOW)
+        tasks.validate_range(cfg, *WINDOW)
         print(f"  2.5 years: {FULL_TRIALS} trials x {FULL_EPOCHS} epochs …", flush=True)
         results = {"full": _study("none", scratch, db, FULL, FULL_TRIALS, FULL_EPOCHS)}
         for pruner in ("hyperband", "none"):

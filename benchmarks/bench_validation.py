@@ -33,27 +33,26 @@ def _case(url: str, interval: str, first: str, last: str, var: Path, load: bool)
     env = _environment(url, interval, var)
     os.environ.update(env)
     try:
-        from sofare import ingest, tasks, validation, warehouse
+        from sofare import tasks
         from sofare.config import load_config
+        from sofare.data import ingest, warehouse
+        from sofare.validation import suites
 
         if load:
             start, end = LOADED[interval]
-            for chunk in tasks.plan_backfill(["sample"], start, end):
-                tasks.load_chunk(chunk)
-            for chunk in tasks.plan_feature_chunks(start, end):
-                tasks.features_chunk(chunk)
+            tasks.backfill(load_config(), ["sample"], start, end)
         cfg = load_config()
         engine = warehouse.get_engine(cfg)
         lo, hi = ingest.day_range(first, last)
         timings, rows, ok = {}, 0, True
-        for suite in validation.SUITES:
+        for suite in suites.SUITES:
             began = time.perf_counter()
-            result = validation.run_suite(cfg, engine, suite, lo, hi)
+            result = suites.run_suite(cfg, engine, suite, lo, hi)
             timings[suite] = time.perf_counter() - began
             rows += result.rows
             ok &= result.success
         began = time.perf_counter()
-        validation.build_data_docs(cfg)
+        suites.build_data_docs(cfg)
         timings["data_docs"] = time.perf_counter() - began
         return {"timings": timings, "rows": rows, "success": ok}
     finally:
@@ -64,8 +63,8 @@ def _case(url: str, interval: str, first: str, last: str, var: Path, load: bool)
 def run() -> str:
     import great_expectations  # noqa: F401 - the one-off import cost is not part of a validation
 
-    from sofare.pgserver import LocalPostgres
-    from sofare.validation import SUITES
+    from sofare.data.pgserver import LocalPostgres
+    from sofare.validation.suites import SUITES
 
     scratch = Path(tempfile.mkdtemp(prefix="sofare-bench-"))
     results = []

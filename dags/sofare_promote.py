@@ -51,10 +51,9 @@ def sofare_promote():
     def gate(params=None, triggering_asset_events=None) -> dict | bool:
         from sofare import tasks
 
-        version = params.get("version") or next(
-            (e.extra.get("version") for events in (triggering_asset_events or {}).values() for e in events
-             if e.extra.get("version")), None)
-        verdict = run(tasks.promote, version, "airflow:sofare_promote", params.get("override_reason"))
+        extras = [event.extra for events in (triggering_asset_events or {}).values() for event in events]
+        verdict = run(tasks.promote, params.get("version"), "airflow:sofare_promote", params.get("override_reason"),
+                      extras)
         return verdict if verdict["promoted"] else False
 
     @task

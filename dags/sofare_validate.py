@@ -23,9 +23,8 @@ from __future__ import annotations
 import pendulum
 from airflow.sdk import AssetOrTimeSchedule, CronDataIntervalTimetable, Param, dag, task
 
-from sofare.alerts import on_failure_callback
 from sofare.config import load_config
-from sofare.orchestration import FEATURES, VALIDATED_FEATURES, default_args, run
+from sofare.orchestration import FEATURES, VALIDATED_FEATURES, default_args, fail_fast, on_failure_callback, run
 from sofare.validation import SUITES
 
 CFG = load_config()
@@ -53,7 +52,7 @@ def sofare_validate():
         from sofare import tasks
 
         extras = [event.extra for events in (triggering_asset_events or {}).values() for event in events]
-        return run(tasks.validation_windows, params, data_interval_start, data_interval_end, extras)
+        return fail_fast(tasks.validation_windows, params, data_interval_start, data_interval_end, extras)
 
     @task(outlets=[VALIDATED_FEATURES], on_failure_callback=on_failure_callback,
           map_index_template="{{ task.op_kwargs['suite'] }}")

@@ -25,16 +25,17 @@ JSON: <a href="status.json">status.json</a></p><pre>{body}</pre></body></html>""
 
 @app.get("/status", response_class=HTMLResponse)
 def status_page() -> str:
-    from sofare import report, tasks
+    from sofare import tasks
+    from sofare.data import report
 
-    return PAGE.format(body=html.escape(report.format_status(tasks.status(), max_gaps=20)))
+    return PAGE.format(body=html.escape(report.format_status(tasks.status(load_config()), max_gaps=20)))
 
 
 @app.get("/status.json")
 def status_json() -> dict:
     from sofare import tasks
 
-    return tasks.status()
+    return tasks.status(load_config())
 
 
 class SofarePlugin(AirflowPlugin):

@@ -52,7 +52,7 @@ def airflow_db() -> Path:
 @pytest.fixture(scope="session")
 def postgres() -> Iterator[object]:
     """One real PostgreSQL server for the session, from the local binaries."""
-    from sofare.pgserver import LocalPostgres
+    from sofare.data.pgserver import LocalPostgres
 
     server = LocalPostgres().start()
     yield server
@@ -95,8 +95,8 @@ def db_cfg(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, db_url: str):
 
 @pytest.fixture
 def engine(db_cfg):
-    from sofare import warehouse
-    from sofare.features import feature_spec
+    from sofare.data import warehouse
+    from sofare.data.features import feature_spec
 
     eng = warehouse.get_engine(db_cfg)
     warehouse.init_schema(eng, feature_spec(db_cfg).columns)
@@ -145,16 +145,15 @@ def sleeps() -> SleepRecorder:
 def validated_db(tmp_path_factory) -> Path:
     """Real hourly data 2023-10 .. 2024-06, loaded and validated once per session (SQLite)."""
     from sofare import tasks
+    from sofare.config import load_config
 
     path = tmp_path_factory.mktemp("validated")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("SOFARE_PATHS__VAR", str(path / "var"))
         mp.setenv("SOFARE_WAREHOUSE__URL", f"sqlite:///{path / 'warehouse.db'}")
         mp.setenv("SOFARE_INGEST__CONTEXT_DAYS", "60")
-        for chunk in tasks.plan_backfill(["sample"], "2023-10-01", "2024-06-30"):
-            tasks.load_chunk(chunk)
-        for chunk in tasks.plan_feature_chunks("2023-10-01", "2024-06-30"):
-            tasks.features_chunk(chunk)
-        results = tasks.validate_range("2023-10-01", "2024-06-30")
+        cfg = load_config()
+        tasks.backfill(cfg, ["sample"], "2023-10-01", "2024-06-30")
+        results = tasks.validate_range(cfg, "2023-10-01", "2024-06-30")
         assert all(r.success for r in results)
     return path / "warehouse.db"

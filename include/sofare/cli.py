@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from sofare.config import INTERVALS, load_config
+from sofare.config import INTERVALS, Config, load_config
 
 log = logging.getLogger("sofare")
 DEMO_START, DEMO_END = "2023-01-01", "2025-06-30"
@@ -27,36 +27,28 @@ def _print(text: str = "") -> None:
     print(text, flush=True)
 
 
-def cmd_init(args: argparse.Namespace) -> int:
+def cmd_init(cfg: Config, args: argparse.Namespace) -> int:
     from sofare import runtime
 
-    for line in runtime.init(load_config(), rebuild_features=args.rebuild_features, airflow=not args.no_airflow):
+    for line in runtime.init(cfg, rebuild_features=args.rebuild_features, airflow=not args.no_airflow):
         _print(f"✓ {line}")
     return 0
 
 
-def run_backfill(sources: list[str], start: str, end: str, symbol: str | None, interval: str | None) -> dict[str, Any]:
-    """The sofare_backfill DAG's steps, in order, in this process."""
-    from sofare import tasks
-
-    plan = tasks.plan_backfill(sources, start, end, symbol, interval)
-    loads = []
-    for n, chunk in enumerate(plan, 1):
-        result = tasks.load_chunk(chunk)
-        loads.append(result)
+def _progress(step: str, chunk: dict[str, Any], result: dict[str, Any]) -> None:
+    if step == "load":
         gaps = f"  gaps: {len(result['gaps'])}" if result["gaps"] else ""
-        _print(f"  [{n}/{len(plan)}] {chunk['source']:<8} {chunk['modality']:<10} {chunk['start'][:10]} .. "
-               f"{chunk['end'][:10]}  {result['rows']:>6} rows{gaps}")
-    for chunk in tasks.plan_feature_chunks(start, end, symbol, interval):
-        result = tasks.features_chunk(chunk)
+        _print(f"  {chunk['source']:<8} {chunk['modality']:<10} {chunk['start'][:10]} .. {chunk['end'][:10]}  "
+               f"{result['rows']:>6} rows{gaps}")
+    else:
         _print(f"  features {chunk['start'][:10]} .. {chunk['end'][:10]}  {result['rows']:>6} rows")
-    return tasks.summarize(loads)
 
 
-def cmd_backfill(args: argparse.Namespace) -> int:
-    from sofare import ingest, report
+def cmd_backfill(cfg: Config, args: argparse.Namespace) -> int:
+    from sofare import tasks
+    from sofare.data import report
 
-    summary = run_backfill(ingest.expand_sources(args.source), args.start, args.end, args.symbol, args.interval)
+    summary = tasks.backfill(cfg, [args.source], args.start, args.end, args.symbol, args.interval, _progress)
     _print()
     _print(report.format_status(summary["status"]))
     _print(f"\nloaded {summary['loaded_rows']} rows in {summary['intervals']} intervals; "
@@ -64,15 +56,13 @@ def cmd_backfill(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_status(args: argparse.Namespace) -> int:
-    from sofare import report, tasks
+def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
+    from sofare import tasks
+    from sofare.data import report, warehouse
+    from sofare.data.features import feature_spec
 
-    status = tasks.status()
+    status = tasks.status(cfg)
     if args.checksum:
-        from sofare import warehouse
-        from sofare.features import feature_spec
-
-        cfg = load_config()
         status["checksums"] = report.table_checksums(warehouse.get_engine(cfg), feature_spec(cfg).columns)
     if args.json:
         _print(json.dumps(status, indent=2, default=str))
@@ -83,13 +73,14 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_validate(args: argparse.Namespace) -> int:
-    from sofare import tasks, validation
+def cmd_validate(cfg: Config, args: argparse.Namespace) -> int:
+    from sofare import tasks
+    from sofare.validation import suites
 
-    results = tasks.validate_range(args.start, args.end, args.symbol, args.interval)
+    results = tasks.validate_range(cfg, args.start, args.end, args.symbol, args.interval)
     for result in results:
         _print(result.summary())
-    _print(f"Data Docs: {validation.data_docs_index(load_config())}")
+    _print(f"Data Docs: {suites.data_docs_index(cfg)}")
     failed = [f"{r.suite} ({len(r.failures)} expectation(s), {len(r.days_failed)} day(s))" for r in results if not r.success]
     if failed:
         print(f"sofare validate: error: validation failed: {', '.join(failed)}", file=sys.stderr)
@@ -97,49 +88,41 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
-def format_training(result: dict[str, Any]) -> str:
+def format_training(registered: dict[str, Any]) -> str:
     """The registered version with its test metrics beside the baselines."""
-    names = ("sofare_m3", "persistence", "majority", "linear")
-    scores = result["scores"]
-    metrics = list(scores["sofare_m3"])
-    lines = [f"registered {result['model']} version {result['version']} (semver {result['semver']}), MLflow run "
-             f"{result['run_id']}; primary metric {result['primary_metric']} = {result['primary']:.4f}",
-             f"{'test metric':<12}" + "".join(f"{n:>13}" for n in names)]
-    lines += [f"{m:<12}" + "".join(f"{scores[n][m]:>13.4f}" for n in names) for m in metrics]
-    lines.append(f"model card (95% CIs, backtest): {result['model_card']}")
+    from sofare.contracts import PREDICTORS, RegisteredVersion
+
+    r = RegisteredVersion.model_validate(registered)
+    report = r.report
+    lines = [f"registered {r.model} version {r.version} (semver {r.semver}), MLflow run {r.run_id}; primary metric "
+             f"{report.primary_metric} = {report.metric():.4f}",
+             f"{'test metric':<12}" + "".join(f"{n:>13}" for n in PREDICTORS)]
+    lines += [f"{m:<12}" + "".join(f"{report.scores[n][m].value:>13.4f}" for n in PREDICTORS)
+              for m in report.scores["sofare_m3"]]
+    lines.append(f"model card (95% CIs, backtest): {r.model_card}")
     return "\n".join(lines)
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def cmd_train(cfg: Config, args: argparse.Namespace) -> int:
     from sofare import tasks
 
-    result = tasks.train(args.trials, args.timeout, args.max_epochs, args.start, args.end)
-    _print(format_training(result))
+    _print(format_training(tasks.train(cfg, args.trials, args.timeout, args.max_epochs, args.start, args.end)))
     return 0
 
 
-def cmd_model_card(args: argparse.Namespace) -> int:
-    from sofare import model_card, registry
+def cmd_model_card(cfg: Config, args: argparse.Namespace) -> int:
+    from sofare import tasks
 
-    cfg = load_config()
-    version = args.version
-    if version is None:
-        versions = registry.client(cfg).search_model_versions(f"name = '{cfg.mlflow.model_name}'")
-        if not versions:
-            raise LookupError(f"no registered {cfg.mlflow.model_name} version; run `sofare train` first")
-        version = str(max(int(v.version) for v in versions))
-    _print(f"model card of {cfg.mlflow.model_name} version {version}: {model_card.write(cfg, version, args.out)}")
+    card = tasks.model_card(cfg, args.version, args.out)
+    _print(f"model card of {cfg.mlflow.model_name} version {card['version']}: {card['path']}")
     return 0
 
 
-def cmd_promote(args: argparse.Namespace) -> int:
+def cmd_promote(cfg: Config, args: argparse.Namespace) -> int:
     from sofare import tasks
+    from sofare.contracts import Verdict
 
-    from sofare.promotion import Check, Verdict
-
-    d = tasks.promote(args.version, actor=args.actor, override_reason=args.override)
-    verdict = Verdict(d["model"], d["version"], d["passed"], [Check(**c) for c in d["checks"]], d["champion"],
-                      d["audit_id"], d["override"])
+    verdict = Verdict.from_xcom(tasks.promote(cfg, args.version, actor=args.actor, override_reason=args.override))
     _print(verdict.summary() + f"\n  audit record: {verdict.audit_id}")
     if not verdict.promoted:
         print(f"sofare promote: error: version {verdict.version} rejected by the promotion gate", file=sys.stderr)
@@ -147,53 +130,35 @@ def cmd_promote(args: argparse.Namespace) -> int:
     return 0
 
 
-def _version_or_alias(cfg: Any, version: str | None) -> str:
-    """An explicit version, else the `challenger`, else the newest registered version."""
-    from sofare import pipeline, registry
-
-    if version:
-        return version
-    try:
-        return str(registry.client(cfg).get_model_version_by_alias(cfg.mlflow.model_name, "challenger").version)
-    except Exception:  # noqa: BLE001 - no challenger alias: fall back to the newest version
-        return pipeline.registered_summary(cfg)["version"]
-
-
-def cmd_build(args: argparse.Namespace) -> int:
+def cmd_build(cfg: Config, args: argparse.Namespace) -> int:
     from sofare import tasks
 
-    version = _version_or_alias(load_config(), args.version)
-    built = tasks.build_bento(version)
-    _print(f"bento {built['bento']} (model {built['model']}, {load_config().mlflow.model_name} version {version})")
-    result = tasks.containerize(version, built["bento"])
+    built = tasks.build_bento(cfg, args.version)
+    _print(f"bento {built['bento']} (model {built['model']}, {cfg.mlflow.model_name} version {built['version']})")
+    result = tasks.containerize(cfg, built["version"], built["bento"])
     _print(result.get("message") or f"image {result['image']} built ({result['engine']})")
     return 0
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    from sofare import bento, registry
+def cmd_serve(cfg: Config, args: argparse.Namespace) -> int:
+    from sofare import tasks
 
-    cfg = load_config()
     if args.stop:
-        _print("stopped" if bento.stop_detached(cfg, args.variant) else f"no {args.variant} server running")
+        _print("stopped" if tasks.stop_serving(cfg, args.variant) else f"no {args.variant} server running")
         return 0
-    version = _version_or_alias(cfg, args.version)
-    tag = registry.client(cfg).get_model_version(cfg.mlflow.model_name, version).tags.get("bento_tag")
-    if not tag:
-        raise LookupError(f"version {version} has no bento yet; run `sofare build --version {version}`")
-    port = args.port or cfg.serving.port
-    url = bento.serve_detached(cfg, tag, port, args.variant)
-    _print(f"serving {tag} ({cfg.mlflow.model_name} version {version}, {args.variant}) on {url} "
-           f"(Swagger UI: {url}/; stop: sofare serve --stop)")
+    served = tasks.serve(cfg, args.version, args.port, args.variant)
+    _print(f"serving {served['bento']} ({cfg.mlflow.model_name} version {served['version']}, {args.variant}) on "
+           f"{served['url']} (Swagger UI: {served['url']}/; stop: sofare serve --stop)")
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
+def cmd_demo(cfg: Config, args: argparse.Namespace) -> int:
     """Set up, run the pipeline through the DAGs on the embedded data, report."""
-    from sofare import ingest, report, runtime, validation, warehouse
-    from sofare.features import feature_spec
+    from sofare import runtime, tasks
+    from sofare.data import ingest, report, warehouse
+    from sofare.data.features import feature_spec
+    from sofare.validation import suites
 
-    cfg = load_config()
     started = time.monotonic()
     _print("== SOFARE demo: embedded real market data through the Airflow DAGs ==")
     for line in runtime.init(cfg, rebuild_features=True):  # the demo re-materialises every feature
@@ -203,7 +168,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     runtime.run_dag(cfg, "sofare_backfill",
                     conf={"sources": ["sample"], "start": DEMO_START, "end": DEMO_END}, logfile=logfile)
     engine = warehouse.get_engine(cfg)
-    status = report.warehouse_status(cfg, engine)
+    status = tasks.status(cfg)
     _print(report.format_status(status))
     gaps = [(e["key"], g) for e in status["candles"] for g in e["gaps"]]
     _print(f"\ncandle gaps found: {len(gaps)}" + "".join(f"\n  {key}: {g['first_missing']} ({g['missing']} missing)"
@@ -215,19 +180,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
     runtime.run_dag(cfg, "sofare_validate", conf={"start": DEMO_START, "end": DEMO_END}, logfile=logfile)
     for line in report.latest_validations(engine, *ingest.day_range(DEMO_START, DEMO_END)):
         _print(f"  {line}")
-    _print(f"Data Docs: file://{validation.data_docs_index(cfg)}")
+    _print(f"Data Docs: file://{suites.data_docs_index(cfg)}")
 
     _print(f"\n[3/4] sofare_train {DEMO_TRAIN[0]} .. {DEMO_TRAIN[1]} (validated days): a small study "
            f"({DEMO_TRIALS} Optuna trials, ≤ {DEMO_EPOCHS} epochs each), final fit, test evaluation, MLflow registry")
     runtime.run_dag(cfg, "sofare_train", logfile=logfile,
                     conf={"n_trials": DEMO_TRIALS, "max_epochs": DEMO_EPOCHS, "timeout": 1800,
                           "start": DEMO_TRAIN[0], "end": DEMO_TRAIN[1]})
-    from sofare import pipeline
-
-    _print(format_training(pipeline.registered_summary(cfg)))
+    registered = tasks.registered(cfg)
+    _print(format_training(registered))
     _print(f"MLflow: {cfg.mlflow_tracking_uri} (UI: .venv/bin/mlflow ui --backend-store-uri {cfg.mlflow_tracking_uri})")
 
-    url = _demo_serve(cfg, logfile, pipeline.registered_summary(cfg)["version"])
+    url = _demo_serve(cfg, logfile, registered["version"])
     _print(f"\ndemo finished in {time.monotonic() - started:.0f}s; run it again: same rows, same checksums, same metrics.")
     _print(f"The service keeps running on {url} (Swagger UI: {url}/). Try:\n"
            f"  curl -s -X POST {url}/predict_latest -H 'Content-Type: application/json' -d '{{\"symbol\": \"BTCUSDT\"}}'\n"
@@ -236,29 +200,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _free_port(preferred: int) -> int:
-    import socket
-
-    for port in (preferred, 0):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return s.getsockname()[1]
-    raise RuntimeError("no free port on 127.0.0.1")
-
-
-def _demo_serve(cfg: Any, logfile: Any, version: str) -> str:
+def _demo_serve(cfg: Config, logfile: Path, version: str) -> str:
     """[4/4]: the promotion DAG, then a real `bentoml serve` and one live /predict."""
     import urllib.request
 
-    from sofare import bento, registry, runtime
+    from sofare import runtime, tasks
+    from sofare.serving.bento import free_port
 
     _print(f"\n[4/4] sofare_promote version {version}: promotion gate, bentoml build, containerize; then serve")
     runtime.run_dag(cfg, "sofare_promote", conf={"version": version}, logfile=logfile)
-    c = registry.client(cfg)
-    tags = c.get_model_version(cfg.mlflow.model_name, version).tags
+    tags = tasks.version_tags(cfg, version)
     _print(f"gate: {tags['promotion_verdict']}" + "".join(f"\n  {r}" for r in json.loads(tags["promotion_reasons"])))
     if tags["promotion_verdict"] == "rejected":
         _print("No version passed the gate, so nothing would be served in production. To show the serving path,\n"
@@ -266,9 +217,9 @@ def _demo_serve(cfg: Any, logfile: Any, version: str) -> str:
                "the override and every failed check are recorded in the audit_log table and on the version.")
         runtime.run_dag(cfg, "sofare_promote", logfile=logfile,
                         conf={"version": version, "override_reason": "make demo: show the serving path, not a production promotion"})
-        tags = c.get_model_version(cfg.mlflow.model_name, version).tags
+        tags = tasks.version_tags(cfg, version)
     _print(f"bento: {tags['bento_tag']}; container: {tags['container']}")
-    url = bento.serve_detached(cfg, tags["bento_tag"], _free_port(cfg.serving.port))
+    url = tasks.serve(cfg, version, free_port(cfg.serving.port))["url"]
     with urllib.request.urlopen(urllib.request.Request(
             f"{url}/predict_latest", data=json.dumps({"symbol": cfg.market.symbol}).encode(), method="POST",
             headers={"Content-Type": "application/json"}), timeout=60) as response:
@@ -350,12 +301,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    func: Callable[[argparse.Namespace], int] = args.func
+    func: Callable[[Config, argparse.Namespace], int] = args.func
     try:
         from sofare import runtime
 
-        runtime.use_airflow_environment(load_config())
-        return func(args)
+        cfg = load_config()
+        runtime.use_airflow_environment(cfg)
+        return func(cfg, args)
     except KeyboardInterrupt:
         print(f"sofare {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -15,6 +15,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from sofare.errors import InputError
+
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG_FILE = PROJECT_ROOT / "include" / "config" / "sofare.yaml"
 ENV_PREFIX = "SOFARE_"
@@ -39,7 +41,7 @@ Modality = Literal["candles", "safe_haven", "macro"]
 SourceName = Literal["sample", "binance", "yfinance", "fred"]
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """The configuration file or an override is invalid; the message names the key."""
 
 
@@ -334,10 +336,18 @@ def _apply_override(tree: dict[str, Any], keys: list[str], raw: str, env_name: s
             node = node[match]
 
 
-def load_config(path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None) -> Config:
-    """Read the YAML file, apply SOFARE_* overrides and validate into a frozen Config."""
+def config_file(env: Mapping[str, str] | None = None) -> Path:
+    """The YAML file load_config reads by default: $SOFARE_CONFIG, else include/config/sofare.yaml."""
     env = os.environ if env is None else env
-    file = Path(path or env.get("SOFARE_CONFIG") or DEFAULT_CONFIG_FILE)
+    return Path(env.get("SOFARE_CONFIG") or DEFAULT_CONFIG_FILE)
+
+
+def load_config(path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None) -> Config:
+    """Read the YAML file, apply SOFARE_* overrides and validate into a frozen Config.
+
+    Call it once at an entry point (a CLI command, a DAG task, the service) and pass the Config down."""
+    env = os.environ if env is None else env
+    file = Path(path) if path else config_file(env)
     try:
         tree = yaml.safe_load(file.read_text()) or {}
     except FileNotFoundError as exc:

@@ -11,7 +11,8 @@ from typing import Any, TypeVar
 
 from airflow.sdk import Asset
 
-from sofare.config import Config, ConfigError
+from sofare.config import Config, load_config
+from sofare.errors import PermanentError
 
 T = TypeVar("T")
 
@@ -38,25 +39,38 @@ def default_args(cfg: Config) -> dict[str, Any]:
     }
 
 
-def run(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """Run a task body; errors that a retry cannot fix fail the task at once (no retries burnt).
-
-    Malformed source data, rejected requests and bad parameters are permanent; timeouts, rate limits,
-    5xx answers and database hiccups keep Airflow's retries with exponential back-off.
-    """
+def fail_fast(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run a task body, mapping the error taxonomy onto Airflow: a `PermanentError` (bad input, failed
+    validation, something missing) fails the task at once, no retries burnt; a `TransientError`
+    (network, rate limits, locks) and anything unexpected keep Airflow's retries with back-off."""
     from airflow.sdk.exceptions import AirflowFailException
-
-    from sofare.sources import SourceError, TransientSourceError
 
     try:
         return fn(*args, **kwargs)
-    except TransientSourceError:
-        raise
-    except (SourceError, ConfigError, ValueError, LookupError) as exc:
+    except PermanentError as exc:
         raise AirflowFailException(f"{type(exc).__name__}: {exc}") from exc
+
+
+def run(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """`fail_fast(fn, cfg, *args)` with the configuration read once, when the task runs (a worker's
+    environment may differ from the parser's)."""
+    return fail_fast(fn, load_config(), *args, **kwargs)
 
 
 def interval_extra(start: Any, end: Any) -> dict[str, str]:
     """What an asset event carries: the interval the producing task wrote (validation reads it)."""
     return {"start": start.isoformat() if hasattr(start, "isoformat") else str(start),
             "end": end.isoformat() if hasattr(end, "isoformat") else str(end)}
+
+
+def on_failure_callback(context: dict[str, Any]) -> None:
+    """Airflow on_failure_callback: one alert per failed task, with its error."""
+    from sofare.data import alerts
+
+    ti = context.get("task_instance") or context.get("ti")
+    dag_id = getattr(ti, "dag_id", "?")
+    task_id = getattr(ti, "task_id", "?")
+    error = context.get("exception")
+    alerts.send(load_config(), f"airflow:{dag_id}.{task_id}", "high", f"{dag_id}.{task_id} failed: {error}",
+                {"run_id": context.get("run_id"), "map_index": getattr(ti, "map_index", None),
+                 "try_number": getattr(ti, "try_number", None)})

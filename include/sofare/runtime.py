@@ -17,8 +17,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sofare import warehouse
-from sofare.features import feature_spec
+from sofare.data import warehouse
+from sofare.data.features import feature_spec
+from sofare.errors import NotFoundError
 
 if TYPE_CHECKING:
     from sofare.config import Config
@@ -100,7 +101,7 @@ def load_dag(cfg: Config, dag_id: str) -> Any:
         raise RuntimeError(f"{path} does not import: {next(iter(bag.import_errors.values()))}")
     dag = bag.dags.get(dag_id)
     if dag is None:
-        raise LookupError(f"{path} defines no DAG {dag_id!r}")
+        raise NotFoundError(f"{path} defines no DAG {dag_id!r}")
     return dag
 
 

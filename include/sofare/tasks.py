@@ -1,18 +1,22 @@
 """Task bodies: every DAG task and every CLI command calls one of these, so they cannot disagree.
 
-Each reads the configuration when it runs (workers may differ from the parser), takes plain values
-and returns JSON-able dicts (they travel through XCom).
+Each takes the `Config` its caller loaded once (`orchestration.run` for a DAG task, `cli.main` for a
+command) and plain values, and returns JSON-able values (they travel through XCom). Heavy stages
+(training, the registry, serving) are imported inside the functions that need them.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
-from sofare import ingest, report, validation, warehouse
-from sofare.config import Config, load_config
-from sofare.features import feature_spec
+from sofare.config import Config
+from sofare.data import ingest, report, warehouse
+from sofare.data.features import feature_spec
+from sofare.errors import InputError, PermanentError
 
 log = logging.getLogger(__name__)
 
@@ -23,82 +27,88 @@ def _engine(cfg: Config) -> Any:
     return engine
 
 
-def load(
-    modality: str,
-    start: datetime | str,
-    end: datetime | str,
-    source: str | None = None,
-    symbol: str | None = None,
-    interval: str | None = None,
-) -> dict[str, Any]:
+# --- ingest and backfill -------------------------------------------------------------------------------
+
+
+def load(cfg: Config, modality: str, start: datetime | str, end: datetime | str, source: str | None = None,
+         symbol: str | None = None, interval: str | None = None) -> dict[str, Any]:
     """Load one modality for one interval (the ingest DAG's sources come from the config)."""
-    cfg = load_config()
     source = source or getattr(cfg.ingest.sources, modality)
-    result = ingest.load_interval(cfg, _engine(cfg), source, modality, ingest.utc(start), ingest.utc(end), symbol, interval)
+    result = ingest.load_interval(cfg, _engine(cfg), source, modality, ingest.utc(start), ingest.utc(end), symbol,
+                                  interval)
     return result.to_dict()
 
 
-def build_features(
-    start: datetime | str, end: datetime | str, symbol: str | None = None, interval: str | None = None
-) -> dict[str, Any]:
-    cfg = load_config()
+def build_features(cfg: Config, start: datetime | str, end: datetime | str, symbol: str | None = None,
+                   interval: str | None = None) -> dict[str, Any]:
     rows = ingest.materialize_features(cfg, _engine(cfg), ingest.utc(start), ingest.utc(end), symbol, interval)
     return {"start": ingest.utc(start).isoformat(), "end": ingest.utc(end).isoformat(), "rows": rows,
             "feature_set": feature_spec(cfg).version}
 
 
-def plan_backfill(
-    sources: list[str], start: str, end: str, symbol: str | None = None, interval: str | None = None
-) -> list[dict[str, Any]]:
+def plan_backfill(cfg: Config, sources: list[str], start: str, end: str, symbol: str | None = None,
+                  interval: str | None = None) -> list[dict[str, Any]]:
     """The mapped load tasks for inclusive days [start, end]."""
-    cfg = load_config()
     first, stop = ingest.day_range(start, end)
     names = [n for s in sources for n in ingest.expand_sources(s)]
     return ingest.plan_backfill(cfg, names, first, stop, symbol, interval)
 
 
-def plan_feature_chunks(start: str, end: str, symbol: str | None = None, interval: str | None = None) -> list[dict[str, Any]]:
-    cfg = load_config()
+def plan_feature_chunks(cfg: Config, start: str, end: str, symbol: str | None = None,
+                        interval: str | None = None) -> list[dict[str, Any]]:
     first, stop = ingest.day_range(start, end)
-    return [
-        {"start": lo.isoformat(), "end": hi.isoformat(), "symbol": symbol, "interval": interval}
-        for lo, hi in ingest.plan_chunks(first, stop, cfg.ingest.chunk_days)
-    ]
+    return [{"start": lo.isoformat(), "end": hi.isoformat(), "symbol": symbol, "interval": interval}
+            for lo, hi in ingest.plan_chunks(first, stop, cfg.ingest.chunk_days)]
 
 
-def load_chunk(chunk: dict[str, Any]) -> dict[str, Any]:
-    return load(chunk["modality"], chunk["start"], chunk["end"], chunk["source"], chunk.get("symbol"), chunk.get("interval"))
+def load_chunk(cfg: Config, chunk: dict[str, Any]) -> dict[str, Any]:
+    return load(cfg, chunk["modality"], chunk["start"], chunk["end"], chunk["source"], chunk.get("symbol"),
+                chunk.get("interval"))
 
 
-def features_chunk(chunk: dict[str, Any]) -> dict[str, Any]:
-    return build_features(chunk["start"], chunk["end"], chunk.get("symbol"), chunk.get("interval"))
+def features_chunk(cfg: Config, chunk: dict[str, Any]) -> dict[str, Any]:
+    return build_features(cfg, chunk["start"], chunk["end"], chunk.get("symbol"), chunk.get("interval"))
 
 
-def status() -> dict[str, Any]:
-    cfg = load_config()
+def status(cfg: Config) -> dict[str, Any]:
     return report.warehouse_status(cfg, _engine(cfg))
 
 
-def summarize(loads: list[dict[str, Any]]) -> dict[str, Any]:
+def summarize(cfg: Config, loads: list[dict[str, Any]]) -> dict[str, Any]:
     """Rows and gaps of a backfill's loads next to the warehouse status; logged for the UI."""
     gaps = [g for result in loads for g in result.get("gaps", [])]
     summary = {"loaded_rows": sum(r["rows"] for r in loads), "intervals": len(loads), "gaps_found": gaps,
-               "status": status()}
+               "status": status(cfg)}
     log.info("backfill loaded %d rows in %d intervals; gaps: %s\n%s", summary["loaded_rows"], len(loads),
              gaps or "none", report.format_status(summary["status"]))
     return summary
 
 
-class ValidationFailed(ValueError):
-    """Data broke an expectation: a permanent failure (retrying validates the same data)."""
+def backfill(cfg: Config, sources: list[str], start: str, end: str, symbol: str | None = None,
+             interval: str | None = None, progress: Callable[[str, dict[str, Any], dict[str, Any]], None] | None = None,
+             ) -> dict[str, Any]:
+    """sofare_backfill's steps in this process, in its order (the DAG maps the same steps in parallel):
+    plan the loads, load each chunk, plan the feature chunks, build each, summarize."""
+    progress = progress or (lambda step, chunk, result: None)
+    loads = []
+    for chunk in plan_backfill(cfg, sources, start, end, symbol, interval):
+        loads.append(load_chunk(cfg, chunk))
+        progress("load", chunk, loads[-1])
+    for chunk in plan_feature_chunks(cfg, start, end, symbol, interval):
+        progress("features", chunk, features_chunk(cfg, chunk))
+    return summarize(cfg, loads)
 
 
-def validation_windows(
-    params: dict[str, Any] | None,
-    data_interval_start: datetime | None,
-    data_interval_end: datetime | None,
-    asset_extras: list[dict[str, Any]] | None = None,
-) -> list[dict[str, str]]:
+# --- validation ----------------------------------------------------------------------------------------
+
+
+class ValidationFailed(PermanentError):
+    """Data broke an expectation: retrying validates the same data."""
+
+
+def validation_windows(params: dict[str, Any] | None, data_interval_start: datetime | None,
+                       data_interval_end: datetime | None, asset_extras: list[dict[str, Any]] | None = None,
+                       ) -> list[dict[str, str]]:
     """What a validation run covers: manual start/end Params, else the intervals the triggering asset
     events carry (merged when they touch), else the run's data interval."""
     if params and params.get("start") and params.get("end"):
@@ -106,11 +116,11 @@ def validation_windows(
     elif asset_extras:
         spans = sorted((ingest.utc(e["start"]), ingest.utc(e["end"])) for e in asset_extras if "start" in e and "end" in e)
         if not spans:
-            raise ValueError("the triggering asset events carry no interval (extra start/end)")
+            raise InputError("the triggering asset events carry no interval (extra start/end)")
     elif data_interval_start is not None and data_interval_end is not None and data_interval_end > data_interval_start:
         spans = [(ingest.utc(data_interval_start), ingest.utc(data_interval_end))]
     else:
-        raise ValueError("nothing to validate: give start and end, or run on a schedule or asset event")
+        raise InputError("nothing to validate: give start and end, or run on a schedule or asset event")
     merged: list[list[datetime]] = []
     for lo, hi in spans:
         if merged and lo <= merged[-1][1]:
@@ -120,95 +130,156 @@ def validation_windows(
     return [{"start": lo.isoformat(), "end": hi.isoformat()} for lo, hi in merged]
 
 
-def validate(suite: str, windows: list[dict[str, str]], symbol: str | None = None, interval: str | None = None) -> dict[str, Any]:
+def validate(cfg: Config, suite: str, windows: list[dict[str, str]], symbol: str | None = None,
+             interval: str | None = None) -> dict[str, Any]:
     """Run one suite over each window; raise ValidationFailed naming every broken expectation."""
-    cfg = load_config()
+    from sofare.validation import suites
+
     engine = _engine(cfg)
-    results = [validation.run_suite(cfg, engine, suite, ingest.utc(w["start"]), ingest.utc(w["end"]), symbol, interval)
+    results = [suites.run_suite(cfg, engine, suite, ingest.utc(w["start"]), ingest.utc(w["end"]), symbol, interval)
                for w in windows]
     failed = [r for r in results if not r.success]
     if failed:
         raise ValidationFailed(
             f"{suite}: {sum(len(r.days_failed) for r in failed)} day(s) failed validation\n"
             + "\n".join(r.summary() for r in failed)
-            + f"\nData Docs: {validation.data_docs_index(cfg)} (rebuilt at the end of the run)"
+            + f"\nData Docs: {suites.data_docs_index(cfg)} (rebuilt at the end of the run)"
         )
     return {"suite": suite, "runs": [r.run_id for r in results], "days": sum(len(r.days_passed) for r in results)}
 
 
-def validate_range(start: str, end: str, symbol: str | None = None, interval: str | None = None) -> list[Any]:
+def validate_range(cfg: Config, start: str, end: str, symbol: str | None = None, interval: str | None = None) -> list[Any]:
     """Every suite over inclusive days [start, end], then Data Docs (the CLI)."""
-    cfg = load_config()
+    from sofare.validation import suites
+
     engine = _engine(cfg)
     lo, hi = ingest.day_range(start, end)
-    results = [validation.run_suite(cfg, engine, suite, lo, hi, symbol, interval) for suite in validation.SUITES]
-    validation.build_data_docs(cfg)
+    results = [suites.run_suite(cfg, engine, suite, lo, hi, symbol, interval) for suite in suites.SUITES]
+    suites.build_data_docs(cfg)
     return results
 
 
-def data_docs() -> str:
-    return str(validation.build_data_docs(load_config()))
+def data_docs(cfg: Config) -> str:
+    from sofare.validation import suites
+
+    return str(suites.build_data_docs(cfg))
 
 
 # --- training (torch, lightning, optuna and mlflow are imported only here) ---------------------------
 
 
-def train_plan(n_trials: int | None = None, timeout: int | None = None, max_epochs: int | None = None,
+def train_plan(cfg: Config, n_trials: int | None = None, timeout: int | None = None, max_epochs: int | None = None,
                start: str | None = None, end: str | None = None) -> dict[str, Any]:
-    from sofare import pipeline
+    from sofare.training import pipeline
 
-    return pipeline.plan(load_config(), n_trials, timeout, max_epochs, start, end)
-
-
-def train_tune(plan: dict[str, Any], worker: int) -> dict[str, Any]:
-    from sofare import pipeline
-
-    return pipeline.tune(load_config(), plan, worker)
+    return pipeline.plan(cfg, n_trials, timeout, max_epochs, start, end).model_dump(mode="json")
 
 
-def train_finalize(plan: dict[str, Any]) -> dict[str, Any]:
-    from sofare import pipeline
+def train_tune(cfg: Config, plan: dict[str, Any], worker: int) -> dict[str, Any]:
+    from sofare.contracts import TrainingPlan
+    from sofare.training import pipeline
 
-    return pipeline.finalize(load_config(), plan)
+    return pipeline.tune(cfg, TrainingPlan.model_validate(plan), worker)
 
 
-def train(n_trials: int | None = None, timeout: int | None = None, max_epochs: int | None = None,
+def train_finalize(cfg: Config, plan: dict[str, Any]) -> dict[str, Any]:
+    """Final fit and evaluation, then registration: the new version with its report."""
+    from sofare.contracts import TrainingPlan
+    from sofare.registry import versions
+    from sofare.training import pipeline
+
+    trained = pipeline.finalize(cfg, TrainingPlan.model_validate(plan))
+    return versions.register(cfg, trained).model_dump(mode="json")
+
+
+def train(cfg: Config, n_trials: int | None = None, timeout: int | None = None, max_epochs: int | None = None,
           start: str | None = None, end: str | None = None) -> dict[str, Any]:
     """The whole sofare_train DAG in one process (the CLI): plan, each tuning worker in turn, final fit."""
-    plan = train_plan(n_trials, timeout, max_epochs, start, end)
-    for worker in range(load_config().training.workers):
-        train_tune(plan, worker)
-    return train_finalize(plan)
+    plan = train_plan(cfg, n_trials, timeout, max_epochs, start, end)
+    for worker in range(cfg.training.workers):
+        train_tune(cfg, plan, worker)
+    return train_finalize(cfg, plan)
+
+
+def registered(cfg: Config, version: str | None = None) -> dict[str, Any]:
+    """A registered version (default: the newest) with its evaluation report."""
+    from sofare.registry import versions
+
+    return versions.registered(cfg, version).model_dump(mode="json")
+
+
+def version_tags(cfg: Config, version: str | None = None) -> dict[str, str]:
+    """A registered version's tags: semver, windows, promotion verdict and reasons, bento, container."""
+    from sofare.registry import versions
+
+    return dict(versions.resolve(cfg, version).tags)
+
+
+def model_card(cfg: Config, version: str | None = None, out: Path | None = None) -> dict[str, str]:
+    from sofare.registry import model_card as card
+    from sofare.registry import versions
+
+    number = versions.version_of(cfg, version)
+    return {"version": number, "path": str(card.write(cfg, number, out))}
 
 
 # --- promotion and the serving bundle --------------------------------------------------------------
 
 
-def promote(version: str | None = None, actor: str = "sofare", override_reason: str | None = None) -> dict[str, Any]:
-    """The promotion gate on a registered version (default: the newest); an override needs a reason."""
-    from sofare import promotion
+def promote(cfg: Config, version: str | None = None, actor: str = "sofare", override_reason: str | None = None,
+            asset_extras: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The promotion gate on a registered version (default: the one a triggering asset event names, else
+    the newest); an override needs a reason."""
+    from sofare.registry import gate
 
-    verdict = promotion.gate(load_config(), version, actor, override_reason)
+    version = version or next((e["version"] for e in asset_extras or [] if e.get("version")), None)
+    verdict = gate.gate(cfg, version, actor, override_reason)
     log.info("%s", verdict.summary())
-    return verdict.to_dict()
+    return verdict.to_xcom()
 
 
-def build_bento(version: str, actor: str = "sofare") -> dict[str, Any]:
-    from sofare import audit, bento
+def build_bento(cfg: Config, version: str | None = None, actor: str = "sofare") -> dict[str, Any]:
+    """Import a version's exported model into the bento store and build the bento (default version:
+    the challenger, else the newest); the tags are recorded on the version and in the audit log."""
+    from sofare.registry import audit, versions
+    from sofare.serving import bento
 
-    cfg = load_config()
-    built = bento.build(cfg, version)
-    audit.record(cfg, actor, "bento_build", version, "built", built)
+    mv = versions.resolve(cfg, versions.version_of(cfg, version, default_alias="challenger"))
+    number = str(mv.version)
+    model_tag = bento.import_model(cfg, versions.download(cfg, number), {
+        "model_version": number, "semver": mv.tags.get("semver", "?"),
+        "feature_set_version": mv.tags.get("feature_set_version", "?")})
+    built = {**bento.build(cfg, model_tag), "version": number}
+    versions.set_tags(cfg, number, {"bento_tag": built["bento"], "bento_model": model_tag})
+    audit.record(cfg, actor, "bento_build", number, "built", built)
     return built
 
 
-def containerize(version: str, bento_tag: str, actor: str = "sofare") -> dict[str, Any]:
-    from sofare import audit, bento, registry
+def containerize(cfg: Config, version: str, bento_tag: str, actor: str = "sofare") -> dict[str, Any]:
+    from sofare.registry import audit, versions
+    from sofare.serving import bento
 
-    cfg = load_config()
     result = bento.containerize(cfg, bento_tag)
     audit.record(cfg, actor, "containerize", version, "image" if result["built"] else "context_only", result)
-    registry.client(cfg).set_model_version_tag(cfg.mlflow.model_name, version, "container",
-                                               result["image"] or f"not built: {result['engine']}")
+    versions.set_tags(cfg, version, {"container": result["image"] or f"not built: {result['engine']}"})
     log.info("%s", result.get("message") or f"image {result['image']} built ({result['engine']})")
     return result
+
+
+def serve(cfg: Config, version: str | None = None, port: int | None = None, variant: str = "stable") -> dict[str, Any]:
+    """Start a background `bentoml serve` of a version's bento (default: the challenger, else the newest)."""
+    from sofare.registry import versions
+    from sofare.serving import bento
+
+    number = versions.version_of(cfg, version, default_alias="challenger")
+    tag = versions.resolve(cfg, number).tags.get("bento_tag")
+    if not tag:
+        raise PermanentError(f"version {number} has no bento yet; run `sofare build --version {number}`")
+    url = bento.serve_detached(cfg, tag, port or cfg.serving.port, variant)
+    return {"version": number, "bento": tag, "variant": variant, "url": url}
+
+
+def stop_serving(cfg: Config, variant: str = "stable") -> bool:
+    from sofare.serving import bento
+
+    return bento.stop_detached(cfg, variant)

@@ -25,7 +25,7 @@ from zoneinfo import ZoneInfo
 import pandas as pd
 
 from sofare.config import Config
-from sofare.visibility import macro_known_at
+from sofare.data.visibility import macro_known_at
 
 
 @dataclass

@@ -10,9 +10,10 @@ from datetime import datetime, timezone
 import pandas as pd
 import pytest
 
-from sofare import report, runtime, warehouse
+from sofare import runtime
 from sofare.config import load_config
-from sofare.features import feature_spec
+from sofare.data import report, warehouse
+from sofare.data.features import feature_spec
 
 UTC = timezone.utc
 
@@ -89,7 +90,7 @@ def test_backfill_dag_maps_chunks_and_is_repeatable(via_connection, tmp_path, mo
         mapped = [ti for ti in run.get_task_instances(session=session) if ti.task_id == "load_chunk"]
     from sofare import tasks
 
-    plan = tasks.plan_backfill(["sample"], conf["start"], conf["end"])
+    plan = tasks.plan_backfill(load_config(), ["sample"], conf["start"], conf["end"])
     assert len(mapped) == len(plan) and sum(p["modality"] == "candles" for p in plan) == 4  # 31 days / 10
     engine = warehouse.get_engine(cfg)
     status = report.warehouse_status(cfg, engine)

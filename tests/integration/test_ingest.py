@@ -9,18 +9,16 @@ import pandas as pd
 import pytest
 import sqlalchemy as sa
 
-from sofare import ingest, report, tasks, warehouse
+from sofare import tasks
 from sofare.config import load_config
-from sofare.features import feature_spec
-from sofare.sources import MalformedDataError
+from sofare.data import ingest, report, warehouse
+from sofare.data.features import feature_spec
+from sofare.data.sources import MalformedDataError
 
 
 def backfill(start: str, end: str) -> dict:
     """The sofare_backfill DAG's steps in order (the DAG itself runs in test_dags_run.py)."""
-    loads = [tasks.load_chunk(chunk) for chunk in tasks.plan_backfill(["sample"], start, end)]
-    for chunk in tasks.plan_feature_chunks(start, end):
-        tasks.features_chunk(chunk)
-    return tasks.summarize(loads)
+    return tasks.backfill(load_config(), ["sample"], start, end)
 
 
 def test_backfill_twice_gives_identical_rows_and_content(db_cfg, engine):
@@ -90,15 +88,15 @@ def test_features_refresh_the_previous_targets_when_the_next_interval_arrives(db
 def test_feature_chunks_give_identical_content_in_any_task_order(db_cfg, engine, monkeypatch):
     """Mapped feature tasks may run in any order (or in parallel): the result must not depend on it."""
     monkeypatch.setenv("SOFARE_INGEST__CHUNK_DAYS", "4")
-    for chunk in tasks.plan_backfill(["sample"], "2023-04-01", "2023-04-30"):
-        tasks.load_chunk(chunk)
-    chunks = tasks.plan_feature_chunks("2023-04-01", "2023-04-30")
+    for chunk in tasks.plan_backfill(load_config(), ["sample"], "2023-04-01", "2023-04-30"):
+        tasks.load_chunk(load_config(), chunk)
+    chunks = tasks.plan_feature_chunks(load_config(), "2023-04-01", "2023-04-30")
     assert len(chunks) == 8
     for chunk in chunks:
-        tasks.features_chunk(chunk)
+        tasks.features_chunk(load_config(), chunk)
     forward = report.table_checksums(engine, feature_spec(db_cfg).columns)["features"]
     with engine.begin() as conn:
         conn.execute(sa.delete(warehouse.features_table(feature_spec(db_cfg).columns)))
     for chunk in reversed(chunks):
-        tasks.features_chunk(chunk)
+        tasks.features_chunk(load_config(), chunk)
     assert report.table_checksums(engine, feature_spec(db_cfg).columns)["features"] == forward

@@ -11,9 +11,9 @@ import pandas as pd
 import pytest
 import sqlalchemy as sa
 
-from sofare import ingest, warehouse
-from sofare.features import feature_spec
-from sofare.sources import MalformedDataError, SourceError, TransientSourceError, get_source
+from sofare.data import ingest, warehouse
+from sofare.data.features import feature_spec
+from sofare.data.sources import MalformedDataError, SourceError, TransientSourceError, get_source
 from tests.fakes.market_api import empty, malformed, status, timeout
 
 
@@ -204,3 +204,16 @@ def test_fred_needs_an_api_key(live_cfg, monkeypatch):
     monkeypatch.delenv("FRED_API_KEY")
     with pytest.raises(SourceError, match=r"FRED needs an API key: set \$FRED_API_KEY"):
         get_source("fred", live_cfg)
+
+
+def test_a_fred_fetch_leaves_process_wide_http_settings_alone(live_cfg, wh, market_api, sleeps):
+    """The adapter's timeout is per call: urllib's global opener and the default socket timeout are what
+    they were (an installed opener once cut every other caller's timeout to 10 s)."""
+    import socket
+    import urllib.request
+
+    opener, default_timeout = urllib.request._opener, socket.getdefaulttimeout()
+    market_api.fail("fred", timeout(1.5))  # one slow answer: the per-call timeout fires, then a retry
+    assert _load(live_cfg, wh, "fred", "macro", "2024-02-01", "2024-02-05", sleeps).rows > 0
+    assert len(sleeps.calls) == 1
+    assert urllib.request._opener is opener and socket.getdefaulttimeout() == default_timeout

@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi.testclient import TestClient
 
 from sofare import tasks
+from sofare.config import load_config
 
 
 def test_plugin_is_registered_with_airflow():
@@ -18,9 +19,9 @@ def test_plugin_is_registered_with_airflow():
 
 
 def test_status_page_shows_rows_and_gaps(cfg):
-    for chunk in tasks.plan_backfill(["sample"], "2023-03-24", "2023-03-24"):
+    for chunk in tasks.plan_backfill(load_config(), ["sample"], "2023-03-24", "2023-03-24"):
         if chunk["modality"] == "candles":
-            tasks.load_chunk(chunk)
+            tasks.load_chunk(load_config(), chunk)
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("sofare_plugin", cfg.root / "plugins" / "sofare_plugin.py")

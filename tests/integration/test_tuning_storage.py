@@ -7,7 +7,7 @@ import threading
 
 import optuna
 
-from sofare import tuning
+from sofare.training import tuning
 
 
 def test_parallel_workers_share_one_study_in_the_warehouse(db_cfg, engine):

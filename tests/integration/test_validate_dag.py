@@ -12,8 +12,11 @@ import pandas as pd
 import pytest
 import sqlalchemy as sa
 
-from sofare import dataset, ingest, runtime, tasks, validation, warehouse
+from sofare import runtime, tasks
 from sofare.config import load_config
+from sofare.data import ingest, warehouse
+from sofare.training import dataset
+from sofare.validation import suites
 
 DAYS = ("2023-03-20", "2023-03-23")
 
@@ -56,10 +59,7 @@ def loaded(airflow_db, monkeypatch, tmp_path, webhook):
     monkeypatch.setenv("SOFARE_WAREHOUSE__URL", f"sqlite:///{tmp_path / 'wh.db'}")
     monkeypatch.setenv("SOFARE_INGEST__CONTEXT_DAYS", "40")
     monkeypatch.setenv("SOFARE_ALERTS__WEBHOOK_URL", webhook.url)
-    for chunk in tasks.plan_backfill(["sample"], "2023-02-01", DAYS[1]):
-        tasks.load_chunk(chunk)
-    for chunk in tasks.plan_feature_chunks("2023-02-01", DAYS[1]):
-        tasks.features_chunk(chunk)
+    tasks.backfill(load_config(), ["sample"], "2023-02-01", DAYS[1])
     return load_config()
 
 
@@ -76,8 +76,8 @@ def test_a_passing_run_marks_every_day_and_builds_data_docs(loaded, tmp_path, we
     marks = _marks(engine)
     assert len(marks) == 4 * 4 and set(marks.values()) == {"passed"}
     assert len(dataset.training_frame(cfg, engine, *ingest.day_range(*DAYS))) == 4 * 24
-    index = validation.data_docs_index(cfg)
-    assert index.exists() and all(suite in index.read_text() for suite in validation.SUITES)
+    index = suites.data_docs_index(cfg)
+    assert index.exists() and all(suite in index.read_text() for suite in suites.SUITES)
     assert webhook.received == []
 
 
@@ -97,7 +97,7 @@ def test_a_broken_value_fails_the_run_loudly_and_alerts(loaded, webhook, capsys)
     marks = _marks(engine)
     assert marks[("candles", "2023-03-22")] == "failed"
     assert marks[("candles", "2023-03-21")] == "passed" and marks[("features", "2023-03-22")] == "passed"
-    with pytest.raises(validation.UnvalidatedIntervalError, match="candles .* failed validation: 2023-03-22"):
+    with pytest.raises(suites.UnvalidatedIntervalError, match="candles .* failed validation: 2023-03-22"):
         dataset.training_frame(cfg, engine, *ingest.day_range(*DAYS))
     [alert] = webhook.received
     assert alert["source"] == "airflow:sofare_validate.validate" and alert["severity"] == "high"
@@ -105,7 +105,7 @@ def test_a_broken_value_fails_the_run_loudly_and_alerts(loaded, webhook, capsys)
     with engine.connect() as conn:
         stored = conn.execute(sa.select(warehouse.alerts)).mappings().all()
     assert [(a["alert_id"], a["delivered"]) for a in stored] == [(alert["alert_id"], True)]
-    assert validation.data_docs_index(cfg).exists(), "Data Docs are rebuilt even when validation fails"
+    assert suites.data_docs_index(cfg).exists(), "Data Docs are rebuilt even when validation fails"
 
 
 def test_a_scheduled_run_validates_its_data_interval(loaded, tmp_path):
@@ -114,4 +114,4 @@ def test_a_scheduled_run_validates_its_data_interval(loaded, tmp_path):
     runtime.run_dag(cfg, "sofare_validate", logical_date=pd.Timestamp("2023-03-22", tz="UTC").to_pydatetime(),
                     logfile=tmp_path / "dag.log")
     marks = _marks(warehouse.get_engine(cfg))
-    assert sorted(marks) == sorted((suite, "2023-03-21") for suite in validation.SUITES)
+    assert sorted(marks) == sorted((suite, "2023-03-21") for suite in suites.SUITES)

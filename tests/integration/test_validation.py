@@ -11,8 +11,11 @@ import pandas as pd
 import pytest
 import sqlalchemy as sa
 
-from sofare import dataset, ingest, tasks, validation, warehouse
+from sofare import tasks
 from sofare.config import load_config
+from sofare.data import ingest, warehouse
+from sofare.training import dataset
+from sofare.validation import suites
 
 ROOT = Path(__file__).resolve().parents[2]
 WEEK = ("2023-03-20", "2023-03-26")  # holds the real 2023-03-24 13:00 halt
@@ -20,10 +23,7 @@ DAY = ingest.day_range("2023-03-22", "2023-03-22")
 
 
 def _backfill(start: str, end: str) -> None:
-    for chunk in tasks.plan_backfill(["sample"], start, end):
-        tasks.load_chunk(chunk)
-    for chunk in tasks.plan_feature_chunks(start, end):
-        tasks.features_chunk(chunk)
+    tasks.backfill(load_config(), ["sample"], start, end)
 
 
 @pytest.fixture
@@ -48,17 +48,17 @@ def real(tmp_path_factory):
         engine = warehouse.get_engine(cfg)
         with engine.connect() as conn:
             frames = {
-                "candles": validation.candles_frame(conn, cfg, "BTCUSDT", "1h", *DAY),
-                "safe_haven_bars": validation.safe_haven_frame(conn, cfg, *DAY),
-                "macro_observations": validation.macro_frame(conn, cfg, *ingest.day_range("2023-03-01", "2023-03-26")),
-                "features": validation.features_frame(conn, cfg, "BTCUSDT", "1h", *DAY),
+                "candles": suites.candles_frame(conn, cfg, "BTCUSDT", "1h", *DAY),
+                "safe_haven_bars": suites.safe_haven_frame(conn, cfg, *DAY),
+                "macro_observations": suites.macro_frame(conn, cfg, *ingest.day_range("2023-03-01", "2023-03-26")),
+                "features": suites.features_frame(conn, cfg, "BTCUSDT", "1h", *DAY),
             }
         yield cfg, frames
 
 
 def test_real_data_passes_and_the_real_gap_is_reported_as_known(loaded, engine):
-    results = tasks.validate_range(*WEEK)
-    assert [r.suite for r in results] == list(validation.SUITES)
+    results = tasks.validate_range(load_config(), *WEEK)
+    assert [r.suite for r in results] == list(suites.SUITES)
     assert all(r.success for r in results), "\n".join(r.summary() for r in results if not r.success)
     candles = results[0]
     assert candles.known_gaps == [{"first": "2023-03-24T13:00:00+00:00", "last": "2023-03-24T13:00:00+00:00",
@@ -72,7 +72,7 @@ def test_real_data_passes_and_the_real_gap_is_reported_as_known(loaded, engine):
 
 def test_an_unlisted_gap_fails_bars_per_day_on_its_day_only(loaded, engine, monkeypatch):
     monkeypatch.setenv("SOFARE_VALIDATION__KNOWN_GAPS", "[]")
-    result = validation.run_suite(load_config(), engine, "candles", *ingest.day_range(*WEEK))
+    result = suites.run_suite(load_config(), engine, "candles", *ingest.day_range(*WEEK))
     assert not result.success and result.days_failed == ["2023-03-24"]
     [failure] = result.failures
     assert "bars per day" in failure.rule and failure.rows == 1
@@ -119,9 +119,9 @@ def _corrupt_candles(frame: pd.DataFrame, how: str) -> pd.DataFrame:
 def test_each_candle_rule_fails_on_a_corrupted_real_day(real, how, rule):
     cfg, frames = real
     frame = frames["candles"]
-    ok, _, failures = validation.check_frame(cfg, "candles", frame, *DAY, "BTCUSDT 1h", "clean")
+    ok, _, failures = suites.check_frame(cfg, "candles", frame, *DAY, "BTCUSDT 1h", "clean")
     assert ok and failures == []
-    ok, _, failures = validation.check_frame(cfg, "candles", _corrupt_candles(frame, how), *DAY, "BTCUSDT 1h", how)
+    ok, _, failures = suites.check_frame(cfg, "candles", _corrupt_candles(frame, how), *DAY, "BTCUSDT 1h", how)
     assert not ok
     named = [f for f in failures if rule in f.rule]
     assert named, f"{rule!r} not among {[f.rule for f in failures]}"
@@ -140,7 +140,7 @@ def test_each_safe_haven_rule_fails_on_a_corrupted_real_day(real, how, rule):
     loaded, frames = real
     frame = frames["safe_haven_bars"]
     assert len(frame) == 6
-    assert validation.check_frame(loaded, "safe_haven_bars", frame, *DAY, "*", "clean")[0]
+    assert suites.check_frame(loaded, "safe_haven_bars", frame, *DAY, "*", "clean")[0]
     f = frame.copy()
     i = f.index[f["ticker"] == "GC=F"][0]
     if how == "schema":
@@ -163,7 +163,7 @@ def test_each_safe_haven_rule_fails_on_a_corrupted_real_day(real, how, rule):
         f.loc[i, "abs_log_return_excess"] = 0.4
     elif how == "visibility":
         f.loc[i, "known_hours_after_date"] = 0.0
-    ok, _, failures = validation.check_frame(loaded, "safe_haven_bars", f, *DAY, "*", how)
+    ok, _, failures = suites.check_frame(loaded, "safe_haven_bars", f, *DAY, "*", how)
     assert not ok and any(rule in x.rule for x in failures), [x.rule for x in failures]
 
 
@@ -176,7 +176,7 @@ def test_each_macro_rule_fails_on_a_corrupted_real_interval(real, how, rule):
     loaded, frames = real
     window = ingest.day_range("2023-03-01", "2023-03-26")
     frame = frames["macro_observations"]
-    assert validation.check_frame(loaded, "macro_observations", frame, *window, "*", "clean")[0]
+    assert suites.check_frame(loaded, "macro_observations", frame, *window, "*", "clean")[0]
     f = frame.copy()
     i = f.index[f["series_id"] == "DGS10"][0]
     if how == "schema":
@@ -191,7 +191,7 @@ def test_each_macro_rule_fails_on_a_corrupted_real_interval(real, how, rule):
         f.loc[i, "days_after_period_end"] = -3.0
     elif how == "jump":
         f.loc[i, "abs_change_excess"] = 2.0
-    ok, _, failures = validation.check_frame(loaded, "macro_observations", f, *window, "*", how)
+    ok, _, failures = suites.check_frame(loaded, "macro_observations", f, *window, "*", how)
     assert not ok and any(rule in x.rule for x in failures), [x.rule for x in failures]
 
 
@@ -204,7 +204,7 @@ def test_each_macro_rule_fails_on_a_corrupted_real_interval(real, how, rule):
 def test_each_feature_rule_fails_on_a_corrupted_real_day(real, how, rule):
     loaded, frames = real
     frame = frames["features"]
-    ok, _, _ = validation.check_frame(loaded, "features", frame, *DAY, "BTCUSDT 1h", "clean")
+    ok, _, _ = suites.check_frame(loaded, "features", frame, *DAY, "BTCUSDT 1h", "clean")
     assert ok
     f = frame.copy()
     if how == "schema":
@@ -227,7 +227,7 @@ def test_each_feature_rule_fails_on_a_corrupted_real_day(real, how, rule):
         f.loc[3, "target_expected"] = 0
     elif how == "sign":
         f.loc[3, "target_up"] = 1 - f.loc[3, "target_up"]
-    ok, _, failures = validation.check_frame(loaded, "features", f, *DAY, "BTCUSDT 1h", how)
+    ok, _, failures = suites.check_frame(loaded, "features", f, *DAY, "BTCUSDT 1h", how)
     assert not ok and any(rule in x.rule for x in failures), [x.rule for x in failures]
 
 
@@ -236,16 +236,16 @@ def test_each_feature_rule_fails_on_a_corrupted_real_day(real, how, rule):
 
 def test_breaking_one_value_in_the_warehouse_fails_the_next_validation_and_blocks_training(loaded, engine):
     week = ingest.day_range(*WEEK)
-    tasks.validate_range(*WEEK)
+    tasks.validate_range(load_config(), *WEEK)
     assert len(dataset.training_frame(loaded, engine, *week)) == 7 * 24 - 1
     with engine.begin() as conn:
         c = warehouse.candles
         conn.execute(sa.update(c).where(c.c.open_time == pd.Timestamp("2023-03-22 05:00", tz="UTC").to_pydatetime())
                      .values(high=c.c.low - 10))
-    results = {r.suite: r for r in tasks.validate_range(*WEEK)}
+    results = {r.suite: r for r in tasks.validate_range(load_config(), *WEEK)}
     assert not results["candles"].success and results["candles"].days_failed == ["2023-03-22"]
     assert "high >= max(open, close): 1 row(s) break it; days: 2023-03-22" in results["candles"].summary()
-    with pytest.raises(validation.UnvalidatedIntervalError,
+    with pytest.raises(suites.UnvalidatedIntervalError,
                        match=r"candles \[BTCUSDT 1h\] failed validation: 2023-03-22 \(run "):
         dataset.training_frame(loaded, engine, *week)
     other_days = ingest.day_range("2023-03-23", "2023-03-26")
@@ -254,27 +254,27 @@ def test_breaking_one_value_in_the_warehouse_fails_the_next_validation_and_block
 
 def test_unvalidated_days_and_reingested_days_are_refused_by_name(loaded, engine):
     validation_window = ingest.day_range("2023-03-20", "2023-03-23")
-    tasks.validate_range("2023-03-20", "2023-03-23")
-    with pytest.raises(validation.UnvalidatedIntervalError, match=r"not validated: 2023-03-24 \.\. 2023-03-26"):
+    tasks.validate_range(load_config(), "2023-03-20", "2023-03-23")
+    with pytest.raises(suites.UnvalidatedIntervalError, match=r"not validated: 2023-03-24 \.\. 2023-03-26"):
         dataset.training_frame(loaded, engine, validation_window[0], ingest.day_range(*WEEK)[1])
     ingest.load_interval(loaded, engine, "sample", "candles", *ingest.day_range("2023-03-21", "2023-03-21"))
-    with pytest.raises(validation.UnvalidatedIntervalError, match=r"candles \[BTCUSDT 1h\] not validated: 2023-03-21"):
+    with pytest.raises(suites.UnvalidatedIntervalError, match=r"candles \[BTCUSDT 1h\] not validated: 2023-03-21"):
         dataset.training_frame(loaded, engine, *validation_window)
 
 
 def test_data_docs_site_lists_every_suite(real):
     loaded, _ = real
-    tasks.validate_range(*WEEK)
-    index = validation.data_docs_index(loaded)
+    tasks.validate_range(load_config(), *WEEK)
+    index = suites.data_docs_index(loaded)
     assert index.exists()
     page = index.read_text()
-    for suite in validation.SUITES:
+    for suite in suites.SUITES:
         assert suite in page
 
 
 def test_suites_are_read_never_rewritten_by_great_expectations(real):
     before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (ROOT / "expectations").iterdir()}
-    tasks.validate_range(*WEEK)
+    tasks.validate_range(load_config(), *WEEK)
     after = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (ROOT / "expectations").iterdir()}
     assert after == before
-    assert sorted(before) == [f"{s}.json" for s in sorted(validation.SUITES)]
+    assert sorted(before) == [f"{s}.json" for s in sorted(suites.SUITES)]

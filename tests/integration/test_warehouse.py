@@ -6,8 +6,8 @@ import pandas as pd
 import pytest
 import sqlalchemy as sa
 
-from sofare import warehouse
-from sofare.features import feature_spec
+from sofare.data import warehouse
+from sofare.data.features import feature_spec
 
 
 def _candles(closes: list[float]) -> pd.DataFrame:

@@ -4,11 +4,11 @@ with a small, fast search space."""
 from __future__ import annotations
 
 import sqlite3
-from pathlib import Path
 
 import pytest
 
 from tests.conftest import SMALL_TRAINING
+
 
 @pytest.fixture
 def train_cfg(validated_db, tmp_path, monkeypatch):

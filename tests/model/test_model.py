@@ -8,10 +8,10 @@ import pandas as pd
 import pytest
 import torch
 
-from sofare import evaluation, pipeline
-from sofare.features import feature_spec
-from sofare.model import SofareM3, head_multiple
-from sofare.training import predict, seed_everything
+from sofare.data.features import feature_spec
+from sofare.training import evaluation, pipeline
+from sofare.training.model import SofareM3, head_multiple
+from sofare.training.windows import predict, seed_everything
 
 TRAIN_WINDOW = ("2024-01-12", "2024-03-31")
 
@@ -62,8 +62,8 @@ def test_same_seed_same_metrics(train_cfg):
     fit_rows = range(0, data.parts["validation"].stop)
     a = pipeline.evaluate(train_cfg, data, HYPER, 2, fit_rows, data.parts["test"])
     b = pipeline.evaluate(train_cfg, data, HYPER, 2, fit_rows, data.parts["test"])
-    assert a["scores"] == b["scores"]
-    assert a["backtest"]["strategy"] == b["backtest"]["strategy"]
+    assert a.scores == b.scores
+    assert a.backtest["strategy"] == b.backtest["strategy"]
 
 
 def _balanced_accuracy_ci(cfg, data, shuffle: bool, seeds: tuple[int, ...]) -> dict[str, float]:
@@ -75,9 +75,9 @@ def _balanced_accuracy_ci(cfg, data, shuffle: bool, seeds: tuple[int, ...]) -> d
     for seed in seeds:
         cfg_seed = cfg.model_copy(update={"training": cfg.training.model_copy(update={"seed": seed})})
         runs.append(pipeline.evaluate(cfg_seed, data, HYPER, 3, fit_rows, data.parts["test"], shuffle_labels=shuffle))
-    prob = np.mean([r["predictions"].prob_up for r in runs], axis=0)
-    p = evaluation.Predictions(prob, np.mean([r["predictions"].expected_return for r in runs], axis=0))
-    scores = evaluation.score(runs[0]["y_up"], runs[0]["y_ret"], p, float(np.median(prob)), 500, 24, 0)
+    prob = np.mean([r.predictions.prob_up for r in runs], axis=0)
+    p = evaluation.Predictions(prob, np.mean([r.predictions.expected_return for r in runs], axis=0))
+    scores = evaluation.score(runs[0].y_up, runs[0].y_ret, p, float(np.median(prob)), 500, 24, 0)
     return {"accuracy": scores["accuracy"], "roc_auc": scores["roc_auc"]}
 
 
@@ -103,11 +103,12 @@ def test_the_shuffle_check_catches_a_leak(train_cfg):
 def test_an_unvalidated_day_in_the_window_is_refused_by_name(train_cfg, missing):
     import sqlalchemy as sa
 
-    from sofare import validation, warehouse
+    from sofare.data import warehouse
+    from sofare.validation import suites
 
     engine = warehouse.get_engine(train_cfg)
     with engine.begin() as conn:
         v = warehouse.validated_days
         conn.execute(sa.delete(v).where(v.c.day == pd.Timestamp(missing).date(), v.c.suite == "features"))
-    with pytest.raises(validation.UnvalidatedIntervalError, match=f"features .* not validated: {missing}"):
+    with pytest.raises(suites.UnvalidatedIntervalError, match=f"features .* not validated: {missing}"):
         pipeline.load_data(train_cfg, *TRAIN_WINDOW)

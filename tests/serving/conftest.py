@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from sofare import serving
+from sofare.serving import schemas
 from tests.conftest import SMALL_TRAINING
 
 WINDOW = ("2024-01-12", "2024-03-31")
@@ -51,8 +51,9 @@ class Client:
 @pytest.fixture(scope="session")
 def model_home(validated_db, tmp_path_factory) -> dict[str, Any]:
     """A copy of the validated warehouse with version 1 trained on it, gated and built."""
-    from sofare import bento, promotion, tasks
+    from sofare import tasks
     from sofare.config import load_config
+    from sofare.registry import gate
 
     home = tmp_path_factory.mktemp("served")
     db = home / "warehouse.db"
@@ -64,15 +65,15 @@ def model_home(validated_db, tmp_path_factory) -> dict[str, Any]:
         for key, value in env.items():
             mp.setenv(key, value)
         cfg = load_config()
-        result = tasks.train(n_trials=1, max_epochs=1, start=WINDOW[0], end=WINDOW[1])
-        verdict = promotion.gate(cfg, result["version"])
-        built = bento.build(cfg, result["version"])
+        result = tasks.train(load_config(), n_trials=1, max_epochs=1, start=WINDOW[0], end=WINDOW[1])
+        verdict = gate.gate(cfg, result["version"])
+        built = tasks.build_bento(cfg, result["version"])
     return {"cfg": cfg, "env": env, "version": result["version"], "verdict": verdict, "built": built}
 
 
 @pytest.fixture(scope="session")
 def served(model_home):
-    from sofare import bento
+    from sofare.serving import bento
 
     cfg = model_home["cfg"]
     server = bento.Server(cfg, model_home["built"]["bento"], free_port(), "stable",
@@ -83,4 +84,4 @@ def served(model_home):
 
 def window_payload(cfg, end: str = "2024-03-20T12:00:00+00:00", candles: int | None = None,
                    context: bool = False) -> dict[str, Any]:
-    return serving.request_body(cfg, datetime.fromisoformat(end), candles, context)
+    return schemas.request_body(cfg, datetime.fromisoformat(end), candles, context)

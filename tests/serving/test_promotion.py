@@ -9,7 +9,8 @@ from types import SimpleNamespace
 import pytest
 import sqlalchemy as sa
 
-from sofare import promotion, registry, warehouse
+from sofare.data import warehouse
+from sofare.registry import gate, versions
 
 RULES = SimpleNamespace(baseline_margin=0.0, champion_tolerance=0.01, max_model_mb=50, max_latency_ms=25)
 
@@ -26,7 +27,7 @@ def _failed(checks):
 
 
 def test_a_first_model_that_beats_every_baseline_passes():
-    checks = promotion.judge(_facts(), RULES, "roc_auc")
+    checks = gate.judge(_facts(), RULES, "roc_auc")
     assert _failed(checks) == []
     assert "no champion yet" in next(c.detail for c in checks if c.name == "not worse than champion")
 
@@ -43,12 +44,12 @@ def test_a_first_model_that_beats_every_baseline_passes():
     (_facts(latency_ms=30.0), ["latency budget"]),
 ])
 def test_each_rule_rejects(facts, failed):
-    assert _failed(promotion.judge(facts, RULES, "roc_auc")) == failed
+    assert _failed(gate.judge(facts, RULES, "roc_auc")) == failed
 
 
 def test_a_champion_within_tolerance_does_not_block():
     champion = {"version": "3", "comparable": True, "windows": 500, "candidate": 0.575, "score": 0.58, "feature_set": "fs2"}
-    assert _failed(promotion.judge(_facts(champion=champion), RULES, "roc_auc")) == []
+    assert _failed(gate.judge(_facts(champion=champion), RULES, "roc_auc")) == []
 
 
 def test_the_gate_records_its_verdict_and_aliases_only_a_pass(model_home, monkeypatch):
@@ -57,7 +58,7 @@ def test_the_gate_records_its_verdict_and_aliases_only_a_pass(model_home, monkey
     first = model_home["verdict"]
     assert first.version == version and first.champion is None
     assert first.passed == all(c.passed for c in first.checks)
-    c = registry.client(cfg)
+    c = versions.client(cfg)
     tags = c.get_model_version(cfg.mlflow.model_name, version).tags
     assert tags["promotion_verdict"] == ("passed" if first.passed else "rejected")
     assert json.loads(tags["promotion_reasons"]) == first.reasons
@@ -72,7 +73,7 @@ def test_the_gate_records_its_verdict_and_aliases_only_a_pass(model_home, monkey
         monkeypatch.setenv(key, value)
     from sofare.config import load_config
 
-    strict = promotion.gate(load_config(), version, actor="test")
+    strict = gate.gate(load_config(), version, actor="test")
     failed = [x.name for x in strict.checks if not x.passed]
     assert {"latency budget", "beats persistence", "beats majority", "beats linear"} <= set(failed)
     assert "challenger" not in c.get_registered_model(cfg.mlflow.model_name).aliases
@@ -103,7 +104,7 @@ def test_promote_dag_stops_at_a_rejection_and_builds_after_an_override(model_hom
     run = runtime.run_dag(cfg, "sofare_promote", conf={"version": version, "override_reason": "demo of the serving path"},
                           logfile=tmp_path / "dag.log")
     assert set(_task_states(run).values()) == {"success"}
-    c = registry.client(cfg)
+    c = versions.client(cfg)
     tags = c.get_model_version(cfg.mlflow.model_name, version).tags
     assert tags["promotion_verdict"] == "overridden" and tags["bento_tag"].startswith("sofare:")
     assert tags["container"].startswith("not built: ")  # no container engine on this machine

@@ -6,8 +6,8 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from sofare import ingest
 from sofare.config import load_config
+from sofare.data import ingest
 
 CFG = load_config(env={})
 UTC = timezone.utc

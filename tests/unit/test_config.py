@@ -82,7 +82,7 @@ def test_interval_delta():
 def test_importing_the_package_does_no_io(tmp_path):
     """With the config file missing, importing every module still works; only load_config fails."""
     code = (
-        "import sofare.config, sofare.warehouse, sofare.features, sofare.ingest, sofare.sources, sofare.cli\n"
+        "import sofare.config, sofare.data.warehouse, sofare.data.features, sofare.data.ingest, sofare.data.sources, sofare.cli\n"
         "import sofare.config as c\n"
         "try:\n    c.load_config()\nexcept c.ConfigError as e:\n    print('LOAD FAILS', e)\n"
     )

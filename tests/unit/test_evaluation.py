@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from sklearn import metrics as m
 
-from sofare import evaluation
-from sofare.registry import next_semver
+from sofare.registry.versions import next_semver
+from sofare.training import evaluation
 
 
 @pytest.fixture

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta, timezone
 
 import numpy as np
 import pandas as pd
 import pytest
 
 from sofare.config import load_config
-from sofare.features import compute_features, feature_spec
-from sofare.sources.base import FetchRequest
-from sofare.sources.sample import SampleSource
-from sofare.visibility import macro_known_at, safe_haven_known_at
+from sofare.data.features import compute_features, feature_spec
+from sofare.data.sources.base import FetchRequest
+from sofare.data.sources.sample import SampleSource
+from sofare.data.visibility import macro_known_at, safe_haven_known_at
 
 CFG = load_config(env={})
 SPEC = feature_spec(CFG)

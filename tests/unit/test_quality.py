@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from sofare import quality
-from sofare.sources.base import MalformedDataError
+from sofare.data import quality
+from sofare.data.sources.base import MalformedDataError
 
 HOUR = timedelta(hours=1)
 UTC = timezone.utc

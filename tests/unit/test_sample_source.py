@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 
 from sofare.config import load_config
-from sofare.sources import SourceError, get_source
-from sofare.sources.base import CANDLE_COLUMNS, MACRO_COLUMNS, SAFE_HAVEN_COLUMNS, FetchRequest
+from sofare.data.sources import SourceError, get_source
+from sofare.data.sources.base import CANDLE_COLUMNS, MACRO_COLUMNS, SAFE_HAVEN_COLUMNS, FetchRequest
 
 CFG = load_config(env={})
 UTC = timezone.utc

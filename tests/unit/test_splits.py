@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 
 from sofare.config import load_config
-from sofare.features import feature_spec
-from sofare.training import Scaler, purge_rows, temporal_split, walk_forward_splits, window_ends
+from sofare.data.features import feature_spec
+from sofare.training.windows import Scaler, purge_rows, temporal_split, walk_forward_splits, window_ends
 
 CFG = load_config(env={})
 SPEC = feature_spec(CFG)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 
 from sofare.config import load_config
-from sofare.visibility import macro_known_at, safe_haven_known_at
+from sofare.data.visibility import macro_known_at, safe_haven_known_at
 
 CFG = load_config(env={})
 

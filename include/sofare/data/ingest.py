@@ -1,0 +1,263 @@
+"""Loading data intervals into the warehouse and materialising features: what DAG tasks and CLI call.
+
+Each call loads exactly one modality over one half-open UTC interval, validates everything before
+writing, and writes in ONE transaction: a failed interval leaves nothing behind, a repeated one
+leaves the same rows. Interval membership: candles by open_time, daily bars by trading date,
+macro observations by the instant they became known (so a daily run replays history as it was).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from datetime import date, datetime, timedelta, timezone
+from typing import TYPE_CHECKING, Any
+
+from sofare.config import interval_delta
+from sofare.data import quality, warehouse
+from sofare.data.features import compute_features, feature_spec
+from sofare.data.sources import SOURCE_MODALITIES, FetchRequest, get_source
+from sofare.data.sources.base import trading_dates
+from sofare.data.visibility import macro_known_at, safe_haven_known_at
+from sofare.errors import InputError
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from sqlalchemy.engine import Engine
+
+    from sofare.config import Config
+    from sofare.data.sources import Source
+
+log = logging.getLogger(__name__)
+MODALITIES = ("candles", "safe_haven", "macro")
+
+
+@dataclass
+class LoadResult:
+    """What one interval load did (JSON-able for XCom and the CLI)."""
+
+    modality: str
+    source: str
+    start: datetime
+    end: datetime
+    rows: int
+    gaps: list[quality.Gap] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "modality": self.modality,
+            "source": self.source,
+            "start": self.start.isoformat(),
+            "end": self.end.isoformat(),
+            "rows": self.rows,
+            "gaps": [g.to_dict() for g in self.gaps],
+        }
+
+    def __str__(self) -> str:
+        gaps = f", {len(self.gaps)} gap(s): " + "; ".join(map(str, self.gaps)) if self.gaps else ""
+        return f"{self.modality} from {self.source} [{self.start:%Y-%m-%d %H:%M} .. {self.end:%Y-%m-%d %H:%M}): {self.rows} rows{gaps}"
+
+
+def utc(moment: datetime | date | str) -> datetime:
+    """A timezone-aware UTC datetime from a datetime, date or ISO string (naive means UTC)."""
+    if isinstance(moment, str):
+        moment = datetime.fromisoformat(moment)
+    if not isinstance(moment, datetime):
+        moment = datetime(moment.year, moment.month, moment.day)
+    if moment.tzinfo is not None:
+        moment = moment.astimezone(timezone.utc)
+    # a plain datetime, whatever came in (Airflow hands out pendulum DateTimes pandas cannot compare)
+    return datetime(*moment.timetuple()[:6], moment.microsecond, tzinfo=timezone.utc)
+
+
+def day_range(start: date | str, end: date | str) -> tuple[datetime, datetime]:
+    """Inclusive calendar days [start, end] as the UTC interval [start 00:00, end+1 00:00)."""
+    first = utc(date.fromisoformat(start) if isinstance(start, str) else start)
+    last = utc(date.fromisoformat(end) if isinstance(end, str) else end)
+    if last < first:
+        raise InputError(f"end {last.date()} is before start {first.date()}")
+    return first, last + timedelta(days=1)
+
+
+def _prepare_candles(raw: pd.DataFrame, req: FetchRequest, source: str) -> pd.DataFrame:
+    what = f"{source} candles {req.symbol} {req.interval} [{req.start:%Y-%m-%d %H:%M}, {req.end:%Y-%m-%d %H:%M})"
+    rows = quality.check_candles(raw, interval_delta(req.interval), what)
+    rows = rows[(rows["open_time"] >= req.start) & (rows["open_time"] < req.end)].copy()
+    rows["symbol"], rows["interval"], rows["source"] = req.symbol, req.interval, source
+    return rows
+
+
+def _per_key(rows: pd.DataFrame, key: str, allowed: Any, what: str, known_at: Any) -> pd.DataFrame:
+    """Refuse keys the config does not know; add known_at computed per key (ticker or series)."""
+    import pandas as pd
+
+    unknown = set(rows[key]) - set(allowed)
+    if unknown:
+        raise quality.MalformedDataError(f"{what}: {key} values not in the config: {sorted(unknown)}")
+    known = [known_at(value, part) for value, part in rows.groupby(key)]
+    return rows.assign(known_at=pd.concat(known) if known else pd.Series(dtype="datetime64[ns, UTC]"))
+
+
+def _prepare_safe_haven(raw: pd.DataFrame, req: FetchRequest, source: str, cfg: Config) -> pd.DataFrame:
+    what = f"{source} safe-haven bars [{req.start:%Y-%m-%d}, {req.end:%Y-%m-%d})"
+    first, last = trading_dates(req.start, req.end)
+    rows = quality.check_safe_haven(raw, what)
+    rows = rows[(rows["date"] >= first) & (rows["date"] < last)]
+    rows = _per_key(rows, "ticker", cfg.safe_haven.tickers, what,
+                    lambda ticker, part: safe_haven_known_at(cfg, ticker, part["date"]))
+    return rows.assign(source=source)
+
+
+def _prepare_macro(raw: pd.DataFrame, req: FetchRequest, source: str, cfg: Config) -> pd.DataFrame:
+    what = f"{source} macro observations known in [{req.start:%Y-%m-%d}, {req.end:%Y-%m-%d})"
+    rows = _per_key(quality.check_macro(raw, what), "series_id", cfg.macro.series, what,
+                    lambda series, part: macro_known_at(cfg, series, part["observation_date"], part["realtime_start"]))
+    rows = rows[(rows["known_at"] >= req.start) & (rows["known_at"] < req.end)]
+    return rows.assign(source=source).drop(columns="realtime_start")
+
+
+def load_interval(
+    cfg: Config,
+    engine: Engine,
+    source: str | Source,
+    modality: str,
+    start: datetime,
+    end: datetime,
+    symbol: str | None = None,
+    interval: str | None = None,
+) -> LoadResult:
+    """Fetch one modality for [start, end), validate it, and upsert it in one transaction."""
+    src = get_source(source, cfg) if isinstance(source, str) else source
+    symbol = (symbol or cfg.market.symbol).upper()
+    interval = interval or cfg.market.interval
+    start, end = utc(start), utc(end)
+    req = FetchRequest(
+        modality, start, end, symbol=symbol, interval=interval,
+        tickers=tuple(cfg.safe_haven.tickers), series=tuple(cfg.macro.series),
+    )
+    raw = src.fetch(req)  # raises on a source failure: nothing has been written
+    table, _ = warehouse.RAW_TABLES[modality]
+    if modality == "candles":
+        rows = _prepare_candles(raw, req, src.name)
+    elif modality == "safe_haven":
+        rows = _prepare_safe_haven(raw, req, src.name, cfg)
+    else:
+        rows = _prepare_macro(raw, req, src.name, cfg)
+    suite = table.name  # the validation suite of this table
+    with warehouse.transaction(engine) as conn:
+        written = warehouse.upsert(conn, table, rows)
+        warehouse.invalidate(conn, suite, warehouse.scope_of(suite, symbol, interval), start, end)
+    gaps: list[quality.Gap] = []
+    if modality == "candles":
+        horizon = min(end, datetime.now(timezone.utc).replace(second=0, microsecond=0))
+        gaps = quality.candle_gaps(rows["open_time"], interval_delta(interval), start, horizon)
+    result = LoadResult(modality, src.name, start, end, written, gaps)
+    for gap in gaps:
+        log.warning("gap in %s %s %s: %s", symbol, interval, modality, gap)
+    log.info("loaded %s", result)
+    return result
+
+
+def materialize_features(
+    cfg: Config,
+    engine: Engine,
+    start: datetime,
+    end: datetime,
+    symbol: str | None = None,
+    interval: str | None = None,
+) -> int:
+    """Compute the features of candles in [start, end) and upsert them in one transaction.
+
+    Each row is computed by the interval that holds it, from exactly `warmup_bars` candles before
+    the interval's start, so reruns are bit-identical in any task order. The targets of the
+    `horizon` candles before `start` are refreshed too: their future may be in this interval.
+    """
+    import pandas as pd
+
+    from sofare.data.features import targets
+
+    symbol = (symbol or cfg.market.symbol).upper()
+    interval = interval or cfg.market.interval
+    start, end = utc(start), utc(end)
+    spec = feature_spec(cfg)
+    delta = interval_delta(interval)
+    lookahead = delta * cfg.features.horizon
+    with engine.connect() as conn:
+        history = warehouse.read_candles_before(conn, symbol, interval, start, cfg.features.warmup_bars)
+        body = warehouse.read_candles(conn, symbol, interval, start - lookahead, end + lookahead)
+        if body.empty:
+            return 0
+        parts = [part for part in (history, body[body["open_time"] >= start]) if not part.empty]
+        if not parts:
+            return 0
+        candles = pd.concat(parts, ignore_index=True)
+        first = candles["open_time"].iloc[0]
+        bars = warehouse.read_safe_haven(conn, (first - timedelta(days=cfg.features.daily_context_days)).date(),
+                                         end + delta)
+        macro = warehouse.read_macro(conn, first - timedelta(days=cfg.features.macro_context_days), end + delta)
+    feats = compute_features(candles, bars, macro, cfg, interval)
+    feats = feats[(feats["open_time"] >= start) & (feats["open_time"] < end)].copy()
+    feats.insert(0, "symbol", symbol)
+    feats.insert(1, "interval", interval)
+    feats.insert(3, "feature_set_version", spec.version)
+    earlier = body[body["open_time"] < end + lookahead].reset_index(drop=True)
+    refreshed = pd.concat([earlier[["open_time"]], targets(earlier, delta, cfg.features.horizon)], axis=1)
+    refreshed = refreshed[refreshed["open_time"] < start]
+    table = warehouse.features_table(spec.columns)
+    with warehouse.transaction(engine) as conn:
+        written = warehouse.upsert(conn, table, feats)
+        warehouse.update_targets(conn, table, symbol, interval, refreshed)
+        warehouse.invalidate(conn, "features", warehouse.scope_of("features", symbol, interval),
+                              min(start, refreshed["open_time"].min()) if len(refreshed) else start, end)
+    log.info("features %s %s [%s, %s): %d rows (%s)", symbol, interval, start, end, written, spec.version)
+    return written
+
+
+def plan_chunks(start: datetime, end: datetime, chunk_days: int) -> list[tuple[datetime, datetime]]:
+    """Split [start, end) into consecutive chunks of at most `chunk_days` days."""
+    chunks = []
+    cursor = start
+    while cursor < end:
+        stop = min(cursor + timedelta(days=chunk_days), end)
+        chunks.append((cursor, stop))
+        cursor = stop
+    return chunks
+
+
+def plan_backfill(
+    cfg: Config,
+    sources: list[str],
+    start: datetime,
+    end: datetime,
+    symbol: str | None = None,
+    interval: str | None = None,
+) -> list[dict[str, Any]]:
+    """The load tasks of a backfill: one per (source, modality, chunk). Daily and macro data start
+    `ingest.context_days` earlier so that as-of features have history from the first candle."""
+    if not sources:
+        raise InputError("choose at least one source")
+    unknown = [s for s in sources if s not in SOURCE_MODALITIES]
+    if unknown:
+        raise InputError(f"unknown source(s) {unknown}; expected {', '.join(SOURCE_MODALITIES)} or all")
+    symbol = (symbol or cfg.market.symbol).upper()
+    interval = interval or cfg.market.interval
+    interval_delta(interval)
+    tasks = []
+    seen: dict[str, str] = {}
+    for source in sources:
+        for modality in SOURCE_MODALITIES[source]:
+            if modality in seen:
+                raise InputError(f"both {seen[modality]!r} and {source!r} provide {modality}; choose one")
+            seen[modality] = source
+            first = start if modality == "candles" else start - timedelta(days=cfg.ingest.context_days)
+            for lo, hi in plan_chunks(first, end, cfg.ingest.chunk_days):
+                tasks.append({"source": source, "modality": modality, "start": lo.isoformat(),
+                              "end": hi.isoformat(), "symbol": symbol, "interval": interval})
+    return tasks
+
+
+def expand_sources(source: str) -> list[str]:
+    """CLI/DAG source choice -> source names ('all' means every live source)."""
+    from sofare.data.sources import LIVE_SOURCES
+
+    return list(LIVE_SOURCES) if source == "all" else [source]

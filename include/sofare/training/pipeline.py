@@ -1,0 +1,365 @@
+"""Training pipeline behind `sofare_train` and `sofare train`: plan → tune (Optuna, parallel workers
+sharing one RDB study) → final fit on train+validation → test evaluation vs baselines → a `Trained`
+model (exported files, `ModelMeta`, `EvaluationReport`) that `sofare.registry` registers.
+
+Every step reads validated rows only (`dataset.training_frame`), is seeded, and records itself in
+MLflow tracking: one parent run per training run, one child run per Optuna trial.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import date, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from sofare.config import interval_delta
+from sofare.contracts import (
+    Backtest,
+    DateWindow,
+    EvaluationReport,
+    Fold,
+    MetricCI,
+    ModelMeta,
+    Scaling,
+    TrainingPlan,
+    Trial,
+)
+from sofare.data import ingest, warehouse
+from sofare.data.features import FeatureSpec, feature_spec
+from sofare.errors import InputError
+from sofare.training import dataset, evaluation
+from sofare.training.windows import (
+    Scaler,
+    Windows,
+    column_groups,
+    fit,
+    make_windows,
+    predict,
+    purge_rows,
+    temporal_split,
+    walk_forward_splits,
+    window_ends,
+)
+
+if TYPE_CHECKING:
+    import optuna
+
+    from sofare.config import Config
+    from sofare.training.model import SofareM3
+
+log = logging.getLogger(__name__)
+BARS_PER_YEAR_1H = 365.25 * 24
+
+
+@dataclass
+class Data:
+    """The validated feature rows of a training window, with its split."""
+
+    frame: pd.DataFrame
+    spec: FeatureSpec
+    parts: dict[str, range]
+    delta: timedelta
+
+    def windows(self, rows: range, fit_rows: range, lookback: int, shuffle_seed: int | None = None) -> tuple[Windows, Scaler]:
+        """Windows ending in `rows`, scaled with statistics of `fit_rows` (the rows being fitted on)."""
+        scaler = Scaler.fit(self.frame, list(self.spec.columns), np.arange(fit_rows.start, fit_rows.stop))
+        ends = window_ends(self.frame, self.spec, rows, lookback, self.delta)
+        w = make_windows(self.frame, self.spec, scaler, ends, lookback)
+        if shuffle_seed is not None:  # the leakage check: labels permuted among the fitted rows only
+            rng = np.random.default_rng(shuffle_seed)
+            perm = rng.permutation(ends)
+            w.y_up = w.y_up.copy()
+            w.y_ret = w.y_ret.copy()
+            w.y_up[ends], w.y_ret[ends] = w.y_up[perm], w.y_ret[perm]
+        return w, scaler
+
+    def raw_windows(self, ends: np.ndarray, lookback: int) -> np.ndarray:
+        """Unscaled feature windows [len(ends), lookback, features] ending at `ends`: what a server is sent."""
+        raw = self.frame[list(self.spec.columns)].to_numpy(dtype=np.float32)
+        return raw[ends[:, None] + np.arange(-lookback + 1, 1)[None, :]]
+
+
+def load_data(cfg: Config, start: str, end: str) -> Data:
+    engine = warehouse.get_engine(cfg)
+    lo, hi = ingest.day_range(start, end)
+    frame = dataset.training_frame(cfg, engine, lo, hi).sort_values("open_time").reset_index(drop=True)
+    parts = temporal_split(len(frame), cfg.training.split.train, cfg.training.split.validation, purge_rows(cfg))
+    return Data(frame, feature_spec(cfg), parts, interval_delta(cfg.market.interval))
+
+
+def training_window(cfg: Config, start: str | None, end: str | None) -> DateWindow:
+    """Params, else the config, else the latest span of days that passed every validation suite."""
+    start, end = start or cfg.training.start, end or cfg.training.end
+    if start and end:
+        first, last = ingest.day_range(start, end)
+        return DateWindow(start=first.date(), end=(last - timedelta(days=1)).date())
+    with warehouse.get_engine(cfg).connect() as conn:
+        first_day, last_day = dataset.validated_span(conn, cfg)
+    return DateWindow(start=date.fromisoformat(start) if start else first_day,
+                      end=date.fromisoformat(end) if end else last_day)
+
+
+# --- plan ------------------------------------------------------------------------------------------
+
+
+def plan(cfg: Config, n_trials: int | None = None, timeout: int | None = None, max_epochs: int | None = None,
+         start: str | None = None, end: str | None = None, run_name: str | None = None) -> TrainingPlan:
+    """Fix the window (checking it is validated), create or resume the study, open the parent run."""
+    from sofare.training import tracking, tuning
+
+    window = training_window(cfg, start, end)
+    data = load_data(cfg, window.start, window.end)  # raises UnvalidatedIntervalError naming any bad day
+    spec = data.spec
+    name = (f"{cfg.training.study_name}-{cfg.market.symbol}-{cfg.market.interval}-{window.start}-{window.end}-"
+            f"{spec.version}-s{cfg.training.seed}")
+    study = tuning.create_study(cfg, name)
+    run = tracking.client(cfg).create_run(tracking.setup(cfg), run_name=run_name or f"train {window.label}", tags={
+        "sofare.kind": "training", "study": name, "data_window": window.label,
+        "feature_set_version": spec.version, "git_commit": tracking.git_commit(cfg)})
+    out = TrainingPlan(window=window, study=name, parent_run_id=run.info.run_id, rows=len(data.frame),
+                       parts={k: len(v) for k, v in data.parts.items()}, n_trials=n_trials or cfg.training.n_trials,
+                       timeout=timeout or cfg.training.timeout_seconds,
+                       max_epochs=max_epochs or cfg.training.max_epochs,
+                       trials_done_before=tuning.finished_trials(study))
+    log.info("training plan: %s", out)
+    return out
+
+
+# --- tune ------------------------------------------------------------------------------------------
+
+
+def objective(cfg: Config, data: Data, trial: optuna.trial.Trial, max_epochs: int, parent_run_id: str) -> float:
+    """Fit one trial's parameters on train, early-stopped and pruned on validation loss."""
+    import mlflow
+    import optuna
+    from optuna_integration import PyTorchLightningPruningCallback
+
+    from sofare.training import tuning
+
+    hyper = tuning.suggest(cfg, trial)
+    train, _ = data.windows(data.parts["train"], data.parts["train"], hyper["lookback"])
+    val, _ = data.windows(data.parts["validation"], data.parts["train"], hyper["lookback"])
+    c = mlflow.MlflowClient()
+    run = c.create_run(c.get_run(parent_run_id).info.experiment_id, run_name=f"trial {trial.number}",
+                       tags={"mlflow.parentRunId": parent_run_id, "sofare.kind": "trial", "optuna.trial": str(trial.number)})
+    run_id = run.info.run_id
+    for key, value in hyper.items():
+        c.log_param(run_id, key, value)
+    state = "FINISHED"
+    try:
+        result = fit(cfg, data.spec, hyper, train, val, max_epochs, cfg.training.seed,
+                     callbacks=[PyTorchLightningPruningCallback(trial, monitor="val_loss")])
+        trial.set_user_attr("best_epoch", result.best_epoch)
+        trial.set_user_attr("epochs", len(result.history.epochs))
+        trial.set_user_attr("history", result.history.epochs)
+        for row in result.history.epochs:
+            for key, value in row.items():
+                if key != "epoch":
+                    c.log_metric(run_id, key, value, step=int(row["epoch"]))
+        c.log_metric(run_id, "best_val_loss", result.best_val_loss)
+        c.log_metric(run_id, "fit_seconds", result.seconds)
+        return float(result.best_val_loss)
+    except optuna.TrialPruned:
+        epochs = len(trial.storage.get_trial(trial._trial_id).intermediate_values)
+        trial.set_user_attr("epochs", epochs)
+        c.set_tag(run_id, "optuna.state", "PRUNED")
+        c.log_metric(run_id, "epochs", epochs)
+        state = "KILLED"
+        raise
+    except BaseException:
+        state = "FAILED"
+        raise
+    finally:
+        c.set_terminated(run_id, state)
+
+
+def tune(cfg: Config, the_plan: TrainingPlan, worker: int) -> dict[str, Any]:
+    """One worker's share: trials on the shared study until it holds n_trials finished ones."""
+    from sofare.training import tracking, tuning
+
+    tracking.setup(cfg)
+    data = load_data(cfg, the_plan.window.start, the_plan.window.end)
+    study = tuning.load_study(cfg, the_plan.study, worker)
+    began = time.monotonic()
+    ran = tuning.optimize(study, lambda trial: objective(cfg, data, trial, the_plan.max_epochs, the_plan.parent_run_id),
+                          the_plan.n_trials, the_plan.timeout)
+    return {"worker": worker, "trials_run": ran, "finished": tuning.finished_trials(study),
+            "seconds": round(time.monotonic() - began, 1)}
+
+
+# --- final fit and evaluation -----------------------------------------------------------------------
+
+
+@dataclass
+class Evaluation:
+    """A model fitted on `fit_rows` and everything measured on the test rows (in memory)."""
+
+    model: SofareM3
+    scaler: Scaler
+    history: list[dict[str, float]]
+    scores: dict[str, dict[str, MetricCI]]
+    backtest: dict[str, Any]
+    train_windows: int
+    test: Windows
+    y_up: np.ndarray
+    y_ret: np.ndarray
+    times: pd.DatetimeIndex
+    predictions: evaluation.Predictions
+    fit_seconds: float
+
+
+def _scores(cfg: Config, y_up: np.ndarray, y_ret: np.ndarray, p: evaluation.Predictions) -> dict[str, MetricCI]:
+    e = cfg.evaluation
+    raw = evaluation.score(y_up, y_ret, p, e.decision_threshold, e.bootstrap_samples, e.bootstrap_block_bars,
+                           cfg.training.seed)
+    return {name: MetricCI.model_validate(s) for name, s in raw.items()}
+
+
+def evaluate(cfg: Config, data: Data, hyper: dict[str, Any], epochs: int, fit_rows: range, test_rows: range,
+             shuffle_labels: bool = False) -> Evaluation:
+    """Fit on `fit_rows` for `epochs` epochs, then score the model and the baselines on `test_rows`."""
+    e = cfg.evaluation
+    seed = cfg.training.seed
+    train, scaler = data.windows(fit_rows, fit_rows, hyper["lookback"], shuffle_seed=seed if shuffle_labels else None)
+    test, _ = data.windows(test_rows, fit_rows, hyper["lookback"])
+    if len(test) == 0:
+        raise InputError("the test window holds no complete window; widen the training window")
+    result = fit(cfg, data.spec, hyper, train, None, epochs, seed)
+    prob, ret = predict(result.model, test, scaler)
+    frame = data.frame
+    y_up = frame["target_up"].to_numpy()[test.ends].astype(int)
+    y_ret = frame["target_return"].to_numpy()[test.ends].astype(float)
+    train_up = train.y_up[train.ends]
+    train_ret = frame["target_return"].to_numpy()[train.ends].astype(float)
+    x_all = scaler.transform(frame)
+    predictors = {
+        "sofare_m3": evaluation.Predictions(prob, ret),
+        "persistence": evaluation.persistence(frame["log_ret_1"].to_numpy()[test.ends].astype(float)),
+        "majority": evaluation.majority(train_up, train_ret, len(test)),
+        "linear": evaluation.linear(x_all[train.ends], train_up, train_ret, x_all[test.ends], seed),
+    }
+    scores = {name: _scores(cfg, y_up, y_ret, p) for name, p in predictors.items()}
+    bars = BARS_PER_YEAR_1H * (timedelta(hours=1) / data.delta)
+    backtest = evaluation.backtest(prob, y_ret, cfg.features.horizon, e.decision_threshold, e.fee_bps, bars)
+    times = pd.to_datetime(frame["open_time"].to_numpy()[test.ends], utc=True)
+    return Evaluation(result.model, scaler, result.history.epochs, scores, backtest, len(train), test, y_up, y_ret,
+                      times, predictors["sofare_m3"], result.seconds)
+
+
+def walk_forward(cfg: Config, data: Data, hyper: dict[str, Any], max_epochs: int) -> list[Fold]:
+    """Primary metric per walk-forward fold (early-stopped on each fold's validation part)."""
+    t = cfg.training
+    metric = cfg.evaluation.primary_metric
+    out = []
+    for k, parts in enumerate(walk_forward_splits(len(data.frame), t.walk_forward.folds, t.walk_forward.mode,
+                                                  t.split.validation, t.split.test, purge_rows(cfg))):
+        train, scaler = data.windows(parts["train"], parts["train"], hyper["lookback"])
+        val, _ = data.windows(parts["validation"], parts["train"], hyper["lookback"])
+        test, _ = data.windows(parts["test"], parts["train"], hyper["lookback"])
+        result = fit(cfg, data.spec, hyper, train, val, max_epochs, t.seed)
+        prob, ret = predict(result.model, test, scaler)
+        y_up = data.frame["target_up"].to_numpy()[test.ends].astype(int)
+        y_ret = data.frame["target_return"].to_numpy()[test.ends].astype(float)
+        times = data.frame["open_time"].to_numpy()
+        out.append(Fold(fold=k, test_start=str(pd.Timestamp(times[parts["test"].start])),
+                        test_end=str(pd.Timestamp(times[parts["test"].stop - 1])),
+                        score=_scores(cfg, y_up, y_ret, evaluation.Predictions(prob, ret))[metric]))
+    return out
+
+
+@dataclass
+class Trained:
+    """The final model of a training run, exported, with its report: what the registry registers."""
+
+    report: EvaluationReport
+    meta: ModelMeta
+    directory: Path  # exported files (training.export), a temporary directory the registry consumes
+    example: np.ndarray  # one raw input window, for the registered model's signature
+    run_id: str  # the training run's MLflow parent run
+
+
+def model_meta(cfg: Config, data: Data, hyper: dict[str, Any], scaler: Scaler, window: DateWindow) -> ModelMeta:
+    from sofare.training.model import ARCHITECTURE
+
+    spec = data.spec
+    return ModelMeta(
+        architecture=ARCHITECTURE, hyper=hyper, lookback=int(hyper["lookback"]), columns=tuple(spec.columns),
+        groups={g: tuple(int(i) for i in idx) for g, idx in column_groups(spec).items()},
+        n_inputs={"micro": len(spec.micro), "safe": len(spec.safe_haven), "macro": len(spec.macro)},
+        loss={"loss_weight": cfg.training.loss_weight, "huber_delta": cfg.training.huber_delta,
+              "warmup_fraction": cfg.training.warmup_fraction},
+        scaler=Scaling(mean=tuple(scaler.mean.tolist()), std=tuple(scaler.std.tolist()), ret_mean=scaler.ret_mean,
+                       ret_std=scaler.ret_std),
+        feature_set_version=spec.version, symbol=cfg.market.symbol, interval=cfg.market.interval,
+        horizon=cfg.features.horizon, warmup_bars=cfg.features.warmup_bars,
+        threshold=cfg.evaluation.decision_threshold, data_window=window)
+
+
+def finalize(cfg: Config, the_plan: TrainingPlan) -> Trained:
+    """Best trial → final fit on train+validation → test evaluation → tracked in the parent run → exported."""
+    import mlflow
+
+    from sofare.training import export, tracking, tuning
+    from sofare.training.model import ARCHITECTURE
+
+    tracking.setup(cfg)
+    window = the_plan.window
+    data = load_data(cfg, window.start, window.end)
+    study = tuning.load_study(cfg, the_plan.study, 0)
+    best = tuning.best_trial(study)
+    hyper = tuning.hyper_of(cfg, best.params)
+    epochs = int(best.user_attrs.get("best_epoch", the_plan.max_epochs))
+    fit_rows = range(0, data.parts["validation"].stop)
+    result = evaluate(cfg, data, hyper, epochs, fit_rows, data.parts["test"])
+    folds = walk_forward(cfg, data, hyper, the_plan.max_epochs) if cfg.training.walk_forward.folds else []
+    spec = data.spec
+    e = cfg.evaluation
+    report = EvaluationReport(
+        data_window=window, test_start=str(result.times[0]), test_end=str(result.times[-1]), rows=the_plan.rows,
+        parts=the_plan.parts, purge_rows=purge_rows(cfg), train_windows=result.train_windows,
+        test_windows=len(result.test), epochs=epochs, hyper=hyper, best_trial=best.number,
+        best_val_loss=float(best.value), scores=result.scores,
+        backtest=Backtest.model_validate({k: v for k, v in result.backtest.items() if not k.startswith("equity")}),
+        walk_forward=folds, primary_metric=e.primary_metric, fee_bps=e.fee_bps,
+        trials=[Trial.model_validate(t) for t in tuning.trial_summary(study)], seed=cfg.training.seed,
+        architecture=ARCHITECTURE, feature_set_version=spec.version, symbol=cfg.market.symbol,
+        interval=cfg.market.interval, horizon=cfg.features.horizon, threshold=e.decision_threshold,
+        bootstrap_samples=e.bootstrap_samples, bootstrap_block_bars=e.bootstrap_block_bars)
+    run_id = the_plan.parent_run_id
+    with mlflow.start_run(run_id=run_id), tempfile.TemporaryDirectory(prefix="sofare-plots-") as scratch:
+        mlflow.log_params({**{f"hp_{k}": v for k, v in hyper.items()}, "epochs": epochs, "seed": cfg.training.seed,
+                           "data_window": window.label, "test_window": report.test_window,
+                           "feature_set_version": spec.version, "architecture": ARCHITECTURE})
+        for name, scores in result.scores.items():
+            prefix = "test" if name == "sofare_m3" else f"baseline_{name}"
+            for m, s in scores.items():
+                mlflow.log_metrics({f"{prefix}_{m}": s.value, f"{prefix}_{m}_ci_low": s.ci_low,
+                                    f"{prefix}_{m}_ci_high": s.ci_high})
+        for side in ("strategy", "buy_and_hold"):
+            mlflow.log_metrics({f"backtest_{side}_{k}": v for k, v in result.backtest[side].items()})
+        for row in result.history:
+            mlflow.log_metric("final_train_loss", row["train_loss"], step=int(row["epoch"]))
+        for path in evaluation.plots(Path(scratch), best.user_attrs.get("history") or [], result.y_up,
+                                     result.predictions, e.decision_threshold, result.backtest, result.times):
+            mlflow.log_artifact(str(path), artifact_path="plots")
+        mlflow.log_dict(report.model_dump(mode="json"), "evaluation.json")
+    meta = model_meta(cfg, data, hyper, result.scaler, window)
+    directory = export.export(result.model, meta, Path(tempfile.mkdtemp(prefix="sofare-model-")))
+    example = data.raw_windows(result.test.ends[-1:], meta.lookback)
+    return Trained(report, ModelMeta.read(directory), directory, example, run_id)
+
+
+def test_set(cfg: Config, report: EvaluationReport, lookback: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Raw feature windows ending on a report's test rows (with `lookback` bars), and their targets: what
+    the promotion gate re-scores a champion on, so both are judged on the very same hours."""
+    data = load_data(cfg, report.data_window.start, report.data_window.end)
+    ends = window_ends(data.frame, data.spec, data.parts["test"], lookback, data.delta)
+    return (data.raw_windows(ends, lookback), data.frame["target_up"].to_numpy()[ends].astype(int),
+            data.frame["target_return"].to_numpy()[ends].astype(float))
