@@ -1,15 +1,39 @@
 #!/usr/bin/env bash
-# System packages the tests and benchmarks need: PostgreSQL server binaries (initdb, pg_ctl).
-# Installs them with apt-get when they are missing and we are root; otherwise says what to install.
+# System packages the tests and benchmarks need:
+#   - PostgreSQL server binaries (initdb, pg_ctl): the throw-away database server of the tests;
+#   - nginx (Debian package nginx-light): the canary front door (sofare.deploy.frontdoor).
+# Installs the missing ones with apt-get (one `apt-get update` for all) when we are root; otherwise says what to
+# install and fails. To add one: a have_* check function and a "check package description" line in REQUIREMENTS.
 set -euo pipefail
-if compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || command -v initdb >/dev/null; then
-  exit 0
-fi
+
+have_postgresql() { compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || command -v initdb >/dev/null; }
+have_nginx() { command -v nginx >/dev/null || [ -x /usr/sbin/nginx ]; }
+
+# "check-function package description", one a line.
+REQUIREMENTS=(
+  "have_postgresql postgresql PostgreSQL server binaries (initdb, pg_ctl)"
+  "have_nginx nginx-light nginx (the canary front door)"
+)
+
+missing=()
+descriptions=()
+for requirement in "${REQUIREMENTS[@]}"; do
+  read -r check package description <<<"$requirement"
+  if ! "$check"; then
+    missing+=("$package")
+    descriptions+=("$description: package '$package'")
+  fi
+done
+[ "${#missing[@]}" -eq 0 ] && exit 0
+
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-  echo "installing PostgreSQL server binaries (apt-get install postgresql)…"
+  echo "installing ${missing[*]} (apt-get install)…"
   DEBIAN_FRONTEND=noninteractive apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 else
-  echo "PostgreSQL server binaries (initdb, pg_ctl) are required: install the 'postgresql' package" >&2
+  for description in "${descriptions[@]}"; do
+    echo "required: $description" >&2
+  done
+  echo "install them (as root: apt-get install ${missing[*]})" >&2
   exit 1
 fi
