@@ -22,7 +22,8 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 init: setup  ## var/: warehouse schema, Airflow metadata DB and connection
 	$(BIN)/sofare init
 
-demo: setup  ## set up, run the pipeline through the DAGs on the embedded data, report
+demo: setup  ## set up, run the pipeline through the DAGs on the embedded data, serve it behind the front door
+	scripts/system-deps.sh
 	$(BIN)/sofare demo
 
 test: init  ## set up (.venv, lock, var/), then run every test tier

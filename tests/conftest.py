@@ -4,12 +4,14 @@ and the local market API that stands in for the internet."""
 from __future__ import annotations
 
 import os
+import sqlite3
 import subprocess
 import sys
 import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -157,3 +159,30 @@ def validated_db(tmp_path_factory) -> Path:
         results = tasks.validate_range(cfg, "2023-10-01", "2024-06-30")
         assert all(r.success for r in results)
     return path / "warehouse.db"
+
+
+MODEL_WINDOW = ("2024-01-12", "2024-03-31")
+
+
+@pytest.fixture(scope="session")
+def model_home(validated_db, tmp_path_factory) -> dict[str, Any]:
+    """A copy of the validated warehouse with version 1 trained on it, gated and built (the serving and
+    deploy tiers share it: one training per session)."""
+    from sofare import tasks
+    from sofare.config import load_config
+    from sofare.registry import gate
+
+    home = tmp_path_factory.mktemp("served")
+    db = home / "warehouse.db"
+    with sqlite3.connect(validated_db) as source, sqlite3.connect(db) as target:
+        source.backup(target)
+    env = {"SOFARE_PATHS__VAR": str(home / "var"), "SOFARE_WAREHOUSE__URL": f"sqlite:///{db}",
+           "SOFARE_SERVING__MAX_BATCH_WINDOWS": "8", **SMALL_TRAINING}
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in env.items():
+            mp.setenv(key, value)
+        cfg = load_config()
+        result = tasks.train(cfg, n_trials=1, max_epochs=1, start=MODEL_WINDOW[0], end=MODEL_WINDOW[1])
+        verdict = gate.gate(cfg, result["version"])
+        built = tasks.build_bento(cfg, result["version"])
+    return {"cfg": cfg, "env": env, "version": result["version"], "verdict": verdict, "built": built}

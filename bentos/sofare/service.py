@@ -1,9 +1,10 @@
 """SOFARE prediction service (BentoML 1.4): a thin shell around `sofare.serving`, whose features come
 from the same `sofare.data.features` function that training materialised.
 
-The model is declared at class scope (`SOFARE_BENTO_MODEL`, default `sofare-m3:latest` in the bento
-store): an exported ONNX/TorchScript file and its `ModelMeta`, no training code. `sofare build` stages
-this file beside the `sofare` package and the config, so the bento imports it as a plain package.
+The model is declared at class scope: the tag `sofare build` wrote into the bento (bento_model.txt;
+`SOFARE_BENTO_MODEL` overrides it), an exported ONNX/TorchScript file and its `ModelMeta`, no training
+code. `sofare build` stages this file beside the `sofare` package and the config, so the bento imports
+it as a plain package.
 Each deployment sets `SOFARE_VARIANT` (stable | canary); every answer and metric carries it.
 """
 
@@ -24,8 +25,10 @@ from sofare.serving.prediction_log import PredictionLog, log_row
 from sofare.serving.predictor import Predictor
 from sofare.serving.schemas import BadRequest, Batch, LatestRequest, Window
 
-MODEL_TAG = os.environ.get("SOFARE_BENTO_MODEL", "sofare-m3:latest")
 BUNDLED_CONFIG = Path(__file__).with_name("sofare.yaml")  # staged into the bento by `sofare build`
+BUNDLED_MODEL = Path(__file__).with_name("bento_model.txt")  # the model this bento was built around
+MODEL_TAG = (os.environ.get("SOFARE_BENTO_MODEL")
+             or (BUNDLED_MODEL.read_text().strip() if BUNDLED_MODEL.exists() else "sofare-m3:latest"))
 LABELS = ["model_version", "variant", "endpoint"]
 PREDICTIONS = bentoml.metrics.Counter(name="sofare_predictions", documentation="Predictions served",
                                       labelnames=LABELS)

@@ -62,6 +62,7 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
     from sofare.data.features import feature_spec
 
     status = tasks.status(cfg)
+    status["deployment"] = tasks.deployment_status(cfg, champion=False)
     if args.checksum:
         status["checksums"] = report.table_checksums(warehouse.get_engine(cfg), feature_spec(cfg).columns)
     if args.json:
@@ -70,6 +71,7 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
     _print(report.format_status(status))
     for table, digest in status.get("checksums", {}).items():
         _print(f"checksum {table:<20} {digest}")
+    _print("\n" + format_deployment(status["deployment"]))
     return 0
 
 
@@ -152,6 +154,65 @@ def cmd_serve(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def format_deployment(status: dict[str, Any]) -> str:
+    """Stable and canary versions, ports, weight and the front-door URL, in a few lines."""
+    door = status["frontdoor"]
+    champion = f"; champion: version {status['champion']}" if status["champion"] else ""
+    lines = [f"front door: {door['url']} ({'running' if door['running'] else 'not running'}){champion}"]
+    for role in ("stable", "canary"):
+        b = status[role]
+        if b is None:
+            lines.append(f"  {role:<6}  none")
+            continue
+        share = status["canary_weight"] if role == "canary" else 1 - status["canary_weight"]
+        lines.append(f"  {role:<6}  version {b['version']:<4} {b['bento']}  port {b['port']}  weight {share:.0%}  "
+                     f"{'running' if b['running'] else 'NOT RUNNING (pid ' + str(b['pid']) + ')'}")
+    return "\n".join(lines)
+
+
+def cmd_deploy(cfg: Config, args: argparse.Namespace) -> int:
+    from sofare import tasks
+
+    if args.stop:
+        tasks.stop_deployment(cfg)
+        _print("stopped the front door and every serving process")
+        return 0
+    weight = None if args.canary_weight is None else _number(args.canary_weight, "--canary-weight")
+    _print(format_deployment(tasks.deploy(cfg, args.version, weight, actor=args.actor)))
+    return 0
+
+
+def _number(text: str, option: str) -> float:
+    from sofare.errors import InputError
+
+    try:
+        return float(text)
+    except ValueError:
+        raise InputError(f"{option} must be a number in [0, 1], got {text!r}") from None
+
+
+def cmd_canary(cfg: Config, args: argparse.Namespace) -> int:
+    from sofare import tasks
+
+    status = tasks.canary(cfg, args.action, args.reason or "", actor=args.actor)
+    _print(format_deployment(status))
+    if args.action == "status":
+        for event in status["history"]:
+            _print(f"  {event['at']}  {event['action']:<8} {event['decision']:<8} stable {event['stable_version']} "
+                   f"canary {event['canary_version']} weight {event['canary_weight']:g}: {event['reason']}")
+    return 0
+
+
+def cmd_rollback(cfg: Config, args: argparse.Namespace) -> int:
+    from sofare import tasks
+
+    result = tasks.rollback(cfg, args.reason, args.details or "", args.to, actor=args.actor)
+    what = "already served: verified" if result["decision"] == "noop" else "rolled back and verified"
+    _print(f"version {result['target']} {what} through {result['frontdoor']} in {result['seconds']:.1f}s "
+           f"({len(result['verified'])} live requests); audit record {result['audit_id']}")
+    return 0
+
+
 def cmd_demo(cfg: Config, args: argparse.Namespace) -> int:
     """Set up, run the pipeline through the DAGs on the embedded data, report."""
     from sofare import runtime, tasks
@@ -193,21 +254,21 @@ def cmd_demo(cfg: Config, args: argparse.Namespace) -> int:
 
     url = _demo_serve(cfg, logfile, registered["version"])
     _print(f"\ndemo finished in {time.monotonic() - started:.0f}s; run it again: same rows, same checksums, same metrics.")
-    _print(f"The service keeps running on {url} (Swagger UI: {url}/). Try:\n"
+    _print(f"The service keeps running behind the front door {url} (Swagger UI: {url}/). Try:\n"
            f"  curl -s -X POST {url}/predict_latest -H 'Content-Type: application/json' -d '{{\"symbol\": \"BTCUSDT\"}}'\n"
            f"  curl -s -X POST {url}/predict_latest -H 'Content-Type: application/json' -d '{{\"symbol\": \"ETHUSDT\"}}'   # a 400\n"
-           "Stop it: .venv/bin/sofare serve --stop")
+           "  .venv/bin/sofare canary status      # what serves where; .venv/bin/sofare rollback --reason incident\n"
+           "Stop it: .venv/bin/sofare deploy --stop")
     return 0
 
 
 def _demo_serve(cfg: Config, logfile: Path, version: str) -> str:
-    """[4/4]: the promotion DAG, then a real `bentoml serve` and one live /predict."""
+    """[4/4]: the promotion DAG, then the version behind the nginx front door and one live prediction."""
     import urllib.request
 
     from sofare import runtime, tasks
-    from sofare.serving.bento import free_port
 
-    _print(f"\n[4/4] sofare_promote version {version}: promotion gate, bentoml build, containerize; then serve")
+    _print(f"\n[4/4] sofare_promote version {version}: promotion gate, bentoml build, containerize; then deploy")
     runtime.run_dag(cfg, "sofare_promote", conf={"version": version}, logfile=logfile)
     tags = tasks.version_tags(cfg, version)
     _print(f"gate: {tags['promotion_verdict']}" + "".join(f"\n  {r}" for r in json.loads(tags["promotion_reasons"])))
@@ -219,12 +280,16 @@ def _demo_serve(cfg: Config, logfile: Path, version: str) -> str:
                         conf={"version": version, "override_reason": "make demo: show the serving path, not a production promotion"})
         tags = tasks.version_tags(cfg, version)
     _print(f"bento: {tags['bento_tag']}; container: {tags['container']}")
-    url = tasks.serve(cfg, version, free_port(cfg.serving.port))["url"]
+    status = tasks.deploy(cfg, version, actor="make demo")  # nothing serving: stable; a demo already serving: canary
+    _print(format_deployment(status))
+    url = status["frontdoor"]["url"]
     with urllib.request.urlopen(urllib.request.Request(
             f"{url}/predict_latest", data=json.dumps({"symbol": cfg.market.symbol}).encode(), method="POST",
-            headers={"Content-Type": "application/json"}), timeout=60) as response:
+            headers={"Content-Type": "application/json", "X-Client-Id": "make-demo"}), timeout=60) as response:
         answer = json.loads(response.read())
-    _print(f"live POST {url}/predict_latest {{\"symbol\": \"{cfg.market.symbol}\"}} ->\n  {json.dumps(answer)}")
+        served_by = response.headers.get("X-Served-By")
+    _print(f"live POST {url}/predict_latest {{\"symbol\": \"{cfg.market.symbol}\"}} (answered by {served_by}) ->\n"
+           f"  {json.dumps(answer)}")
     return url
 
 
@@ -288,6 +353,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variant", default="stable", choices=["stable", "canary"])
     p.add_argument("--stop", action="store_true")
     p.set_defaults(func=cmd_serve)
+
+    actor = os.environ.get("USER", "sofare")
+    p = sub.add_parser("deploy", help="deploy a version as canary behind the front door (or as stable when none runs)")
+    p.add_argument("--version", default=None, help="default: the challenger")
+    p.add_argument("--canary-weight", default=None, metavar="W", help="share of clients in [0, 1] (default: "
+                   "deploy.canary_weight)")
+    p.add_argument("--actor", default=actor, help="recorded in the deployment events")
+    p.add_argument("--stop", action="store_true", help="stop the front door and every serving process")
+    p.set_defaults(func=cmd_deploy)
+
+    p = sub.add_parser("canary", help="the live canary: status, promote (to stable and champion) or abort")
+    p.add_argument("action", choices=["status", "promote", "abort"])
+    p.add_argument("--reason", default=None, help="recorded with promote/abort")
+    p.add_argument("--actor", default=actor)
+    p.set_defaults(func=cmd_canary)
+
+    p = sub.add_parser("rollback", help="serve the previous champion (or --to VERSION) again, verified")
+    p.add_argument("--reason", required=True, metavar="R",
+                   help="incident | bad-predictions | latency | drift | other")
+    p.add_argument("--details", default=None, help="what happened (recorded)")
+    p.add_argument("--to", default=None, metavar="VERSION",
+                   help="default: the stable when a canary is live, else the previous champion")
+    p.add_argument("--actor", default=actor)
+    p.set_defaults(func=cmd_rollback)
 
     p = sub.add_parser("demo", help="the whole pipeline through the DAGs on the embedded data")
     p.set_defaults(func=cmd_demo)

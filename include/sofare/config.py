@@ -239,6 +239,30 @@ class ServingConfig(_Model):
     log_flush_seconds: float = Field(default=0.5, gt=0)
 
 
+class DeployConfig(_Model):
+    """The canary front door, canary analysis and rollback (docs/runbook.md)."""
+
+    frontdoor_port: int = Field(default=8000, ge=1, le=65535)  # nginx on 127.0.0.1: what clients call
+    canary_weight: float = Field(default=0.1, ge=0, le=1)  # `sofare deploy` without --canary-weight
+    steps: list[float] = Field(default_factory=lambda: [0.1, 0.5, 1.0])  # sofare_deploy: weight per step
+    interval_seconds: float = Field(default=300, ge=0)  # traffic observed at each step before judging it
+    min_requests: int = Field(default=50, ge=1)  # fewer canary requests in a step: inconclusive, never success
+    max_error_rate: float = Field(default=0.01, ge=0, le=1)  # canary 5xx share above this fails the step
+    max_p95_ms: float = Field(default=500.0, gt=0)  # canary p95 latency above this fails the step
+    max_latency_ratio: float = Field(default=1.5, ge=1)  # ... or above stable's p95 times this
+    failure_limit: int = Field(default=0, ge=0)  # failed steps tolerated before the rollout aborts
+    inconclusive_limit: int = Field(default=2, ge=1)  # inconclusive measurements in a row before it aborts
+    verify_requests: int = Field(default=5, ge=1)  # live requests through the front door that verify a switch
+    start_timeout_seconds: float = Field(default=180, gt=0)  # a `bentoml serve` must be ready within this
+
+    @field_validator("steps")
+    @classmethod
+    def _rising_weights(cls, steps: list[float]) -> list[float]:
+        if not steps or any(not 0 < w <= 1 for w in steps) or steps != sorted(steps) or steps[-1] != 1:
+            raise ValueError(f"steps must rise within (0, 1] and end at 1, got {steps}")
+        return steps
+
+
 class MlflowConfig(_Model):
     tracking_uri: str | None = None  # null: sqlite:///<var>/mlflow.db, artifacts in <var>/mlartifacts
     experiment: str
@@ -291,6 +315,7 @@ class Config(_Model):
     mlflow: MlflowConfig
     promotion: PromotionConfig = PromotionConfig()
     serving: ServingConfig = ServingConfig()
+    deploy: DeployConfig = DeployConfig()
     sources: SourcesConfig
 
     def resolve(self, path: Path) -> Path:

@@ -25,6 +25,7 @@ FEATURES = Asset(name="sofare_features", uri="sofare://warehouse/features", grou
 VALIDATED_FEATURES = Asset(name="sofare_validated_features", uri="sofare://warehouse/validated_days", group="warehouse")
 MODEL_CANDIDATE = Asset(name="sofare_model_candidate", uri="sofare://mlflow/sofare-m3", group="models")
 BENTO = Asset(name="sofare_bento", uri="sofare://bentoml/sofare", group="models")
+CHAMPION = Asset(name="sofare_champion", uri="sofare://mlflow/sofare-m3/champion", group="models")
 RAW_ASSETS = {"candles": CANDLES, "safe_haven": SAFE_HAVEN, "macro": MACRO}
 
 

@@ -283,3 +283,97 @@ def stop_serving(cfg: Config, variant: str = "stable") -> bool:
     from sofare.serving import bento
 
     return bento.stop_detached(cfg, variant)
+
+
+# --- deployment: the front door, canary, rollback -----------------------------------------------------
+
+
+def deploy(cfg: Config, version: str | None = None, canary_weight: float | None = None,
+           actor: str = "sofare") -> dict[str, Any]:
+    """Deploy a version (default: the challenger) as canary at `canary_weight` (default deploy.canary_weight)
+    behind the front door; when nothing serves yet it becomes the stable (and the champion) instead."""
+    from sofare.deploy import rollout
+
+    weight = rollout.check_weight(cfg.deploy.canary_weight if canary_weight is None else canary_weight)
+    version = rollout.require_version(cfg, version)
+    deployment = rollout.Deployment(cfg, actor)
+    stable = deployment.status(champion=False)["stable"]
+    if stable is None or not stable["running"]:
+        deployment.serve(version, reason="first deployment: nothing served, no stable to compare a canary with")
+        from sofare.registry import versions
+
+        versions.set_alias(cfg, "champion", version)
+    else:
+        deployment.start_canary(version, weight)
+    return deployment.status()
+
+
+def deployment_status(cfg: Config, champion: bool = True) -> dict[str, Any]:
+    from sofare.deploy import rollout
+
+    return rollout.Deployment(cfg).status(champion)
+
+
+def canary(cfg: Config, action: str, reason: str = "", actor: str = "sofare") -> dict[str, Any]:
+    """`status`, `promote` (the canary becomes stable and champion) or `abort` (back to stable only)."""
+    from sofare.deploy import rollout
+
+    deployment = rollout.Deployment(cfg, actor)
+    if action == "promote":
+        deployment.promote(reason or f"promoted by {actor}")
+    elif action == "abort":
+        deployment.abort(reason or f"aborted by {actor}")
+    elif action != "status":
+        raise InputError(f"canary action must be status, promote or abort, got {action!r}")
+    return {**deployment.status(), "history": deployment.history(limit=10)}
+
+
+def rollback(cfg: Config, reason: str, details: str = "", target_version: str | None = None,
+             actor: str = "sofare") -> dict[str, Any]:
+    """Serve the target version (default: the stable when a canary is live, else the previous champion) as the
+    only version, move `champion`, verify through the front door, audit, alert. Idempotent."""
+    from sofare.deploy import rollout
+
+    return rollout.Deployment(cfg, actor).rollback(reason, details, target_version)
+
+
+def start_rollout(cfg: Config, version: str | None = None, steps: list[float] | None = None,
+                  asset_extras: list[dict[str, Any]] | None = None, actor: str = "sofare") -> dict[str, Any]:
+    """sofare_deploy's first step: the version (Param, else the triggering event's, else the challenger) as a
+    canary at the first step's weight; when nothing serves yet, as the stable instead (no analysis then)."""
+    from sofare.deploy import canary
+
+    steps = canary.check_steps(list(steps or cfg.deploy.steps))
+    version = version or next((e["version"] for e in asset_extras or [] if e.get("version")), None)
+    status = deploy(cfg, version, steps[0], actor)
+    is_canary = status["canary"] is not None
+    return {"version": (status["canary"] or status["stable"])["version"], "canary": is_canary, "steps": steps,
+            "frontdoor": status["frontdoor"]["url"]}
+
+
+def analyse_rollout(cfg: Config, plan: dict[str, Any], interval_seconds: float | None = None,
+                    actor: str = "sofare") -> dict[str, Any]:
+    """Step the canary through its weights, judging each step from both servers' /metrics."""
+    from sofare.deploy import canary, rollout
+
+    if not plan["canary"]:
+        return {"decision": "none", "reason": "first deployment: served as stable, nothing to analyse", "steps": []}
+    interval = cfg.deploy.interval_seconds if interval_seconds is None else float(interval_seconds)
+    return canary.analyse(cfg, rollout.Deployment(cfg, actor), plan["steps"], interval)
+
+
+def finish_rollout(cfg: Config, outcome: dict[str, Any], actor: str = "sofare") -> dict[str, Any]:
+    """Promote the canary (stable and champion), or abort it and roll back to the stable, with an alert."""
+    from sofare.deploy import canary, rollout
+
+    if outcome["decision"] == "none":
+        return {**outcome, **deployment_status(cfg)}
+    return canary.finish(cfg, rollout.Deployment(cfg, actor), outcome)
+
+
+def stop_deployment(cfg: Config) -> dict[str, Any]:
+    from sofare.deploy import rollout
+
+    deployment = rollout.Deployment(cfg)
+    deployment.stop()
+    return deployment.status()

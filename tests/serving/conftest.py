@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import socket
-import sqlite3
 import urllib.error
 import urllib.request
 from datetime import datetime
@@ -14,9 +13,6 @@ from typing import Any
 import pytest
 
 from sofare.serving import schemas
-from tests.conftest import SMALL_TRAINING
-
-WINDOW = ("2024-01-12", "2024-03-31")
 
 
 def free_port() -> int:
@@ -46,29 +42,6 @@ class Client:
     def get(self, path: str) -> tuple[int, str]:
         with urllib.request.urlopen(self.url + path, timeout=30) as response:
             return response.status, response.read().decode()
-
-
-@pytest.fixture(scope="session")
-def model_home(validated_db, tmp_path_factory) -> dict[str, Any]:
-    """A copy of the validated warehouse with version 1 trained on it, gated and built."""
-    from sofare import tasks
-    from sofare.config import load_config
-    from sofare.registry import gate
-
-    home = tmp_path_factory.mktemp("served")
-    db = home / "warehouse.db"
-    with sqlite3.connect(validated_db) as source, sqlite3.connect(db) as target:
-        source.backup(target)
-    env = {"SOFARE_PATHS__VAR": str(home / "var"), "SOFARE_WAREHOUSE__URL": f"sqlite:///{db}",
-           "SOFARE_SERVING__MAX_BATCH_WINDOWS": "8", **SMALL_TRAINING}
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in env.items():
-            mp.setenv(key, value)
-        cfg = load_config()
-        result = tasks.train(load_config(), n_trials=1, max_epochs=1, start=WINDOW[0], end=WINDOW[1])
-        verdict = gate.gate(cfg, result["version"])
-        built = tasks.build_bento(cfg, result["version"])
-    return {"cfg": cfg, "env": env, "version": result["version"], "verdict": verdict, "built": built}
 
 
 @pytest.fixture(scope="session")

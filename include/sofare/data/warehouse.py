@@ -147,6 +147,22 @@ audit_log = sa.Table(
     sa.Column("details", sa.Text, nullable=False),  # JSON
 )
 
+deployment_events = sa.Table(  # every step of a deployment: what served, at which weight, and why it changed
+    "deployment_events",
+    metadata,
+    sa.Column("event_id", sa.String(40), primary_key=True),
+    sa.Column("at", UTCDateTime, nullable=False),
+    sa.Column("deployment_id", sa.String(40), nullable=False),  # one canary rollout or one rollback
+    sa.Column("action", sa.String(20), nullable=False),  # serve, canary, step, promote, abort, rollback, verify
+    sa.Column("stable_version", sa.String(20)),
+    sa.Column("canary_version", sa.String(20)),
+    sa.Column("canary_weight", sa.Double, nullable=False),
+    sa.Column("measurements", sa.Text, nullable=False),  # JSON list (canary analysis), else []
+    sa.Column("decision", sa.String(20), nullable=False),  # done, continue, retry, abort, promote, noop, failed
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("actor", sa.String(80), nullable=False),
+)
+
 predictions = sa.Table(
     "predictions",
     metadata,

@@ -317,6 +317,13 @@ class FrontDoor:
             raise FrontDoorError(f"nginx (pid {pid}) did not stop; {self._error_tail()}")
         self.pid_path.unlink(missing_ok=True)
 
+    def drain(self, timeout: float = 60.0) -> None:
+        """Wait until the workers of earlier configs have finished their in-flight requests and exited: after
+        this, a backend that the current routing no longer names can be stopped without dropping a request."""
+        pid = self.pid()
+        if pid is not None and not _poll(lambda: all(_accepting(w) for w in _children(pid)), timeout):
+            raise FrontDoorError(f"old nginx workers still finishing requests after {timeout:g}s")
+
     def wait_ready(self, timeout: float = 30.0, routing_id: str | None = None) -> None:
         """Poll the health endpoint until it answers 200 (with `X-Routing: routing_id`, when given)."""
         routing = self.current()

@@ -81,9 +81,10 @@ def build(cfg: Config, model_tag: str) -> dict[str, str]:
         for file in ("service.py", "bentofile.yaml", "requirements.txt"):
             shutil.copy2(cfg.root / BENTO_DIR / file, stage / file)
         shutil.copy2(config_file(), stage / "sofare.yaml")
+        (stage / "bento_model.txt").write_text(model_tag + "\n")  # pins the model: never "latest" in the store
         done = subprocess.run([sys.executable, "-m", "bentoml", "build", "-f", str(stage / "bentofile.yaml"),
                                str(stage), "--output", "tag"], capture_output=True, text=True,
-                              env=environment(cfg, SOFARE_BENTO_MODEL=model_tag), cwd=stage, check=False, timeout=600)
+                              env=environment(cfg), cwd=stage, check=False, timeout=600)
     if done.returncode != 0:
         raise RuntimeError(f"bentoml build failed (exit {done.returncode}): {done.stderr.strip()[-1500:]}")
     tag = done.stdout.strip().splitlines()[-1].removeprefix("__tag__:").strip()
@@ -164,15 +165,9 @@ class Server:
         raise TimeoutError(f"bentoml serve not ready after {timeout}s; see {self.log}")
 
     def stop(self) -> None:
-        import signal
-
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
+        """Stop the server and its workers (which run in sessions of their own), then reap it."""
+        stop_group(self.process.pid)
+        self.process.poll()
         self._out.close()
 
     def __enter__(self) -> Server:
@@ -201,7 +196,7 @@ def pid_file(cfg: Config, variant: str) -> Path:
 
 
 def serve_detached(cfg: Config, target: str, port: int, variant: str = "stable", timeout: float = 180) -> str:
-    """Start `bentoml serve` that outlives this process (the demo leaves it running); its URL."""
+    """Start `bentoml serve` that outlives this process (`sofare serve`); its URL."""
     stop_detached(cfg, variant)
     server = Server(cfg, target, port, variant)
     server.wait_ready(timeout)
@@ -212,25 +207,81 @@ def serve_detached(cfg: Config, target: str, port: int, variant: str = "stable",
 
 
 def stop_detached(cfg: Config, variant: str = "stable") -> bool:
-    import signal
-
     path = pid_file(cfg, variant)
     if not path.exists():
         return False
     pid = int(path.read_text().split()[0])
     path.unlink()
-    try:
-        os.killpg(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return False
-    for _ in range(100):
+    return stop_group(pid)
+
+
+def _processes() -> dict[int, tuple[str, int, int]]:
+    """pid -> (state, parent pid, process group) of every process, from /proc."""
+    table = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            os.killpg(pid, 0)
-        except ProcessLookupError:
-            return True
-        time.sleep(0.1)
-    os.killpg(pid, signal.SIGKILL)
-    return True
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        table[int(stat.parent.name)] = (fields[0], int(fields[1]), int(fields[2]))
+    return table
+
+
+def process_tree(pid: int) -> set[int]:
+    """`pid`, its process group and every descendant that still runs. BentoML's workers start sessions of
+    their own, so a process-group signal alone would leave them serving after their arbiter is gone."""
+    try:
+        os.waitpid(pid, os.WNOHANG)  # reap our own child, if it is one
+    except ChildProcessError:
+        pass
+    table = _processes()
+    family = {p for p, (_, _, group) in table.items() if group == pid} | {pid}
+    grew = True
+    while grew:
+        children = {p for p, (_, parent, _) in table.items() if parent in family} - family
+        family |= children
+        grew = bool(children)
+    return {p for p in family if p in table and table[p][0] not in "ZX"}
+
+
+def group_alive(pgid: int) -> bool:
+    """Whether the `bentoml serve` started as `pgid` (its group or any descendant) still runs."""
+    return bool(process_tree(pgid))
+
+
+def stop_group(pgid: int, timeout: float = 30.0) -> bool:
+    """SIGTERM a `bentoml serve` (in-flight requests finish), SIGKILL whatever of its process tree is left after
+    `timeout`. False when nothing of it was running."""
+    import signal
+
+    family = process_tree(pgid)
+    if not family:
+        return False
+    for sig, share in ((signal.SIGTERM, 1.0), (signal.SIGKILL, 0.25)):
+        family |= process_tree(pgid)
+        for target in sorted(family) if sig == signal.SIGKILL else [pgid]:
+            try:
+                os.kill(target, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + timeout * share
+        while time.monotonic() < deadline:
+            if not (process_tree(pgid) | {p for p in family if _running(p)}):
+                return True
+            time.sleep(0.1)
+    return not (process_tree(pgid) | {p for p in family if _running(p)})
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in "ZX"
 
 
 if __name__ == "__main__":  # `python -m sofare.serving.bento import-model DIR LABELS_JSON` (see import_model)
