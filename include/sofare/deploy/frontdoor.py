@@ -268,7 +268,7 @@ class FrontDoor:
         self._make_dirs()
         user = _owner_user(self.prefix_dir) if os.geteuid() == 0 else None
         text = render(routing, self.prefix_dir, user=user)
-        with self._exclusive():
+        with exclusive(self.prefix_dir / "apply.lock"):  # two Airflow tasks may both shift traffic
             candidate = self.prefix_dir / f"{CONF_NAME}.new"
             _write_synced(candidate, text)
             try:
@@ -337,16 +337,6 @@ class FrontDoor:
 
     # -- internals -------------------------------------------------------------------------------------------------
 
-    @contextmanager
-    def _exclusive(self) -> Iterator[None]:
-        """One apply at a time per front door, across processes (two Airflow tasks may both shift traffic)."""
-        with open(self.prefix_dir / "apply.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
-
     def _reload(self, routing_id: str | None, listen_port: int, timeout: float) -> None:
         """SIGHUP (what `nginx -s reload` sends), then wait until a worker answers with the new routing id and
         every old worker has stopped accepting connections, so no new request reaches the old routing."""
@@ -408,6 +398,18 @@ class FrontDoor:
             return path.read_text()
         except FileNotFoundError:
             return None
+
+
+@contextmanager
+def exclusive(lock_file: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `lock_file` (created if missing): one change at a time, across processes."""
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_file, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _routing_id(config: str) -> str | None:

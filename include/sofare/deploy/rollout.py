@@ -10,22 +10,20 @@ longer serves: nothing is dropped. Each change is a `deployment_events` row.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict
 
 from sofare.data import alerts, warehouse
-from sofare.deploy.frontdoor import FrontDoor, FrontDoorError, Routing
+from sofare.deploy.frontdoor import FrontDoor, FrontDoorError, Routing, exclusive
 from sofare.errors import InputError, NotFoundError, PermanentError
 from sofare.serving import bento
 
@@ -358,16 +356,9 @@ class Deployment:
         tmp.write_text(state.model_dump_json(indent=1))
         tmp.replace(self.state_path)
 
-    @contextmanager
-    def _locked(self) -> Iterator[None]:
+    def _locked(self) -> AbstractContextManager[None]:
         """One change at a time across processes; a second one waits for the first, then sees its result."""
-        self.dir.mkdir(parents=True, exist_ok=True)
-        with open(self.dir / "lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+        return exclusive(self.dir / "lock")
 
 
 def require_version(cfg: Config, version: str | None) -> str:
