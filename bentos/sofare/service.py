@@ -3,42 +3,58 @@ from the same `sofare.data.features` function that training materialised.
 
 The model is declared at class scope: the tag `sofare build` wrote into the bento (bento_model.txt;
 `SOFARE_BENTO_MODEL` overrides it), an exported ONNX/TorchScript file and its `ModelMeta`, no training
-code. `sofare build` stages this file beside the `sofare` package and the config, so the bento imports
-it as a plain package.
-Each deployment sets `SOFARE_VARIANT` (stable | canary); every answer and metric carries it.
+code. `sofare build` stages this file beside the `sofare` package, the config and a real example
+window (bento_example.json), so the bento imports `sofare` as a plain package.
+
+BentoML hosts the process, the model store, `/livez` and `/readyz`; `sofare.serving.http.Gateway`
+answers the API itself (limits before parsing, one error shape, bounded queue, bounded metric labels:
+see that module). BentoML's own traffic metrics and access log are off: the gateway exports the same
+`bentoml_service_request_*` series with `endpoint` bounded to the known routes plus "other", and logs
+each refused request in one line. Each deployment sets `SOFARE_VARIANT` (stable | canary); every
+answer and metric carries it.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import logging.handlers
 import os
-import time
 from pathlib import Path
 from typing import Any
 
 import bentoml
-from bentoml.exceptions import InvalidArgument, NotFound
 
 from sofare.config import load_config
-from sofare.errors import NotFoundError
-from sofare.serving.batching import MicroBatcher
-from sofare.serving.prediction_log import PredictionLog, log_row
+from sofare.serving.app import App
+from sofare.serving.http import Gateway
 from sofare.serving.predictor import Predictor
-from sofare.serving.schemas import BadRequest, Batch, LatestRequest, Window
 
-BUNDLED_CONFIG = Path(__file__).with_name("sofare.yaml")  # staged into the bento by `sofare build`
-BUNDLED_MODEL = Path(__file__).with_name("bento_model.txt")  # the model this bento was built around
+HERE = Path(__file__).parent
+BUNDLED_CONFIG = HERE / "sofare.yaml"  # staged into the bento by `sofare build`
+BUNDLED_MODEL = HERE / "bento_model.txt"  # the model this bento was built around
+BUNDLED_EXAMPLE = HERE / "bento_example.json"  # a real window of the data it was trained on
 MODEL_TAG = (os.environ.get("SOFARE_BENTO_MODEL")
              or (BUNDLED_MODEL.read_text().strip() if BUNDLED_MODEL.exists() else "sofare-m3:latest"))
+SERVICE = "sofare"
 LABELS = ["model_version", "variant", "endpoint"]
 PREDICTIONS = bentoml.metrics.Counter(name="sofare_predictions", documentation="Predictions served",
                                       labelnames=LABELS)
 LATENCY = bentoml.metrics.Histogram(name="sofare_prediction_latency_seconds", labelnames=LABELS,
                                     documentation="Time from request to answer, features and model included",
                                     buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5))
-BAD_REQUESTS = bentoml.metrics.Counter(name="sofare_bad_requests", documentation="Requests refused with a 4xx",
-                                       labelnames=["variant", "endpoint"])
 DROPPED = bentoml.metrics.Counter(name="sofare_prediction_log_dropped", labelnames=["variant", "reason"],
                                   documentation="Prediction log rows dropped (queue full or database down)")
+HTTP_LABELS = ["endpoint", "service_name", "service_version", "http_response_code", "runner_name"]
+REQUESTS = bentoml.metrics.Counter(namespace="bentoml_service", name="request", labelnames=HTTP_LABELS,
+                                   documentation="Requests answered (endpoint: a known route or 'other')")
+DURATION = bentoml.metrics.Histogram(namespace="bentoml_service", name="request_duration_seconds",
+                                     labelnames=HTTP_LABELS, documentation="Request duration in seconds",
+                                     buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0))
+BAD_REQUESTS = bentoml.metrics.Counter(name="sofare_bad_requests", documentation="Requests refused with a 4xx",
+                                       labelnames=["variant", "endpoint"])
+VARIANT = os.environ.get("SOFARE_VARIANT", "stable")
+ENDPOINTS = ("/predict", "/predict_batch", "/predict_latest")
 
 
 def _config() -> Any:
@@ -47,62 +63,59 @@ def _config() -> Any:
     return load_config(BUNDLED_CONFIG if use_bundled else None)
 
 
-@bentoml.service(name="sofare", traffic={"timeout": 30}, workers=1)
+def _observe(endpoint: str, status: int, seconds: float) -> None:
+    labels = {"endpoint": endpoint, "service_name": SERVICE, "service_version": MODEL_TAG,
+              "http_response_code": str(status), "runner_name": SERVICE}
+    REQUESTS.labels(**labels).inc()
+    DURATION.labels(**labels).observe(seconds)
+    if 400 <= status < 500 and endpoint in ENDPOINTS:
+        BAD_REQUESTS.labels(variant=VARIANT, endpoint=endpoint.lstrip("/")).inc()
+
+
+def _metrics() -> tuple[bytes, str]:
+    from bentoml._internal.configuration.containers import BentoMLContainer
+
+    client = BentoMLContainer.metrics_client.get()
+    return client.generate_latest(), client.CONTENT_TYPE_LATEST
+
+
+def _log_to(cfg: Any) -> None:
+    """The service's own log (one line per refused request, warnings) to a rotating file when
+    `serving.log_file` is set (`sofare deploy` and the tests set it per process)."""
+    if not cfg.serving.log_file:
+        return
+    handler = logging.handlers.RotatingFileHandler(cfg.resolve(Path(cfg.serving.log_file)),
+                                                   maxBytes=cfg.serving.log_max_bytes,
+                                                   backupCount=cfg.serving.log_backups)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    logger = logging.getLogger("sofare")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
+@bentoml.service(name=SERVICE, traffic={"timeout": 30}, workers=1, metrics={"enabled": False},
+                 logging={"access": {"enabled": False}})
 class Sofare:
     model = bentoml.models.BentoModel(MODEL_TAG)
 
     def __init__(self) -> None:
         cfg = _config()
+        _log_to(cfg)
         labels = dict(self.model.info.labels)
-        self.predictor = Predictor.from_directory(cfg, Path(self.model.path), labels.get("model_version", "?"),
-                                                  info={"semver": labels.get("semver"), "bento_model": str(self.model.tag)})
-        variant = self.predictor.variant
-        self.log = PredictionLog(cfg, on_drop=lambda n, reason: DROPPED.labels(variant=variant, reason=reason).inc(n))
-        self.infer = MicroBatcher(self.predictor.predict_raw, cfg.serving.max_batch_windows, cfg.serving.batch_wait_ms)
+        predictor = Predictor.from_directory(cfg, Path(self.model.path), labels.get("model_version", "?"),
+                                             info={"semver": labels.get("semver"), "bento_model": str(self.model.tag)})
+        example = json.loads(BUNDLED_EXAMPLE.read_text()) if BUNDLED_EXAMPLE.exists() else None
+        self.app = App(cfg, predictor, example, on_served=self._served,
+                       on_drop=lambda n, reason: DROPPED.labels(variant=predictor.variant, reason=reason).inc(n))
 
-    def _served(self, answers: list[dict[str, Any]], endpoint: str, started: float) -> None:
-        labels = {"model_version": self.predictor.version, "variant": self.predictor.variant, "endpoint": endpoint}
+    def _served(self, answers: list[dict[str, Any]], endpoint: str, seconds: float) -> None:
+        p = self.app.predictor
+        labels = {"model_version": p.version, "variant": p.variant, "endpoint": endpoint}
         PREDICTIONS.labels(**labels).inc(len(answers))
-        LATENCY.labels(**labels).observe(time.perf_counter() - started)
-        for answer in answers:
-            self.log.put(log_row(answer, endpoint))
+        LATENCY.labels(**labels).observe(seconds)
 
-    def _windows(self, windows: list[Window], endpoint: str) -> list[dict[str, Any]]:
-        started = time.perf_counter()
-        p = self.predictor
-        try:
-            raw = p.inputs(windows, batch=endpoint == "predict_batch")
-        except BadRequest as exc:
-            BAD_REQUESTS.labels(variant=p.variant, endpoint=endpoint).inc()
-            raise InvalidArgument(str(exc)) from None
-        prob, ret = self.infer(raw)
-        answers = [p.answer(w, pr, r, started) for w, pr, r in zip(windows, prob, ret, strict=True)]
-        self._served(answers, endpoint, started)
-        return answers
 
-    @bentoml.api(route="/predict", input_spec=Window)
-    def predict(self, **window: Any) -> dict[str, Any]:
-        """One window of candles (oldest first; optional safe-haven bars and macro observations) →
-        direction, prob_up, confidence, expected_return, horizon, as_of."""
-        return self._windows([Window(**window)], "predict")[0]
-
-    @bentoml.api(route="/predict_batch", input_spec=Batch)
-    def predict_batch(self, windows: list[Window]) -> list[dict[str, Any]]:
-        """Many windows in one request; concurrent requests share forward passes (adaptive batching)."""
-        return self._windows(windows, "predict_batch")
-
-    @bentoml.api(route="/predict_latest", input_spec=LatestRequest)
-    def predict_latest(self, symbol: str) -> dict[str, Any]:
-        """The latest complete window of `symbol` read from the warehouse."""
-        try:
-            window = self.predictor.latest_window(symbol)
-        except BadRequest as exc:
-            BAD_REQUESTS.labels(variant=self.predictor.variant, endpoint="predict_latest").inc()
-            raise InvalidArgument(str(exc)) from None
-        except NotFoundError as exc:
-            raise NotFound(str(exc)) from None
-        return self._windows([window], "predict_latest")[0]
-
-    @bentoml.api(route="/model_info")
-    def model_info(self) -> dict[str, Any]:
-        return {**self.predictor.model_info(), "prediction_log": {"written": self.log.written, "dropped": self.log.dropped}}
+Sofare.add_asgi_middleware(Gateway, resolve=lambda: bentoml.get_current_service().app, observe=_observe,
+                           metrics=_metrics, static_dir=str(Path(bentoml.__file__).parent / "_internal" / "server" /
+                                                            "static_content"))

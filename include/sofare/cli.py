@@ -256,7 +256,7 @@ def cmd_demo(cfg: Config, args: argparse.Namespace) -> int:
     _print(f"\ndemo finished in {time.monotonic() - started:.0f}s; run it again: same rows, same checksums, same metrics.")
     _print(f"The service keeps running behind the front door {url} (Swagger UI: {url}/). Try:\n"
            f"  curl -s -X POST {url}/predict_latest -H 'Content-Type: application/json' -d '{{\"symbol\": \"BTCUSDT\"}}'\n"
-           f"  curl -s -X POST {url}/predict_latest -H 'Content-Type: application/json' -d '{{\"symbol\": \"ETHUSDT\"}}'   # a 400\n"
+           f"  curl -s -X POST {url}/predict_latest -H 'Content-Type: application/json' -d '{{\"symbol\": \"ETHUSDT\"}}'   # a 422 naming the field\n"
            "  .venv/bin/sofare canary status      # what serves where; .venv/bin/sofare rollback --reason incident\n"
            "Stop it: .venv/bin/sofare deploy --stop")
     return 0

@@ -234,6 +234,14 @@ class ServingConfig(_Model):
     max_window_candles: int = Field(default=2000, ge=1)
     context_ttl_seconds: float = Field(default=30.0, ge=0)  # safe-haven/macro rows re-read this often
     batch_wait_ms: float = Field(default=0.0, ge=0)  # extra wait to fill a forward pass; 0: take what is queued
+    model_threads: int = Field(default=1, ge=1)  # ONNX Runtime intra-op threads (1 measured fastest, docs/benchmarks.md)
+    max_body_bytes: int = Field(default=2 * 1024 * 1024, ge=1024)  # larger bodies: 413 before reading them
+    max_batch_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)  # the same for /predict_batch
+    max_pending: int = Field(default=32, ge=1)  # prediction requests in flight per worker; beyond: 503 + Retry-After
+    latest_refresh_seconds: float = Field(default=1.0, gt=0)  # how often the newest candles are looked for
+    log_file: str | None = None  # the service's own log (refused requests, warnings), rotated; None: stderr
+    log_max_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)
+    log_backups: int = Field(default=3, ge=0)
     log_queue_size: int = Field(default=10_000, ge=1)
     log_batch_size: int = Field(default=500, ge=1)
     log_flush_seconds: float = Field(default=0.5, gt=0)

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import time
+from datetime import datetime, timedelta
 
 import pytest
 
@@ -14,7 +16,7 @@ from sofare.serving import predictor, schemas
 from tests.serving.conftest import window_payload
 
 CONTRACT = {"prediction_id", "model_version", "variant", "latency_ms", "direction", "prob_up", "confidence",
-            "expected_return", "horizon", "as_of", "symbol", "interval"}
+            "expected_return", "heads_agree", "horizon", "as_of", "symbol", "interval"}
 
 
 def test_every_endpoint_answers(served):
@@ -102,6 +104,7 @@ BAD = [  # how, message fragment that names the field
 def test_bad_input_is_a_4xx_naming_the_field(served, how, message):
     status, answer = served["client"].post("/predict", None, raw=_mutate(window_payload(served["cfg"], candles=300), how))
     assert 400 <= status < 500, (status, answer)
+    assert set(answer["error"]) == {"code", "message", "details", "truncated"}, answer
     assert message in json.dumps(answer), answer
 
 
@@ -109,15 +112,15 @@ def test_bad_batches_are_refused_by_window(served):
     client = served["client"]
     good = window_payload(served["cfg"])
     status, answer = client.post("/predict_batch", {"windows": [good] * 9})
-    assert status == 400 and "windows: 9 given, at most 8" in json.dumps(answer)
+    assert status == 422 and "windows: 9 given, at most 8" in json.dumps(answer)
     bad = copy.deepcopy(good)
     bad["symbol"] = "ETHUSDT"
     status, answer = client.post("/predict_batch", {"windows": [good, bad]})
-    assert status == 400 and "windows[1].symbol" in json.dumps(answer)
+    assert status == 422 and [d["field"] for d in answer["error"]["details"]] == ["windows[1].symbol"]
     status, answer = client.post("/predict_batch", {"windows": []})
-    assert status == 400 and "windows" in json.dumps(answer)
+    assert status == 422 and "windows" in json.dumps(answer)
     status, answer = client.post("/predict_latest", {"symbol": "DOGEUSDT"})
-    assert status == 400 and "symbol" in json.dumps(answer)
+    assert status == 422 and answer["error"]["details"][0]["field"] == "symbol"
 
 
 def test_served_prediction_equals_the_in_process_prediction(served):
@@ -126,7 +129,8 @@ def test_served_prediction_equals_the_in_process_prediction(served):
     status, answer = served["client"].post("/predict", body)
     assert status == 200, answer
     model_dir = versions.download(cfg, served["version"])
-    local = predictor.Predictor.from_directory(cfg, model_dir, served["version"], "stable").predict(schemas.Window(**body))
+    local = predictor.Predictor.from_directory(cfg, model_dir, served["version"], "stable").predict(
+        schemas.decode(json.dumps(body).encode(), schemas.Window))
     assert answer["prob_up"] == local["prob_up"]
     assert answer["expected_return"] == pytest.approx(local["expected_return"], rel=1e-6, abs=1e-12)
     without_context = {k: v for k, v in body.items() if k not in ("safe_haven", "macro")}
@@ -147,6 +151,10 @@ def test_metrics_expose_labelled_series(served):
     assert float(served_line.rsplit(" ", 1)[1]) >= 1
     assert f'sofare_prediction_latency_seconds_bucket{{endpoint="predict",le="0.05",model_version="{version}",variant="stable"}}' in metrics
     assert 'sofare_bad_requests_total{endpoint="predict",variant="stable"}' in metrics
+    assert 'variant="canary"' not in metrics, "each server exports only its own series (its own Prometheus folder)"
+    for code in ("200", "422"):  # what canary analysis reads, labelled as BentoML labels it
+        pattern = r'bentoml_service_request_total\{endpoint="/predict",http_response_code="' + code + r'",[^}]*\} [1-9]'
+        assert re.search(pattern, metrics), code
 
 
 def test_both_served_runtimes_equal_the_trained_network(model_home):
@@ -166,3 +174,36 @@ def test_both_served_runtimes_equal_the_trained_network(model_home):
             want, got = trained.predict_windows(batch), served.predict_windows(batch)
             np.testing.assert_allclose(got[0], want[0], rtol=0, atol=1e-5, err_msg=f"{runtime} prob_up")
             np.testing.assert_allclose(got[1], want[1], rtol=1e-4, atol=1e-7, err_msg=f"{runtime} expected_return")
+
+
+def test_predict_latest_is_served_from_memory_and_follows_new_candles(served):
+    """The newest window is kept in memory; a candle that reaches the warehouse moves the answer on (the
+    refresher looks every serving.latest_refresh_seconds; the wait below is a generous bound, not a goal)."""
+    import pandas as pd
+
+    from sofare.data import warehouse
+
+    cfg, client = served["cfg"], served["client"]
+    status, before = client.post("/predict_latest", {"symbol": "BTCUSDT"})
+    assert status == 200
+    opens = datetime.fromisoformat(before["as_of"])  # the next candle opens when the newest one closes
+    engine = warehouse.get_engine(cfg)
+    with engine.connect() as conn:
+        last = warehouse.read_candles_before(conn, "BTCUSDT", "1h", opens, 1).iloc[-1]
+    row = pd.DataFrame([{"symbol": "BTCUSDT", "interval": "1h", "open_time": opens, "open": last["close"],
+                         "high": last["close"] * 1.01, "low": last["close"] * 0.99, "close": last["close"] * 1.005,
+                         "volume": last["volume"], "quote_volume": None, "trade_count": None, "source": "test"}])
+    with warehouse.transaction(engine) as conn:
+        warehouse.upsert(conn, warehouse.candles, row)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            status, after = client.post("/predict_latest", {"symbol": "BTCUSDT"})
+            if after["as_of"] == (opens + timedelta(hours=1)).isoformat():
+                break
+            assert time.monotonic() < deadline, f"still {after['as_of']}"
+            time.sleep(0.2)
+        assert after["prediction_id"] != before["prediction_id"]
+    finally:
+        with warehouse.transaction(engine) as conn:
+            conn.execute(warehouse.candles.delete().where(warehouse.candles.c.source == "test"))

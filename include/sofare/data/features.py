@@ -14,13 +14,18 @@ No look-ahead: row t uses candles up to t and daily/macro values whose `known_at
 the candle's close (t + interval). Every feature depends on at most `warmup_bars` rows of history
 (exactly for windowed indicators, to < 1e-6 for exponentially smoothed ones), and rows with less
 history are NULL, so the same window gives the same features in the warehouse and in the service.
+
+There is one computation, on numpy arrays and TA-Lib, without pandas: `micro_array` (the candle features)
+and `feature_matrix` (every feature column of one window, what the prediction service calls per request).
+`compute_features` is the pandas entry used by training over long histories; it only unpacks the frames,
+calls `feature_matrix` and adds the targets.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
@@ -64,16 +69,27 @@ def _macro_names(series_id: str, kind: str) -> tuple[str, ...]:
     return (f"{base}_growth",) if kind == "index" else (base, f"{base}_chg")
 
 
-def feature_spec(cfg: Config) -> FeatureSpec:
+def _micro_names(cfg: Config) -> tuple[str, ...]:
     f = cfg.features
-    micro = (
+    return (
         MICRO_FIXED
         + tuple(f"log_ret_lag_{k}" for k in f.return_lags)
         + tuple(f"mom_{w}" for w in f.momentum_windows)
         + tuple(f"vol_{w}" for w in f.volatility_windows)
     )
-    safe = tuple(f"sh_{t.name}_{part}" for t in cfg.safe_haven.tickers.values() for part in SAFE_HAVEN_PARTS)
-    macro = tuple(name for sid, s in cfg.macro.series.items() for name in _macro_names(sid, s.kind))
+
+
+def _safe_haven_names(cfg: Config) -> tuple[str, ...]:
+    return tuple(f"sh_{t.name}_{part}" for t in cfg.safe_haven.tickers.values() for part in SAFE_HAVEN_PARTS)
+
+
+def _all_macro_names(cfg: Config) -> tuple[str, ...]:
+    return tuple(name for sid, s in cfg.macro.series.items() for name in _macro_names(sid, s.kind))
+
+
+def feature_spec(cfg: Config) -> FeatureSpec:
+    f = cfg.features
+    micro, safe, macro = _micro_names(cfg), _safe_haven_names(cfg), _all_macro_names(cfg)
     fingerprint = repr((FEATURE_CODE_VERSION, micro, safe, macro, f.warmup_bars, f.horizon))
     version = f"fs{FEATURE_CODE_VERSION}-{hashlib.sha256(fingerprint.encode()).hexdigest()[:8]}"
     return FeatureSpec(micro, safe, macro, version)
@@ -83,26 +99,103 @@ def _safe_div(num: np.ndarray, den: np.ndarray, fill: float) -> np.ndarray:
     import numpy as np
 
     out = np.full_like(num, fill, dtype=float)
-    ok = np.isfinite(num) & np.isfinite(den) & (den != 0)
-    np.divide(num, den, out=out, where=ok)
-    out[~np.isfinite(num) | ~np.isfinite(den)] = np.nan
+    finite = np.isfinite(num) & np.isfinite(den)
+    np.divide(num, den, out=out, where=finite & (den != 0))
+    out[~finite] = np.nan
     return out
 
 
-def micro_features(candles: pd.DataFrame, cfg: Config) -> pd.DataFrame:
-    """TA, return, volatility, volume and calendar features of consecutive candles."""
+_NS_PER_MINUTE = 60 * 10**9
+_MINUTES_PER_DAY = 24 * 60
+_EPOCH_WEEKDAY = 3  # 1970-01-01 was a Thursday (Monday = 0, as pandas' dayofweek)
+_ROLLING_BLOCK = 4096  # windows per block of a rolling statistic: bounds the temporaries on long histories
+
+
+def _lag(x: np.ndarray, k: int) -> np.ndarray:
+    """x shifted down by k rows, NaN in front (pandas `shift(k)`)."""
     import numpy as np
-    import pandas as pd
+
+    out = np.full(len(x), np.nan)
+    if k < len(x):
+        out[k:] = x[: len(x) - k]
+    return out
+
+
+def _rolling(x: np.ndarray, window: int, stat: str) -> np.ndarray:
+    """pandas `rolling(window).<stat>()` for stat in mean, sum, std (ddof=1): NaN for the first window-1 rows
+    (min_periods = window) and wherever the window holds a NaN (or an infinity).
+
+    From prefix sums (a window of 300 candles costs a few vectorised calls, not one reduction per window),
+    restarted every `_ROLLING_BLOCK` windows so rounding cannot build up over a long history: results match
+    pandas' online algorithm to ~1e-13 relative. The std uses raw sums of squares, accurate when a series'
+    mean is small against its spread (log returns, the only series it is used on)."""
+    import numpy as np
+
+    n = len(x)
+    out = np.full(n, np.nan)
+    finite = np.isfinite(x)
+    first = int(finite.argmax()) if n else 0
+    if n - first < window or not finite[first]:
+        return out
+    if finite[first:].all():  # the usual case: NaN only in front (the first log return)
+        lo, bad = first, None
+    else:
+        lo, bad = 0, ~finite
+        x = np.where(finite, x, 0.0)
+    for start in range(lo, n - window + 1, _ROLLING_BLOCK):
+        stop = min(start + _ROLLING_BLOCK, n - window + 1)  # the windows x[i : i + window], start <= i < stop
+        seg = x[start : stop + window - 1]
+        dest = out[start + window - 1 : stop + window - 1]
+        total = np.cumsum(seg)
+        s1 = np.empty(stop - start)
+        s1[0] = total[window - 1]
+        np.subtract(total[window:], total[:-window], out=s1[1:])
+        if stat == "sum":
+            dest[:] = s1
+        elif stat == "mean":
+            np.divide(s1, window, out=dest)
+        else:
+            total = np.cumsum(seg * seg)
+            s2 = np.empty(stop - start)
+            s2[0] = total[window - 1]
+            np.subtract(total[window:], total[:-window], out=s2[1:])
+            s2 -= s1 * s1 / window
+            np.maximum(s2, 0.0, out=s2)  # rounding must not make a variance negative
+            np.sqrt(s2 / (window - 1), out=dest)
+        if bad is not None:
+            count = np.cumsum(bad[start : stop + window - 1])
+            hit = np.empty(stop - start, dtype=bool)
+            hit[0] = count[window - 1] > 0
+            np.greater(count[window:], count[:-window], out=hit[1:])
+            dest[hit] = np.nan
+    return out
+
+
+def micro_array(
+    o: np.ndarray, h: np.ndarray, l: np.ndarray, c: np.ndarray, v: np.ndarray, open_ns: np.ndarray, cfg: Config
+) -> np.ndarray:
+    """TA, return, volatility, volume and calendar features of consecutive candles, without pandas.
+
+    o, h, l, c, v: float64 arrays of one length n (open, high, low, close, volume); open_ns: int64 candle
+    open times, ns since the epoch (UTC). Returns [n, len(feature_spec(cfg).micro)] in that column order."""
+    import numpy as np
     import talib
 
-    o, h, l, c, v = (candles[k].to_numpy(dtype=float) for k in ("open", "high", "low", "close", "volume"))
-    logc = pd.Series(np.log(c))
-    r1 = logc.diff()
-    out: dict[str, np.ndarray | pd.Series] = {
+    o, h, l, c, v = (np.ascontiguousarray(x, dtype=np.float64) for x in (o, h, l, c, v))
+    open_ns = np.asarray(open_ns, dtype=np.int64)
+    names = _micro_names(cfg)
+    n = len(c)
+    if n == 0:
+        return np.empty((0, len(names)))
+    logc = np.log(c)
+    r1 = _lag(logc, 1)
+    np.subtract(logc, r1, out=r1)  # logc[t] - logc[t-1], NaN at t = 0
+    hl = np.log(h / l)
+    out: dict[str, np.ndarray] = {
         "log_ret_1": r1,
-        "hl_range": np.log(h / l),
+        "hl_range": hl,
         "oc_body": np.log(c / o),
-        "parkinson_24": np.sqrt((pd.Series(np.log(h / l)) ** 2).rolling(24).mean() / (4 * math.log(2))),
+        "parkinson_24": np.sqrt(_rolling(hl**2, 24, "mean") / (4 * math.log(2))),
         "rsi_14": talib.RSI(c, 14),
     }
     macd, signal, hist = talib.MACD(c, 12, 26, 9)
@@ -110,13 +203,13 @@ def micro_features(candles: pd.DataFrame, cfg: Config) -> pd.DataFrame:
     upper, mid, lower = talib.BBANDS(c, 20, 2.0, 2.0)
     out["bb_pctb"] = _safe_div(c - lower, upper - lower, 0.5)
     out["bb_width"] = _safe_div(upper - lower, mid, 0.0)
-    for n in (7, 25, 99):
-        out[f"sma_ratio_{n}"] = c / talib.SMA(c, n) - 1
-    for n in (12, 26):
-        out[f"ema_ratio_{n}"] = c / talib.EMA(c, n) - 1
+    for w in (7, 25, 99):
+        out[f"sma_ratio_{w}"] = c / talib.SMA(c, w) - 1
+    for w in (12, 26):
+        out[f"ema_ratio_{w}"] = c / talib.EMA(c, w) - 1
     out["atr_pct_14"] = talib.ATR(h, l, c, 14) / c
-    obv = pd.Series(talib.OBV(c, v))
-    out["obv_flow_14"] = _safe_div(obv.diff(14).to_numpy(), pd.Series(v).rolling(14).sum().to_numpy(), 0.0)
+    obv = talib.OBV(c, v)
+    out["obv_flow_14"] = _safe_div(obv - _lag(obv, 14), _rolling(v, 14, "sum"), 0.0)
     # bounded oscillators are clipped to their ranges: TA-Lib's smoothing overshoots 100 by ~1e-14 on
     # flat minute bars (found by the features suite on the real December 2024 minutes)
     stoch_k, stoch_d = talib.STOCH(h, l, c, 14, 3, 0, 3, 0)
@@ -125,24 +218,42 @@ def micro_features(candles: pd.DataFrame, cfg: Config) -> pd.DataFrame:
     out["cci_20"] = talib.CCI(h, l, c, 20)
     out["adx_14"] = talib.ADX(h, l, c, 14)
     out["mfi_14"] = talib.MFI(h, l, c, v, 14)
-    log_volume = pd.Series(np.log1p(v))
+    log_volume = np.log1p(v)
     out["log_volume"] = log_volume
-    out["volume_ratio_24"] = log_volume - log_volume.rolling(24).mean()
-    times = candles["open_time"]
-    hour = (times.dt.hour + times.dt.minute / 60.0).to_numpy()
-    dow = times.dt.dayofweek.to_numpy() + hour / 24.0
-    out.update(
-        hour_sin=np.sin(2 * np.pi * hour / 24), hour_cos=np.cos(2 * np.pi * hour / 24),
-        dow_sin=np.sin(2 * np.pi * dow / 7), dow_cos=np.cos(2 * np.pi * dow / 7),
-    )
+    out["volume_ratio_24"] = log_volume - _rolling(log_volume, 24, "mean")
+    minutes = open_ns // _NS_PER_MINUTE  # floor division: right before 1970 too
+    hour = (minutes % _MINUTES_PER_DAY) / 60.0  # the UTC hour + minute/60
+    dow = (minutes // _MINUTES_PER_DAY + _EPOCH_WEEKDAY) % 7 + hour / 24.0  # Monday = 0
+    hour *= 2 * math.pi / 24
+    dow *= 2 * math.pi / 7
+    out.update(hour_sin=np.sin(hour), hour_cos=np.cos(hour), dow_sin=np.sin(dow), dow_cos=np.cos(dow))
     f = cfg.features
     for k in f.return_lags:
-        out[f"log_ret_lag_{k}"] = r1.shift(k)
+        out[f"log_ret_lag_{k}"] = _lag(r1, k)
     for w in f.momentum_windows:
-        out[f"mom_{w}"] = logc - logc.shift(w)
+        out[f"mom_{w}"] = logc - _lag(logc, w)
     for w in f.volatility_windows:
-        out[f"vol_{w}"] = r1.rolling(w).std()
-    return pd.DataFrame({k: np.asarray(val, dtype=float) for k, val in out.items()}, index=candles.index)
+        out[f"vol_{w}"] = _rolling(r1, w, "std")
+    matrix = np.empty((n, len(names)))
+    for j, name in enumerate(names):
+        matrix[:, j] = out[name]
+    return matrix
+
+
+def micro_features(candles: pd.DataFrame, cfg: Config) -> pd.DataFrame:
+    """`micro_array` of a candles frame (open_time, open, high, low, close, volume) as a frame."""
+    import pandas as pd
+
+    o, h, l, c, v = (candles[k].to_numpy(dtype=float) for k in ("open", "high", "low", "close", "volume"))
+    values = micro_array(o, h, l, c, v, _ns(candles["open_time"]), cfg)
+    return pd.DataFrame(values, columns=list(_micro_names(cfg)), index=candles.index)
+
+
+def _ns(times: pd.Series) -> np.ndarray:
+    """Instants (naive ones read as UTC) as int64 ns since the epoch."""
+    import pandas as pd
+
+    return pd.DatetimeIndex(pd.to_datetime(times, utc=True)).as_unit("ns").asi8
 
 
 @dataclass(frozen=True)
@@ -152,6 +263,14 @@ class Events:
     names: tuple[str, ...]
     keys: np.ndarray  # int64, ascending (stable: ties keep their input order)
     values: np.ndarray  # float, one row per key
+    padded: np.ndarray = field(init=False, repr=False, compare=False)  # values after a row of NaN ("before")
+
+    def __post_init__(self) -> None:
+        import numpy as np
+
+        padded = np.full((len(self.keys) + 1, len(self.names)), np.nan)
+        padded[1:] = self.values
+        object.__setattr__(self, "padded", padded)
 
     @classmethod
     def of(cls, frame: pd.DataFrame, names: tuple[str, ...]) -> Events:
@@ -168,12 +287,7 @@ class Events:
         this on every request."""
         import numpy as np
 
-        found = np.searchsorted(self.keys, instants, side="right") - 1
-        out = np.full((len(found), len(self.names)), np.nan)
-        hit = found >= 0
-        if len(self.values):
-            out[hit] = self.values[found[hit]]
-        return out
+        return self.padded[np.searchsorted(self.keys, instants, side="right")]
 
 
 EventTables = list[tuple[tuple[str, ...], "Events | None"]]  # feature names, their events (None: no data)
@@ -251,22 +365,97 @@ def macro_events(observations: pd.DataFrame, cfg: Config) -> EventTables:
 def prepare_context(safe_haven: pd.DataFrame, macro: pd.DataFrame, cfg: Config) -> EventTables:
     """The safe-haven and macro inputs of the feature function as event tables. Rows known after an
     instant never reach that instant's features, so one table built from all rows known so far
-    serves every later request (the service keeps one and refreshes it)."""
-    return safe_haven_events(safe_haven, cfg) + macro_events(macro, cfg)
+    serves every later request (the service keeps one and refreshes it). The tables come merged into
+    one, so a request costs one binary search, not one per ticker and series."""
+    return merge_events(safe_haven_events(safe_haven, cfg) + macro_events(macro, cfg))
+
+
+def merge_events(tables: EventTables) -> EventTables:
+    """One event table with every feature of `tables` that answers every as-of lookup exactly as they do:
+    a row per distinct instant holding each table's values as of that instant. (Tables that share a
+    feature name are returned as they are: which one wins is theirs to say.)"""
+    import numpy as np
+
+    names = tuple(name for table_names, _ in tables for name in table_names)
+    if len(set(names)) != len(names) or len(tables) < 2:
+        return tables
+    present = [events for _, events in tables if events is not None]
+    keys = np.unique(np.concatenate([events.keys for events in present])) if present else np.empty(0, np.int64)
+    values = np.full((len(keys), len(names)), np.nan)
+    col = 0
+    for table_names, events in tables:
+        if events is not None:
+            values[:, col : col + len(table_names)] = events.asof(keys)
+        col += len(table_names)
+    return [(names, Events(names, keys.astype(np.int64), values))]
+
+
+def _context_values(instants: np.ndarray, tables: EventTables, names: tuple[str, ...]) -> np.ndarray:
+    """[len(instants), len(names)]: each named event-table feature as of each instant (int64 ns), NaN before
+    its first event or where its table has no data. A KeyError names any that no table provides."""
+    import numpy as np
+
+    out = np.full((len(instants), len(names)), np.nan)
+    where = {name: j for j, name in enumerate(names)}
+    seen: set[str] = set()
+    for table_names, events in tables:
+        seen.update(table_names)
+        if events is None or not table_names:
+            continue
+        j = where.get(table_names[0], -1)
+        if j >= 0 and names[j : j + len(table_names)] == table_names:  # the usual case: a run of columns
+            out[:, j : j + len(table_names)] = events.asof(instants)
+            continue
+        pairs = [(i, where[name]) for i, name in enumerate(table_names) if name in where]
+        if pairs:
+            out[:, [j for _, j in pairs]] = events.asof(instants)[:, [i for i, _ in pairs]]
+    if missing := set(names) - seen:
+        raise KeyError(f"the context has no event table for {sorted(missing)}")
+    return out
 
 
 def align(as_of: pd.Series, tables: EventTables) -> pd.DataFrame:
     """Every event-table feature as of each instant (NaN before its first event)."""
-    import numpy as np
     import pandas as pd
 
-    instants = pd.DatetimeIndex(pd.to_datetime(as_of, utc=True)).as_unit("ns").asi8
-    columns: dict[str, np.ndarray] = {}
-    for names, events in tables:
-        values = np.full((len(instants), len(names)), np.nan) if events is None else events.asof(instants)
-        for i, name in enumerate(names):
-            columns[name] = values[:, i]
-    return pd.DataFrame(columns)
+    names = tuple(dict.fromkeys(name for table_names, _ in tables for name in table_names))
+    return pd.DataFrame(_context_values(_ns(as_of), tables, names), columns=list(names))
+
+
+def feature_matrix(
+    o: np.ndarray,
+    h: np.ndarray,
+    l: np.ndarray,
+    c: np.ndarray,
+    v: np.ndarray,
+    open_ns: np.ndarray,
+    cfg: Config,
+    interval: str,
+    context: EventTables,
+) -> np.ndarray:
+    """Every feature column of feature_spec(cfg), in order, for consecutive candles: [n, len(columns)].
+
+    The micro features of `micro_array`, then the safe-haven and macro features of `context`
+    (`prepare_context`) as of each candle's close (open_ns + interval); non-finite values and the first
+    warmup_bars - 1 rows are NaN. No pandas: the service calls this for one window per request, training
+    (`compute_features`) for the whole history."""
+    import numpy as np
+
+    from sofare.config import interval_delta
+
+    micro = micro_array(o, h, l, c, v, open_ns, cfg)
+    n, m = micro.shape
+    names = _safe_haven_names(cfg) + _all_macro_names(cfg)
+    # a row is computed when its candle closes
+    closes = np.asarray(open_ns, dtype=np.int64) + interval_delta(interval) // timedelta(microseconds=1) * 1000
+    out = np.empty((n, m + len(names)))
+    out[:, :m] = micro
+    out[:, m:] = _context_values(closes, context, names)
+    warm = max(cfg.features.warmup_bars - 1, 0)
+    out[:warm] = np.nan  # not enough history: NULL, never a guess
+    rest = out[warm:]
+    rest[~np.isfinite(rest)] = np.nan
+    return out
 
 
 def targets(candles: pd.DataFrame, delta: timedelta, horizon: int) -> pd.DataFrame:
@@ -293,7 +482,6 @@ def compute_features(
 
     `context`: safe-haven and macro inputs already turned into event tables by `prepare_context`
     (then `safe_haven` and `macro` are not read)."""
-    import numpy as np
     import pandas as pd
 
     from sofare.config import interval_delta
@@ -304,14 +492,10 @@ def compute_features(
         return pd.DataFrame(columns=["open_time", *spec.columns, *TARGET_COLUMNS])
     candles = candles.sort_values("open_time").reset_index(drop=True)
     candles["open_time"] = pd.to_datetime(candles["open_time"], utc=True)
-    as_of = candles["open_time"] + delta  # a row is computed when its candle closes
     if context is None:
         context = prepare_context(safe_haven, macro, cfg)
-    parts = [micro_features(candles, cfg), align(as_of, context)]
-    feats = pd.concat(parts, axis=1)[list(spec.columns)]
-    values = feats.to_numpy(dtype=float)
-    values[~np.isfinite(values)] = np.nan
-    values[: cfg.features.warmup_bars - 1] = np.nan  # not enough history: NULL, never a guess
+    o, h, l, c, v = (candles[k].to_numpy(dtype=float) for k in ("open", "high", "low", "close", "volume"))
+    values = feature_matrix(o, h, l, c, v, _ns(candles["open_time"]), cfg, interval, context)
     out = pd.DataFrame(values, columns=list(spec.columns))
     out.insert(0, "open_time", candles["open_time"])
     return pd.concat([out, targets(candles, delta, cfg.features.horizon)], axis=1)

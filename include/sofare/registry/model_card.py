@@ -92,6 +92,8 @@ def render(report: EvaluationReport, model: str, version: str, tags: dict[str, s
         "- The backtest ignores slippage, funding and market impact, and trades at the close that produced the signal.",
         "- Trained on the embedded 2023-01 .. 2025-06 data; market regimes outside it are untested.",
         "- Macro series with quarterly releases change rarely; their features are mostly constant within a window.",
+        "- Two heads: `direction`/`prob_up` (classification) and `expected_return` (regression) are trained together",
+        "  but can disagree in sign; every answer says whether they do (`heads_agree`).",
         "",
     ]
     return "\n".join(lines)

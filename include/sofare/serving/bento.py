@@ -14,6 +14,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -82,6 +83,8 @@ def build(cfg: Config, model_tag: str) -> dict[str, str]:
             shutil.copy2(cfg.root / BENTO_DIR / file, stage / file)
         shutil.copy2(config_file(), stage / "sofare.yaml")
         (stage / "bento_model.txt").write_text(model_tag + "\n")  # pins the model: never "latest" in the store
+        example = example_window(cfg)
+        (stage / "bento_example.json").write_text(json.dumps(example) if example else "null")
         done = subprocess.run([sys.executable, "-m", "bentoml", "build", "-f", str(stage / "bentofile.yaml"),
                                str(stage), "--output", "tag"], capture_output=True, text=True,
                               env=environment(cfg), cwd=stage, check=False, timeout=600)
@@ -89,6 +92,21 @@ def build(cfg: Config, model_tag: str) -> dict[str, str]:
         raise RuntimeError(f"bentoml build failed (exit {done.returncode}): {done.stderr.strip()[-1500:]}")
     tag = done.stdout.strip().splitlines()[-1].removeprefix("__tag__:").strip()
     return {"bento": tag, "model": model_tag, "path": str(bento_path(cfg, tag))}
+
+
+def example_window(cfg: Config, candles: int = 300) -> dict[str, Any] | None:
+    """The newest `candles` (at least one window's worth) of the warehouse as a /predict body: the API
+    document's example, so Swagger's "Try it out" sends a real window. None when the warehouse has none."""
+    from sofare.data import warehouse
+    from sofare.serving.schemas import request_body
+
+    needed = cfg.features.warmup_bars + max(cfg.training.search_space.lookback) - 1
+    with warehouse.get_engine(cfg).connect() as conn:
+        newest = warehouse.read_candles_before(conn, cfg.market.symbol, cfg.market.interval,
+                                               datetime.now(UTC), 1)
+    if newest.empty:
+        return None
+    return request_body(cfg, newest["open_time"].iloc[-1].to_pydatetime(), max(candles, needed))
 
 
 def bento_path(cfg: Config, tag: str) -> Path:
@@ -135,6 +153,23 @@ def containerize(cfg: Config, tag: str) -> dict[str, Any]:
                        f"build it where an engine runs: docker build -f env/docker/Dockerfile -t {tag} ."}
 
 
+def serving_home(cfg: Config, name: str) -> Path:
+    """A BENTOML_HOME of one server's own that shares the store (bentos, models) by symlinks.
+
+    `bentoml serve` keeps its Prometheus files in $BENTOML_HOME/prometheus_multiproc_dir and empties that
+    folder when it starts: two servers on one home (stable and canary) would each export the other's series
+    and wipe them on restart, and canary analysis would compare a mixture. Each server gets its own."""
+    store = cfg.var_dir / "bentoml"
+    home = cfg.var_dir / "run" / f"bentoml-{name}"
+    home.mkdir(parents=True, exist_ok=True)
+    for part in ("bentos", "models"):
+        (store / part).mkdir(parents=True, exist_ok=True)
+        link = home / part
+        if not link.is_symlink():
+            link.symlink_to(store / part, target_is_directory=True)
+    return home
+
+
 class Server:
     """A real `bentoml serve` process on 127.0.0.1 (tests, benchmarks, the demo)."""
 
@@ -143,6 +178,8 @@ class Server:
         self.log = cfg.var_dir / "logs" / f"bentoml-{variant}-{port}.log"
         self.log.parent.mkdir(parents=True, exist_ok=True)
         self._out = self.log.open("w")
+        env.setdefault("SOFARE_SERVING__LOG_FILE", str(cfg.var_dir / "logs" / f"service-{variant}-{port}.log"))
+        env.setdefault("BENTOML_HOME", str(serving_home(cfg, f"{variant}-{port}")))
         self.process = subprocess.Popen(
             [sys.executable, "-m", "bentoml", "serve", target, "--host", "127.0.0.1", "--port", str(port)],
             env=environment(cfg, SOFARE_VARIANT=variant, **env), cwd=cfg.root, stdout=self._out,

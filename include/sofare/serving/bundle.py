@@ -20,11 +20,12 @@ Runtime = Literal["onnx", "torch"]
 Network = Callable[[np.ndarray, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 
-def _onnx(path: Path) -> Network:
+def _onnx(path: Path, threads: int) -> Network:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.intra_op_num_threads = len(os.sched_getaffinity(0))
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
     def run(micro: np.ndarray, safe: np.ndarray, macro: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -34,7 +35,7 @@ def _onnx(path: Path) -> Network:
     return run
 
 
-def _torchscript(path: Path) -> Network:
+def _torchscript(path: Path, threads: int) -> Network:
     import torch
 
     module = torch.jit.load(str(path))
@@ -57,13 +58,14 @@ class ServedModel:
         self.runtime = runtime
 
     @classmethod
-    def load(cls, directory: Path, runtime: Runtime = "onnx") -> ServedModel:
+    def load(cls, directory: Path, runtime: Runtime = "onnx", threads: int | None = None) -> ServedModel:
         where = model_dir(directory)
         meta = ModelMeta.read(where)
         file = meta.runtime_files.get(runtime)
         if file is None or not (where / file).exists():
             raise NotFoundError(f"the model under {where} has no {runtime} file (has: {sorted(meta.runtime_files)})")
-        return cls(meta, (_onnx if runtime == "onnx" else _torchscript)(where / file), runtime)
+        threads = threads or len(os.sched_getaffinity(0))
+        return cls(meta, (_onnx if runtime == "onnx" else _torchscript)(where / file, threads), runtime)
 
     @property
     def lookback(self) -> int:

@@ -1,0 +1,123 @@
+"""The HTTP gateway in process (no model, no server): the order of its refusals, admission, limits and
+metric labels, each decided before the application sees a byte."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any, ClassVar
+
+from sofare.serving.http import Gateway
+from sofare.serving.schemas import MAX_ERROR_BYTES, BadRequest, Problems, error_body
+
+
+class Stub:
+    max_pending = 2
+    limits: ClassVar[dict[str, int]] = {"/predict": 1000, "/predict_batch": 1000, "/predict_latest": 1000, "/model_info": 1000}
+    openapi = b"{}"
+    index = b"<html></html>"
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def predict(self, window: Any, endpoint: str) -> bytes:
+        self.calls += 1
+        return b'{"ok": true}'
+
+    def model_info(self) -> bytes:
+        return b"{}"
+
+
+def run(gateway: Gateway, method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None,
+        chunks: list[bytes] | None = None) -> tuple[int, dict[bytes, bytes], bytes]:
+    sent: list[dict[str, Any]] = []
+    parts = chunks if chunks is not None else [body]
+    headers = {"content-type": "application/json", **({} if chunks is not None else {"content-length": str(len(body))}),
+               **(headers or {})}
+
+    async def receive() -> dict[str, Any]:
+        part = parts.pop(0)
+        return {"type": "http.request", "body": part, "more_body": bool(parts)}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": method, "path": path,
+             "headers": [(k.encode(), v.encode()) for k, v in headers.items() if v is not None]}
+    asyncio.run(gateway(scope, receive, send))
+    return sent[0]["status"], dict(sent[0]["headers"]), sent[1]["body"]
+
+
+def gateway(stub: Stub | None = None, observed: list | None = None) -> Gateway:
+    stub = stub or Stub()
+
+    async def inner(scope: Any, receive: Any, send: Any) -> None:
+        raise AssertionError("only probes reach BentoML")
+
+    return Gateway(inner, resolve=lambda: stub,
+                   observe=lambda endpoint, status, seconds: (observed if observed is not None else []).append((endpoint, status)),
+                   metrics=lambda: (b"m 1\n", "text/plain"))
+
+
+def window() -> bytes:
+    return json.dumps({"symbol": "BTCUSDT", "interval": "1h", "candles": []}).encode()
+
+
+def test_past_max_pending_requests_get_a_fast_503_with_retry_after():
+    stub = Stub()
+    g = gateway(stub)
+    g.pending = stub.max_pending  # two requests already in flight
+    status, headers, body = run(g, "POST", "/predict", window())
+    assert status == 503 and headers[b"retry-after"] == b"1"
+    assert json.loads(body)["error"]["code"] == "overloaded" and stub.calls == 0
+    g.pending = 0
+    assert run(g, "POST", "/predict", b'{"symbol": "BTCUSDT", "interval": "1h", "candles": []}')[0] == 200
+    assert stub.calls == 1 and g.pending == 0
+
+
+def test_size_is_refused_from_the_header_or_while_streaming():
+    g = gateway()
+    status, headers, body = run(g, "POST", "/predict", b"x" * 10, headers={"content-length": "5000"})
+    assert status == 413 and headers[b"connection"] == b"close"
+    status, _, body = run(g, "POST", "/predict", chunks=[b"[" * 600, b"1" * 600, b"never read"])
+    assert status == 413 and json.loads(body)["error"]["code"] == "payload_too_large"
+
+
+def test_routes_methods_and_media_types():
+    observed: list = []
+    g = gateway(observed=observed)
+    assert run(g, "GET", "/wp-admin")[0] == 404
+    assert run(g, "GET", "/predict")[0] == 405
+    assert run(g, "POST", "/predict", window(), headers={"content-type": "text/plain"})[0] == 415
+    assert run(g, "POST", "/predict", b"{", headers={})[0] == 400
+    assert run(g, "GET", "/model_info")[0] == 200 and run(g, "POST", "/model_info", b"", headers={"content-type": None})[0] == 200
+    assert [e for e, _ in observed] == ["other", "/predict", "/predict", "/predict", "/model_info", "/model_info"]
+
+
+def test_a_starting_service_answers_503_and_a_bug_answers_a_plain_500():
+    def starting() -> Any:
+        raise RuntimeError("service isn't instantiated yet")
+
+    g = gateway()
+    g.resolve = starting
+    status, headers, _ = run(g, "POST", "/predict", window())
+    assert status == 503 and headers[b"retry-after"] == b"1"
+
+    class Broken(Stub):
+        def predict(self, window: Any, endpoint: str) -> bytes:
+            raise ZeroDivisionError("a bug")
+
+    status, _, body = run(gateway(Broken()), "POST", "/predict", window())
+    assert status == 500 and b"a bug" not in body and json.loads(body)["error"]["code"] == "internal"
+
+
+def test_the_error_body_is_capped_whatever_the_problems():
+    problems = Problems()
+    for i in range(5000):
+        problems.add(f"candles[{i}].open_time" + "x" * 5000, "\udcff" * 3000 + "é" * 3000)
+    try:
+        problems.raise_if_any()
+    except BadRequest as exc:
+        body = error_body(exc)
+    error = json.loads(body)["error"]
+    assert len(body) <= MAX_ERROR_BYTES and len(error["details"]) <= 20 and error["truncated"] == 5000 - len(error["details"])
