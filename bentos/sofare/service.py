@@ -80,13 +80,14 @@ def _metrics() -> tuple[bytes, str]:
 
 
 def _log_to(cfg: Any) -> None:
-    """The service's own log (one line per refused request, warnings) to a rotating file when
-    `serving.log_file` is set (`sofare deploy` and the tests set it per process)."""
-    if not cfg.serving.log_file:
-        return
-    handler = logging.handlers.RotatingFileHandler(cfg.resolve(Path(cfg.serving.log_file)),
-                                                   maxBytes=cfg.serving.log_max_bytes,
-                                                   backupCount=cfg.serving.log_backups)
+    """The service's own log (one line per refused request, warnings): a rotating file when
+    `serving.log_file` is set (`sofare serve`/`deploy` and the tests set one per process), else stderr
+    (a container's log driver rotates it)."""
+    handler: logging.Handler = logging.StreamHandler()
+    if cfg.serving.log_file:
+        handler = logging.handlers.RotatingFileHandler(cfg.resolve(Path(cfg.serving.log_file)),
+                                                       maxBytes=cfg.serving.log_max_bytes,
+                                                       backupCount=cfg.serving.log_backups)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
     logger = logging.getLogger("sofare")
     logger.addHandler(handler)

@@ -50,7 +50,8 @@ def served(model_home):
 
     cfg = model_home["cfg"]
     server = bento.Server(cfg, model_home["built"]["bento"], free_port(), "stable",
-                          SOFARE_SERVING__MAX_BATCH_WINDOWS="8")
+                          SOFARE_SERVING__MAX_BATCH_WINDOWS="8", SOFARE_SERVING__LOG_MAX_BYTES="16384",
+                          SOFARE_SERVING__LOG_BACKUPS="2")  # small: the hostile tests make it rotate
     with server:
         yield {**model_home, "client": Client(server.url), "server": server}
 

@@ -205,6 +205,9 @@ def test_client_errors_are_logged_at_info_in_one_line(url, served):
     lines = [line for line in text.splitlines() if "marker" in line]
     assert lines and all(" INFO " in line for line in lines), text[-2000:]
     assert "Traceback" not in text
+    rotated = sorted(log_file.parent.glob(log_file.name + ".*"))  # the refusals above filled 16 KB files
+    assert [p.name.rsplit(".", 1)[1] for p in rotated] == ["1", "2"], rotated
+    assert all(p.stat().st_size <= 16384 for p in [log_file, *rotated])
 
 
 def test_the_api_document_is_valid_and_its_examples_work(url):

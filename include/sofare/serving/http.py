@@ -154,9 +154,11 @@ class Gateway:
                            headers={"Connection": "close"})
         if path == "/model_info":
             return await handler(api, await _read(receive, limit))
-        if self.pending >= api.max_pending:
+        if self.pending >= api.max_pending:  # the body is not read: close unless it is surely all buffered
+            unread = length is None or not length.isdigit() or int(length) > 65536
             raise Overloaded(f"server: {self.pending} requests in progress; retry shortly",
-                             [Problem("server", "at capacity")], headers={"Retry-After": "1", "Connection": "close"})
+                             [Problem("server", "at capacity")],
+                             headers={"Retry-After": "1", **({"Connection": "close"} if unread else {})})
         self.pending += 1
         try:
             await asyncio.sleep(0)  # every request already received registers before this one computes

@@ -113,7 +113,7 @@ class Predictor:
                                             f"of feature warm-up + lookback {self.lookback} - 1)")
             return None
         stamps = np.array([(t if t.tzinfo is not None else t.replace(tzinfo=UTC)).timestamp()
-                           for t in (c.open_time for c in candles)])
+                           for t in [c.open_time for c in candles]])
         out_of_range = np.flatnonzero((stamps < EARLIEST.timestamp()) | (stamps >= LATEST.timestamp()))
         problems.add_each(out_of_range, lambda i: f"{where}candles[{i}].open_time",
                           lambda i: f"{candles[i].open_time.isoformat()} is outside {EARLIEST.date()} .. {LATEST.date()}")
@@ -130,8 +130,7 @@ class Predictor:
         if closes_at > datetime.now(UTC) + FUTURE_TOLERANCE:
             problems.add(f"{where}candles[{n - 1}].open_time", f"{_iso(us[-1])} is in the future (that candle closes at "
                                                                f"{closes_at.isoformat()})")
-        o, h, lo, c, v = (np.array([getattr(k, f) for k in candles], dtype=np.float64)
-                          for f in ("open", "high", "low", "close", "volume"))
+        o, h, lo, c, v = np.array([(k.open, k.high, k.low, k.close, k.volume) for k in candles], dtype=np.float64).T.copy()
         for name, values in (("open", o), ("high", h), ("low", lo), ("close", c), ("volume", v)):
             problems.add_each(np.flatnonzero(~np.isfinite(values)), lambda i, name=name: f"{where}candles[{i}].{name}",
                               lambda i: "must be a finite number")
