@@ -237,7 +237,8 @@ class ServingConfig(_Model):
     model_threads: int = Field(default=1, ge=1)  # ONNX Runtime intra-op threads (1 measured fastest, docs/benchmarks.md)
     max_body_bytes: int = Field(default=2 * 1024 * 1024, ge=1024)  # larger bodies: 413 before reading them
     max_batch_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)  # the same for /predict_batch
-    max_pending: int = Field(default=32, ge=1)  # prediction requests in flight per worker; beyond: 503 + Retry-After
+    max_pending: int = Field(default=8, ge=1)  # /predict requests waiting per worker; beyond: 503 + Retry-After
+    max_pending_batches: int = Field(default=2, ge=1)  # /predict_batch requests in flight per worker; beyond: 503
     latest_refresh_seconds: float = Field(default=1.0, gt=0)  # how often the newest candles are looked for
     log_file: str | None = None  # the service's own log (refused requests, warnings), rotated; None: stderr
     log_max_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)

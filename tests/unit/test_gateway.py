@@ -13,6 +13,7 @@ from sofare.serving.schemas import MAX_ERROR_BYTES, BadRequest, Problems, error_
 
 class Stub:
     max_pending = 2
+    max_pending_batches = 1
     limits: ClassVar[dict[str, int]] = {"/predict": 1000, "/predict_batch": 1000, "/predict_latest": 1000, "/model_info": 1000}
     openapi = b"{}"
     index = b"<html></html>"
@@ -28,8 +29,8 @@ class Stub:
         return b"{}"
 
 
-def run(gateway: Gateway, method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None,
-        chunks: list[bytes] | None = None) -> tuple[int, dict[bytes, bytes], bytes]:
+async def call(gateway: Gateway, method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None,
+               chunks: list[bytes] | None = None) -> tuple[int, dict[bytes, bytes], bytes]:
     sent: list[dict[str, Any]] = []
     parts = chunks if chunks is not None else [body]
     headers = {"content-type": "application/json", **({} if chunks is not None else {"content-length": str(len(body))}),
@@ -44,8 +45,12 @@ def run(gateway: Gateway, method: str, path: str, body: bytes = b"", headers: di
 
     scope = {"type": "http", "method": method, "path": path,
              "headers": [(k.encode(), v.encode()) for k, v in headers.items() if v is not None]}
-    asyncio.run(gateway(scope, receive, send))
+    await gateway(scope, receive, send)
     return sent[0]["status"], dict(sent[0]["headers"]), sent[1]["body"]
+
+
+def run(gateway: Gateway, *args: Any, **kwargs: Any) -> tuple[int, dict[bytes, bytes], bytes]:
+    return asyncio.run(call(gateway, *args, **kwargs))
 
 
 def gateway(stub: Stub | None = None, observed: list | None = None) -> Gateway:
@@ -63,16 +68,29 @@ def window() -> bytes:
     return json.dumps({"symbol": "BTCUSDT", "interval": "1h", "candles": []}).encode()
 
 
-def test_past_max_pending_requests_get_a_fast_503_with_retry_after():
+def test_past_max_pending_waiting_requests_get_a_fast_503_with_retry_after():
+    """Ten requests arrive together: two wait in the bounded queue (max_pending 2) and are answered in
+    order, the other eight are refused at once without being computed; then the queue admits again."""
     stub = Stub()
     g = gateway(stub)
-    g.pending = stub.max_pending  # two requests already in flight
-    status, headers, body = run(g, "POST", "/predict", window())
+
+    async def burst(n: int) -> list[tuple[int, dict[bytes, bytes], bytes]]:
+        return await asyncio.gather(*(call(g, "POST", "/predict", window()) for _ in range(n)))
+
+    answers = asyncio.run(burst(10))
+    statuses = [status for status, _, _ in answers]
+    assert statuses.count(200) == 2 and statuses.count(503) == 8 and stub.calls == 2
+    refused = next(a for a in answers if a[0] == 503)
+    assert refused[1][b"retry-after"] == b"1" and json.loads(refused[2])["error"]["code"] == "overloaded"
+    assert not g.queue and run(g, "POST", "/predict", window())[0] == 200 and stub.calls == 3
+
+
+def test_batches_in_flight_are_bounded():
+    stub = Stub()
+    g = gateway(stub)
+    g.batches = stub.max_pending_batches
+    status, headers, _ = run(g, "POST", "/predict_batch", b'{"windows": []}')
     assert status == 503 and headers[b"retry-after"] == b"1"
-    assert json.loads(body)["error"]["code"] == "overloaded" and stub.calls == 0
-    g.pending = 0
-    assert run(g, "POST", "/predict", b'{"symbol": "BTCUSDT", "interval": "1h", "candles": []}')[0] == 200
-    assert stub.calls == 1 and g.pending == 0
 
 
 def test_size_is_refused_from_the_header_or_while_streaming():

@@ -39,6 +39,7 @@ class App:
         self.on_served = on_served or (lambda answers, endpoint, seconds: None)
         self.infer = MicroBatcher(predictor.predict_raw, s.max_batch_windows, s.batch_wait_ms)
         self.max_pending = s.max_pending
+        self.max_pending_batches = s.max_pending_batches
         self.limits = {"/predict": s.max_body_bytes, "/predict_latest": s.max_body_bytes,
                        "/model_info": s.max_body_bytes, "/predict_batch": s.max_batch_body_bytes}
         self.openapi = msgspec.json.encode(openapi.document(cfg, predictor, example))

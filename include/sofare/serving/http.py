@@ -8,13 +8,15 @@ itself, in this order, before any parsing:
 1. route and method (404/405, one metrics label for every unknown path),
 2. `Content-Type: application/json` (415) and the body size (413 from `Content-Length`, or while
    streaming, with `Connection: close` so the rest is never read),
-3. admission: past `serving.max_pending` requests in flight a fast 503 with `Retry-After`
-   (a bounded queue instead of an unbounded backlog),
+3. admission: a bounded queue (`serving.max_pending` /predict requests waiting, `max_pending_batches`
+   batches); beyond it a fast 503 with `Retry-After` instead of an unbounded backlog,
 4. the body decoded straight into structs (msgspec), checked, answered.
 
 Every refusal has the one error shape (`schemas.error_body`) and is logged at INFO in one line.
-The prediction endpoints compute on the event loop (a window is ~1 ms of CPU: a thread hop and the
-GIL would cost more than they save); `/predict_batch` runs on one worker thread so probes stay live.
+`/predict` computes on the event loop (a window is ~1 ms of CPU: a thread hop and the GIL would cost
+more than they save), one request at a time from the queue with a loop iteration between any two (see
+`_compute`); `/predict_latest` is answered from memory at once; `/predict_batch` runs on one worker thread
+so probes stay live.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import asyncio
 import json
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -78,7 +81,9 @@ class Gateway:
         self.metrics = metrics
         self.static_dir = Path(static_dir) if static_dir else None
         self._api: Any = None
-        self.pending = 0
+        self.queue: deque[tuple[Callable[[], bytes], asyncio.Future[bytes]]] = deque()
+        self.consumer: asyncio.Task[None] | None = None
+        self.batches = 0  # /predict_batch requests admitted and not answered
         self.batch_pool = ThreadPoolExecutor(1, thread_name_prefix="sofare-batch")
 
     @property
@@ -154,25 +159,54 @@ class Gateway:
                            headers={"Connection": "close"})
         if path == "/model_info":
             return await handler(api, await _read(receive, limit))
-        if self.pending >= api.max_pending:  # the body is not read: close unless it is surely all buffered
+        self._admit(path, api, length)
+        return await handler(api, await _read(receive, limit))
+
+    def _admit(self, path: str, api: Any, length: bytes | None) -> None:
+        """A fast 503 when the work already waiting is at its bound (checked before the body is read)."""
+        waiting, bound = ((len(self.queue), api.max_pending) if path == "/predict" else
+                          (self.batches, api.max_pending_batches) if path == "/predict_batch" else (0, 1))
+        if waiting >= bound:  # the body is not read: close unless it is surely all buffered
             unread = length is None or not length.isdigit() or int(length) > 65536
-            raise Overloaded(f"server: {self.pending} requests in progress; retry shortly",
+            raise Overloaded(f"server: {waiting} requests waiting on {path}; retry shortly",
                              [Problem("server", "at capacity")],
                              headers={"Retry-After": "1", **({"Connection": "close"} if unread else {})})
-        self.pending += 1
-        try:
-            await asyncio.sleep(0)  # every request already received registers before this one computes
-            return await handler(api, await _read(receive, limit))
-        finally:
-            self.pending -= 1
+
+    async def _compute(self, work: Callable[[], bytes]) -> bytes:
+        """Run `work` on the event loop in arrival order, one at a time, the loop serving I/O between any two:
+        so every request that has arrived is in `queue` (or refused) while one computes, and the wait of an
+        admitted one is bounded by serving.max_pending computations. (Computing each request in its own
+        task would let the backlog hide in the loop's own queues, unbounded and unseen.)"""
+        if len(self.queue) >= self.api.max_pending:
+            raise Overloaded(f"server: {len(self.queue)} requests waiting; retry shortly",
+                             [Problem("server", "at capacity")], headers={"Retry-After": "1"})
+        future = asyncio.get_running_loop().create_future()
+        self.queue.append((work, future))
+        if self.consumer is None or self.consumer.done():
+            self.consumer = asyncio.get_running_loop().create_task(self._consume())
+        return await future
+
+    async def _consume(self) -> None:
+        while self.queue:
+            work, future = self.queue.popleft()
+            if not future.done():
+                try:
+                    future.set_result(work())
+                except BaseException as exc:  # noqa: BLE001 - handed to the waiting request
+                    future.set_exception(exc)
+            await asyncio.sleep(0)  # one loop iteration: accept, read, refuse or enqueue what arrived
 
     async def _predict(self, api: Any, body: bytes) -> Response:
-        return Response(200, api.predict(decode(body, Window), "predict"))
+        return Response(200, await self._compute(lambda: api.predict(decode(body, Window), "predict")))
 
     async def _predict_batch(self, api: Any, body: bytes) -> Response:
-        batch = decode(body, Batch)
-        loop = asyncio.get_running_loop()
-        return Response(200, await loop.run_in_executor(self.batch_pool, api.predict_batch, batch))
+        self.batches += 1
+        try:
+            batch = decode(body, Batch)
+            loop = asyncio.get_running_loop()
+            return Response(200, await loop.run_in_executor(self.batch_pool, api.predict_batch, batch))
+        finally:
+            self.batches -= 1
 
     async def _predict_latest(self, api: Any, body: bytes) -> Response:
         return Response(200, api.predict_latest(decode(body, LatestRequest)))
