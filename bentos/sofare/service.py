@@ -86,7 +86,10 @@ def _log_to(cfg: Any) -> None:
     (a container's log driver rotates it)."""
     handler: logging.Handler = logging.StreamHandler()
     if cfg.serving.log_file:
-        handler = logging.handlers.RotatingFileHandler(cfg.resolve(Path(cfg.serving.log_file)),
+        path = cfg.resolve(Path(cfg.serving.log_file))
+        if cfg.serving.workers > 1:  # one file per worker: rotation is not safe across processes
+            path = path.with_name(f"{path.stem}-{bentoml.server_context.worker_index or 0}{path.suffix}")
+        handler = logging.handlers.RotatingFileHandler(path,
                                                        maxBytes=cfg.serving.log_max_bytes,
                                                        backupCount=cfg.serving.log_backups)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
@@ -96,7 +99,7 @@ def _log_to(cfg: Any) -> None:
     logger.propagate = False
 
 
-@bentoml.service(name=SERVICE, traffic={"timeout": 30}, workers=1, metrics={"enabled": False},
+@bentoml.service(name=SERVICE, traffic={"timeout": 30}, workers=_config().serving.workers, metrics={"enabled": False},
                  logging={"access": {"enabled": False}})
 class Sofare:
     model = bentoml.models.BentoModel(MODEL_TAG)

@@ -234,6 +234,7 @@ class ServingConfig(_Model):
     max_window_candles: int = Field(default=2000, ge=1)
     context_ttl_seconds: float = Field(default=30.0, ge=0)  # safe-haven/macro rows re-read this often
     batch_wait_ms: float = Field(default=0.0, ge=0)  # extra wait to fill a forward pass; 0: take what is queued
+    workers: int = Field(default=2, ge=1)  # bentoml serve worker processes (2 on 2 cores: measured, docs/benchmarks.md)
     model_threads: int = Field(default=1, ge=1)  # ONNX Runtime intra-op threads (1 measured fastest, docs/benchmarks.md)
     max_body_bytes: int = Field(default=2 * 1024 * 1024, ge=1024)  # larger bodies: 413 before reading them
     max_batch_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)  # the same for /predict_batch
