@@ -260,6 +260,7 @@ class DeployConfig(_Model):
     max_error_rate: float = Field(default=0.01, ge=0, le=1)  # canary 5xx share above this fails the step
     max_p95_ms: float = Field(default=500.0, gt=0)  # canary p95 latency above this fails the step
     max_latency_ratio: float = Field(default=1.5, ge=1)  # ... or above stable's p95 times this
+    latency_floor_ms: float = Field(default=25.0, ge=0)  # ... unless the canary's p95 is at or under this (noise)
     failure_limit: int = Field(default=0, ge=0)  # failed steps tolerated before the rollout aborts
     inconclusive_limit: int = Field(default=2, ge=1)  # inconclusive measurements in a row before it aborts
     verify_requests: int = Field(default=5, ge=1)  # live requests through the front door that verify a switch

@@ -526,3 +526,14 @@ def test_against_a_real_bentoml_server(bentoml_server: str) -> None:
     assert got["error_rate"].outcome == "failure" and got["p95_latency_ms"].outcome == "success"
     assert got["error_rate"].canary == pytest.approx(5 / 36)
     assert PREDICTION_ENDPOINTS[0] == "/predict" and analysis.NAMESPACE == "bentoml_service"
+
+
+def test_p95_ratio_is_not_applied_under_the_noise_floor() -> None:
+    """2.1 against 3.2 ms is one histogram bucket, not a regression (a flake found in a fresh-clone run)."""
+    floor = Rules(min_requests=20, max_error_rate=0.01, max_p95_ms=500.0, max_latency_ratio=1.5, latency_floor_ms=60.0)
+    fast = _sample(100, buckets=((0.01, 100.0), (0.05, 100.0), (INF, 100.0)))  # p95 9.5 ms
+    got = _by_name(judge(_sample(100), fast, floor))["p95_latency_ms"]  # canary p95 48 ms, stable 9.5 ms
+    assert got.outcome == "success" and "noise floor" in got.detail
+    assert _by_name(judge(_sample(100), fast, RULES))["p95_latency_ms"].outcome == "failure"  # no floor: the ratio
+    with pytest.raises(InputError):
+        Rules(min_requests=1, max_error_rate=0.0, max_p95_ms=1.0, max_latency_ratio=1.0, latency_floor_ms=-1.0)

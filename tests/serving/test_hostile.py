@@ -208,6 +208,7 @@ def test_client_errors_are_logged_at_info_in_one_line(url, served):
     text = "".join(log.read_text() for log in logs)
     lines = [line for line in text.splitlines() if "marker" in line]
     assert lines and all(" INFO " in line for line in lines), text[-2000:]
+    assert text.isascii() and all(line[:4].isdigit() for line in text.splitlines()), "one escaped line per record"
     assert "Traceback" not in text
     rotated = [p for log in logs for p in log.parent.glob(log.name + ".*")]
     assert rotated, "the refusals of the tests above fill more than one 16 KB file"

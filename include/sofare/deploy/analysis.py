@@ -201,13 +201,15 @@ def quantile(sample: Sample, q: float) -> float | None:
 @dataclass(frozen=True)
 class Rules:
     """The thresholds of one analysis. `max_error_rate` is the canary's allowed share of 5xx answers (Flagger's
-    request-success-rate >= 99% is 0.01); `max_latency_ratio` compares the canary's p95 with stable's, and only
-    when stable itself served `min_requests` in the interval (a p95 of five requests is noise)."""
+    request-success-rate >= 99% is 0.01); `max_latency_ratio` compares the canary's p95 with stable's, only
+    when stable itself served `min_requests` in the interval (a p95 of five requests is noise) and only when
+    the canary's p95 is above `latency_floor_ms` (2.1 against 3.2 ms is a histogram bucket, not a regression)."""
 
     min_requests: int
     max_error_rate: float
     max_p95_ms: float
     max_latency_ratio: float
+    latency_floor_ms: float = 0.0  # a canary p95 at or under this passes the ratio: differences there are noise
 
     def __post_init__(self) -> None:
         if isinstance(self.min_requests, bool) or not isinstance(self.min_requests, int) or self.min_requests < 1:
@@ -218,6 +220,8 @@ class Rules:
             raise InputError(f"max_p95_ms must be a positive number, got {self.max_p95_ms!r}")
         if not (math.isfinite(self.max_latency_ratio) and self.max_latency_ratio > 0):
             raise InputError(f"max_latency_ratio must be a positive number, got {self.max_latency_ratio!r}")
+        if not (math.isfinite(self.latency_floor_ms) and self.latency_floor_ms >= 0):
+            raise InputError(f"latency_floor_ms must be a number >= 0, got {self.latency_floor_ms!r}")
 
 
 @dataclass(frozen=True)
@@ -308,6 +312,16 @@ def _judge_latency(
             stable_p95,
             requests,
             f"canary p95 {_ms(canary_p95)} is above the limit {_ms(rules.max_p95_ms)} (stable {_ms(stable_p95)}).",
+        )
+    if canary_p95 <= rules.latency_floor_ms:
+        return Measurement(
+            P95_LATENCY_MS,
+            SUCCESS,
+            canary_p95,
+            stable_p95,
+            requests,
+            f"canary p95 {_ms(canary_p95)} is at or under the noise floor {_ms(rules.latency_floor_ms)} "
+            f"(stable {_ms(stable_p95)}): no ratio is applied to millisecond differences.",
         )
     if stable_p95 is not None and stable.requests >= rules.min_requests:
         limit = stable_p95 * rules.max_latency_ratio

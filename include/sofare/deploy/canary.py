@@ -28,7 +28,7 @@ ROLLBACK_REASON = {"error_rate": "incident", "p95_latency_ms": "latency"}  # fai
 def rules(cfg: Config) -> analysis.Rules:
     d = cfg.deploy
     return analysis.Rules(min_requests=d.min_requests, max_error_rate=d.max_error_rate, max_p95_ms=d.max_p95_ms,
-                          max_latency_ratio=d.max_latency_ratio)
+                          max_latency_ratio=d.max_latency_ratio, latency_floor_ms=d.latency_floor_ms)
 
 
 def check_steps(steps: list[float]) -> list[float]:

@@ -165,8 +165,13 @@ def serving_home(cfg: Config, name: str) -> Path:
     for part in ("bentos", "models"):
         (store / part).mkdir(parents=True, exist_ok=True)
         link = home / part
-        if not link.is_symlink():
-            link.symlink_to(store / part, target_is_directory=True)
+        if link.is_symlink() and link.resolve() == (store / part).resolve():
+            continue
+        if link.is_symlink() or link.is_file():
+            link.unlink()
+        elif link.exists():  # e.g. a copied var/ whose links became folders
+            shutil.rmtree(link)
+        link.symlink_to(store / part, target_is_directory=True)
     return home
 
 

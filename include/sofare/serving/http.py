@@ -225,7 +225,9 @@ class Gateway:
                         ((b"cache-control", b"max-age=3600"),))
 
     def _refusal(self, scope: dict[str, Any], exc: ClientError) -> Response:
-        log.info("%d %s %s %s: %s", exc.status, exc.code, scope["method"], scope["path"][:100], exc.message[:300])
+        # one line whatever the client sent: newlines, control and non-ASCII characters escaped
+        log.info("%d %s %s %s: %s", exc.status, exc.code, scope["method"], _printable(scope["path"][:100]),
+                 _printable(exc.message[:300]))
         headers = tuple((k.lower().encode(), v.encode()) for k, v in exc.headers.items())
         return Response(exc.status, error_body(exc), headers=headers)
 
@@ -240,6 +242,10 @@ class Gateway:
 
         await self.app(scope, receive, capture)
         return status
+
+
+def _printable(text: str) -> str:
+    return text.encode("unicode_escape").decode("ascii")
 
 
 def _check_content_type(value: bytes | None, optional: bool = False) -> None:
