@@ -114,8 +114,8 @@ class Sofare:
         self.app = App(cfg, predictor, example, on_served=self._served,
                        on_drop=lambda n, reason: DROPPED.labels(variant=predictor.variant, reason=reason).inc(n))
         # Everything loaded so far (BentoML, the model, the context tables: ~300k objects) lives as long as the
-        # process; out of the collector's sight, a full collection takes < 1 ms instead of 200-300 ms of stopped
-        # event loop (measured, docs/benchmarks.md).
+        # process; out of the collector's sight a full collection of what is left took < 1 ms in process instead
+        # of 200-300 ms. Under sustained load the server still logs some of ~100 ms (docs/benchmarks.md).
         gc.collect()
         gc.freeze()
 

@@ -159,18 +159,21 @@ class Gateway:
                            headers={"Connection": "close"})
         if path == "/model_info":
             return await handler(api, await _read(receive, limit))
-        self._admit(path, api, length)
-        return await handler(api, await _read(receive, limit))
+        refusal = self._admit(path, api)
+        body = await _read(receive, limit)
+        if refusal is not None:  # answered after the body is read: a client still sending would get a reset
+            raise refusal
+        return await handler(api, body)
 
-    def _admit(self, path: str, api: Any, length: bytes | None) -> None:
-        """A fast 503 when the work already waiting is at its bound (checked before the body is read)."""
+    def _admit(self, path: str, api: Any) -> Overloaded | None:
+        """A 503 when the work already waiting is at its bound (decided before the body is read, so the
+        body is only drained, never decoded)."""
         waiting, bound = ((len(self.queue), api.max_pending) if path == "/predict" else
                           (self.batches, api.max_pending_batches) if path == "/predict_batch" else (0, 1))
-        if waiting >= bound:  # the body is not read: close unless it is surely all buffered
-            unread = length is None or not length.isdigit() or int(length) > 65536
-            raise Overloaded(f"server: {waiting} requests waiting on {path}; retry shortly",
-                             [Problem("server", "at capacity")],
-                             headers={"Retry-After": "1", **({"Connection": "close"} if unread else {})})
+        if waiting < bound:
+            return None
+        return Overloaded(f"server: {waiting} requests waiting on {path}; retry shortly",
+                          [Problem("server", "at capacity")], headers={"Retry-After": "1"})
 
     async def _compute(self, work: Callable[[], bytes]) -> bytes:
         """Run `work` on the event loop in arrival order, one at a time, the loop serving I/O between any two:
