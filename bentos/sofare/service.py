@@ -25,10 +25,11 @@ from pathlib import Path
 from typing import Any
 
 import bentoml
+from bentoml._internal.server.http import traffic as _traffic
 
 from sofare.config import load_config
 from sofare.serving.app import App
-from sofare.serving.http import Gateway
+from sofare.serving.http import Gateway, timeout_middleware_call
 from sofare.serving.predictor import Predictor
 
 HERE = Path(__file__).parent
@@ -126,6 +127,9 @@ class Sofare:
         LATENCY.labels(**labels).observe(seconds)
 
 
+# BentoML 1.4.39's timeout middleware keeps every request alive for the whole timeout (see the function's
+# docstring): its __call__ is replaced by the same code with the timer cancelled. The lock pins bentoml.
+_traffic.TimeoutMiddleware.__call__ = timeout_middleware_call  # type: ignore[method-assign]
 Sofare.add_asgi_middleware(Gateway, resolve=lambda: bentoml.get_current_service().app, observe=_observe,
                            metrics=_metrics, static_dir=str(Path(bentoml.__file__).parent / "_internal" / "server" /
                                                             "static_content"))

@@ -139,3 +139,55 @@ def test_the_error_body_is_capped_whatever_the_problems():
         body = error_body(exc)
     error = json.loads(body)["error"]
     assert len(body) <= MAX_ERROR_BYTES and len(error["details"]) <= 20 and error["truncated"] == 5000 - len(error["details"])
+
+
+class _Timeout:
+    """The parts of BentoML's TimeoutMiddleware that its __call__ uses."""
+
+    def __init__(self, app: Any, timeout: float) -> None:
+        self.app, self.timeout = app, timeout
+
+    def _set_timer_out(self, waiter: asyncio.Future[Any]) -> None:
+        if not waiter.done():
+            waiter.set_exception(asyncio.TimeoutError)
+
+
+def test_the_timeout_middleware_releases_each_request_when_it_ends():
+    """Upstream leaves one live timer per request for the whole timeout (holding the request's future and
+    context); after 200 requests none may be left scheduled."""
+    from sofare.serving.http import timeout_middleware_call
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    async def many() -> int:
+        middleware = _Timeout(app, timeout=3600)
+
+        async def send(message: Any) -> None:
+            pass
+
+        for _ in range(200):
+            await timeout_middleware_call(middleware, {"type": "http"}, None, send)
+        return sum(not handle.cancelled() for handle in asyncio.get_running_loop()._scheduled)
+
+    assert asyncio.run(many()) == 0
+
+
+def test_a_timed_out_request_gets_a_504_in_the_error_shape():
+    from sofare.serving.http import timeout_middleware_call
+
+    async def slow(scope: Any, receive: Any, send: Any) -> None:
+        await asyncio.sleep(3600)
+
+    async def once() -> list[dict[str, Any]]:
+        sent: list[dict[str, Any]] = []
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        await timeout_middleware_call(_Timeout(slow, timeout=0.01), {"type": "http"}, None, send)
+        return sent
+
+    sent = asyncio.run(once())
+    assert sent[0]["status"] == 504 and json.loads(sent[1]["body"])["error"]["code"] == "timeout"

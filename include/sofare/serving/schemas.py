@@ -98,6 +98,12 @@ class Overloaded(ClientError):
     status, code = 503, "overloaded"
 
 
+class TimedOut(ClientError):
+    """Not answered within the server's timeout (BentoML's `traffic.timeout`)."""
+
+    status, code = 504, "timeout"
+
+
 class Problems:
     """Collects what is wrong with a request, keeping the first `MAX_DETAILS` and counting the rest."""
 
