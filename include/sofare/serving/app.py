@@ -6,6 +6,7 @@ warehouse (safe-haven/macro context, newest candles) so no request waits on the 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -71,7 +72,8 @@ class App:
 
     def model_info(self) -> bytes:
         return msgspec.json.encode({**self.predictor.model_info(),
-                                    "prediction_log": {"written": self.log.written, "dropped": self.log.dropped}})
+                                    "prediction_log": {"written": self.log.written, "dropped": self.log.dropped,
+                                                       "worker": os.getpid()}})  # this worker's; /metrics sums them
 
     def _served(self, answers: list[dict[str, Any]], endpoint: str, started: float, single: bool = False) -> bytes:
         self.on_served(answers, endpoint, time.perf_counter() - started)
