@@ -207,3 +207,19 @@ def test_predict_latest_is_served_from_memory_and_follows_new_candles(served):
     finally:
         with warehouse.transaction(engine) as conn:
             conn.execute(warehouse.candles.delete().where(warehouse.candles.c.source == "test"))
+
+
+def test_an_unreadable_warehouse_is_a_503_never_a_500(served, tmp_path):
+    """Context rows or the latest window from a warehouse that cannot be read: 503 + Retry-After naming it."""
+    from sofare.serving.schemas import Unavailable
+
+    cfg = served["cfg"]
+    gone = cfg.model_copy(update={"warehouse": cfg.warehouse.model_copy(
+        update={"url": f"sqlite:///{tmp_path}/missing/dir/warehouse.db"})})
+    local = predictor.Predictor.from_directory(gone, versions.download(cfg, served["version"]), served["version"], "stable")
+    body = json.dumps(window_payload(cfg)).encode()  # no safe_haven/macro: the warehouse's are needed
+    with pytest.raises(Unavailable) as refused:
+        local.predict(schemas.decode(body, schemas.Window))
+    assert refused.value.status == 503 and refused.value.headers["Retry-After"] == "1"
+    with pytest.raises(Unavailable):
+        predictor.Latest(local).answer("BTCUSDT", time.perf_counter())

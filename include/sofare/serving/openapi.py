@@ -101,7 +101,7 @@ def _errors(*codes: int) -> dict[str, Any]:
     text = {400: "malformed JSON", 404: "no data for this symbol", 405: "method not allowed",
             413: "body over the size limit (refused before it is read)",
             415: "not application/json", 422: "invalid content, or more candles/windows/rows than the caps; details name each field",
-            503: "over capacity or starting: retry after the Retry-After seconds"}
+            503: "over capacity, starting, or the warehouse unreadable: retry after the Retry-After seconds"}
     out: dict[str, Any] = {}
     for code in codes:
         out[str(code)] = {"description": text[code], "content": {"application/json": {"schema": _ref("Error")}}}

@@ -38,6 +38,7 @@ from sofare.serving.schemas import (
     Problem,
     Problems,
     TooMany,
+    Unavailable,
     Window,
     utc,
 )
@@ -179,14 +180,14 @@ class Predictor:
         """Safe-haven and macro event tables: the service's cached ones, or built from the request's
         rows (and, for the part the request leaves out, the warehouse's rows known by `as_of`)."""
         if window.safe_haven is None and window.macro is None:  # the common case: no per-request context work
-            return self.context.tables()
+            return _from_warehouse(self.context.tables)
         import pandas as pd
 
         first = EPOCH + timedelta(microseconds=int(us[0]))
         start = (first - timedelta(days=self.cfg.features.daily_context_days)).date()
         since = first - timedelta(days=self.cfg.features.macro_context_days)
         if window.safe_haven is None or window.macro is None:
-            safe, macro = self.context.rows(start, since, as_of)
+            safe, macro = _from_warehouse(lambda: self.context.rows(start, since, as_of))
         if window.safe_haven is not None:
             safe = pd.DataFrame([{f: getattr(b, f) for f in b.__struct_fields__} for b in window.safe_haven],
                                 columns=["ticker", "date", "open", "high", "low", "close", "known_at", "volume"])
@@ -300,10 +301,22 @@ class Latest:
         if self.current is None:
             if self.error is not None:
                 raise self.error
-            self.refresh()
-            return self.answer(symbol, started)
+            _from_warehouse(self.refresh)
+            if self.current is None:
+                raise self.error or Unavailable("symbol: no latest window yet", [Problem("symbol", "no latest window yet; retry")],
+                                  headers={"Retry-After": "1"})
         as_of, prob, ret = self.current
         return p.answer(as_of, prob, ret, started)
+
+
+def _from_warehouse(read: Any) -> Any:
+    """`read()`, or a 503 naming the warehouse when it cannot be read (never a 500)."""
+    try:
+        return read()
+    except Exception as exc:  # noqa: BLE001 - any driver error: the dependency is down, not the request wrong
+        log.warning("warehouse read failed: %s", str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__)
+        raise Unavailable("warehouse: cannot be read now; retry later (or send safe_haven and macro rows)",
+                          [Problem("warehouse", "unavailable")], headers={"Retry-After": "1"}) from None
 
 
 class WarehouseContext:

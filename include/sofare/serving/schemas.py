@@ -98,6 +98,12 @@ class Overloaded(ClientError):
     status, code = 503, "overloaded"
 
 
+class Unavailable(ClientError):
+    """A dependency (the warehouse) cannot be read now; retry later."""
+
+    status, code = 503, "unavailable"
+
+
 class TimedOut(ClientError):
     """Not answered within the server's timeout (BentoML's `traffic.timeout`)."""
 
