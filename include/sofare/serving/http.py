@@ -22,7 +22,6 @@ so probes stay live.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections import deque
@@ -31,8 +30,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import msgspec
 
 from sofare.serving.schemas import (
     Batch,
@@ -85,6 +82,7 @@ class Gateway:
         self.queue: deque[tuple[Callable[[], bytes], asyncio.Future[bytes]]] = deque()
         self.consumer: asyncio.Task[None] | None = None
         self.batches = 0  # /predict_batch requests admitted and not answered
+        self._routes = self.routes()  # built once, not per request
         self.batch_pool = ThreadPoolExecutor(1, thread_name_prefix="sofare-batch")
 
     @property
@@ -107,7 +105,7 @@ class Gateway:
             status = await self._pass(scope, receive, send)
             self.observe(path, status, time.perf_counter() - started)
             return
-        routes = self.routes()
+        routes = self._routes
         endpoint = path if path in routes else ("/static_content" if path.startswith("/static_content/") else OTHER)
         try:
             response = await self._handle(scope, receive, path, routes)
@@ -314,10 +312,3 @@ async def _read(receive: Callable[[], Awaitable[dict[str, Any]]], limit: int) ->
         if not message.get("more_body", False):
             return b"".join(chunks)
 
-
-def encode(value: Any) -> bytes:
-    return msgspec.json.encode(value)
-
-
-def dumps(value: Any) -> bytes:
-    return json.dumps(value).encode()

@@ -228,7 +228,6 @@ class Empty(_Strict):
 _DECODERS = {kind: msgspec.json.Decoder(kind) for kind in (Window, Batch, LatestRequest, Empty)}
 _AT = re.compile(r"^(?P<problem>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.DOTALL)
 _FIELD = re.compile(r"field `([^`]*)`")
-_TOO_MANY = re.compile(r"length <= \d+")
 
 
 def decode(body: bytes, kind: type[msgspec.Struct]) -> Any:
