@@ -24,7 +24,7 @@ import pendulum
 from airflow.sdk import Param, dag, task
 
 from sofare.config import load_config
-from sofare.orchestration import BENTO, CHAMPION, default_args, on_failure_callback, run
+from sofare.orchestration import BENTO, CHAMPION, default_args, run
 
 CFG = load_config()
 ACTOR = "airflow:sofare_deploy"
@@ -36,7 +36,7 @@ ACTOR = "airflow:sofare_deploy"
     start_date=pendulum.parse(CFG.ingest.start_date, tz="UTC"),
     catchup=False,
     max_active_runs=1,
-    default_args={**default_args(CFG), "retries": 0, "on_failure_callback": on_failure_callback},
+    default_args={**default_args(CFG), "retries": 0},
     tags=["sofare", "deploy", "canary"],
     doc_md=__doc__,
     params={

@@ -21,7 +21,7 @@ import pendulum
 from airflow.sdk import Param, dag, task
 
 from sofare.config import load_config
-from sofare.orchestration import CHAMPION, default_args, on_failure_callback, run
+from sofare.orchestration import CHAMPION, default_args, run
 
 CFG = load_config()
 REASONS = {"incident": "Incident (errors, outage)", "bad-predictions": "Bad predictions",
@@ -34,7 +34,7 @@ REASONS = {"incident": "Incident (errors, outage)", "bad-predictions": "Bad pred
     start_date=pendulum.parse(CFG.ingest.start_date, tz="UTC"),
     catchup=False,
     max_active_runs=1,
-    default_args={**default_args(CFG), "retries": 0, "on_failure_callback": on_failure_callback},
+    default_args={**default_args(CFG), "retries": 0},
     tags=["sofare", "deploy", "on-call"],
     doc_md=__doc__,
     params={

@@ -1,7 +1,8 @@
 """
 ### sofare_train — tune, train, evaluate and register SofareM3
 
-Runs **weekly**, **whenever `sofare_validated_features` is updated**, or manually with Params.
+Runs **weekly**, **whenever `sofare_validated_features` is updated**, **when `sofare_monitor` asks for a
+retrain** (`sofare_retrain_request`, the reason in the event's extra), or manually with Params.
 Reads validated days only: an unvalidated or failed day in the window fails `plan` and names it.
 
 - `plan` — fixes the training window (Params, else config, else the latest span of days that
@@ -24,7 +25,7 @@ import pendulum
 from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, task
 
 from sofare.config import load_config
-from sofare.orchestration import MODEL_CANDIDATE, VALIDATED_FEATURES, default_args, run
+from sofare.orchestration import MODEL_CANDIDATE, RETRAIN_REQUEST, VALIDATED_FEATURES, default_args, run
 
 CFG = load_config()
 
@@ -32,7 +33,7 @@ CFG = load_config()
 @dag(
     dag_id="sofare_train",
     schedule=AssetOrTimeSchedule(timetable=CronTriggerTimetable(CFG.training.schedule, timezone="UTC"),
-                                 assets=VALIDATED_FEATURES),
+                                 assets=VALIDATED_FEATURES | RETRAIN_REQUEST),
     start_date=pendulum.parse(CFG.ingest.start_date, tz="UTC"),
     catchup=False,
     max_active_runs=1,

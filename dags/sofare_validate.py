@@ -24,7 +24,7 @@ import pendulum
 from airflow.sdk import AssetOrTimeSchedule, CronDataIntervalTimetable, Param, dag, task
 
 from sofare.config import load_config
-from sofare.orchestration import FEATURES, VALIDATED_FEATURES, default_args, fail_fast, on_failure_callback, run
+from sofare.orchestration import FEATURES, VALIDATED_FEATURES, default_args, fail_fast, run
 from sofare.validation import SUITES
 
 CFG = load_config()
@@ -54,8 +54,7 @@ def sofare_validate():
         extras = [event.extra for events in (triggering_asset_events or {}).values() for event in events]
         return fail_fast(tasks.validation_windows, params, data_interval_start, data_interval_end, extras)
 
-    @task(outlets=[VALIDATED_FEATURES], on_failure_callback=on_failure_callback,
-          map_index_template="{{ task.op_kwargs['suite'] }}")
+    @task(outlets=[VALIDATED_FEATURES], map_index_template="{{ task.op_kwargs['suite'] }}")
     def validate(suite: str, windows: list) -> dict:
         from sofare import tasks
 
@@ -67,7 +66,7 @@ def sofare_validate():
 
         return run(tasks.data_docs)
 
-    @task(trigger_rule="one_failed")
+    @task(trigger_rule="one_failed", on_failure_callback=None)  # the failed validate task has alerted already
     def verdict() -> None:
         from airflow.sdk.exceptions import AirflowFailException
 

@@ -1,14 +1,16 @@
 """SOFARE inside Airflow's UI, linked from the navigation bar: a warehouse status page (rows,
-ranges, gaps per table) under /sofare/status and the Great Expectations Data Docs under
-/sofare/data-docs/. Imports nothing heavy until a page is opened."""
+ranges, gaps per table) under /sofare/status, the Great Expectations Data Docs under
+/sofare/data-docs/, and the monitor (live accuracy, drift, serving health as charts) under
+/sofare/monitor with its Evidently reports under /sofare/reports/ and its gauges at
+/sofare/monitor/metrics for Prometheus. Imports nothing heavy until a page is opened."""
 
 from __future__ import annotations
 
 import html
 
 from airflow.plugins_manager import AirflowPlugin
-from fastapi import FastAPI
-from fastapi.responses import HTMLResponse
+from fastapi import FastAPI, Query
+from fastapi.responses import HTMLResponse, Response
 from fastapi.staticfiles import StaticFiles
 
 from sofare.config import load_config
@@ -16,6 +18,8 @@ from sofare.config import load_config
 app = FastAPI(title="SOFARE", description="SOFARE pages served by the Airflow API server")
 app.mount("/data-docs", StaticFiles(directory=str(load_config().var_dir / "data_docs"), html=True, check_dir=False),
           name="data-docs")
+app.mount("/reports", StaticFiles(directory=str(load_config().var_dir / "reports"), check_dir=False),
+          name="reports")  # the Evidently drift reports the monitor writes and its page links
 
 PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>SOFARE warehouse status</title>
 <style>body{{font-family:system-ui,sans-serif;margin:2rem}}pre{{background:#f6f8fa;padding:1rem}}</style></head>
@@ -38,10 +42,37 @@ def status_json() -> dict:
     return tasks.status(load_config())
 
 
+MONITOR_PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>SOFARE monitor</title>
+<style>body{{font-family:system-ui,sans-serif;margin:2rem;max-width:1100px}}
+table{{border-collapse:collapse;margin:.5rem 0 1rem}}td,th{{border:1px solid #d0d7de;padding:.25rem .5rem;
+font-size:.85rem;text-align:left;vertical-align:top}}th{{background:#f6f8fa}}.insufficient{{color:#6e7781}}
+.sev-high,.sev-critical{{color:#c0392b;font-weight:600}}.sev-medium{{color:#e67e22;font-weight:600}}
+figure.chart{{margin:1rem 0}}figure.chart svg{{max-width:100%;height:auto}}</style></head>
+<body><h1>SOFARE monitor</h1><p>Live quality, drift and serving health from <code>monitoring_runs</code>,
+last {days} days of monitored hours. Gauges for Prometheus: <a href="monitor/metrics">monitor/metrics</a></p>
+{body}</body></html>"""
+
+
+@app.get("/monitor", response_class=HTMLResponse)
+def monitor_page(days: int = Query(30, ge=1, le=366)) -> str:
+    from sofare.monitoring import dashboard
+
+    cfg = load_config()
+    return MONITOR_PAGE.format(days=days, body=dashboard.render(cfg, dashboard.load(cfg, days=days)))
+
+
+@app.get("/monitor/metrics")
+def monitor_metrics() -> Response:
+    from sofare.monitoring import dashboard
+
+    return Response(dashboard.prometheus_text(load_config()), media_type=dashboard.CONTENT_TYPE)
+
+
 class SofarePlugin(AirflowPlugin):
     name = "sofare"
     fastapi_apps = [{"app": app, "url_prefix": "/sofare", "name": "SOFARE"}]
     external_views = [
         {"name": "Warehouse status", "href": "/sofare/status", "category": "SOFARE", "destination": "nav"},
         {"name": "Data Docs", "href": "/sofare/data-docs/index.html", "category": "SOFARE", "destination": "nav"},
+        {"name": "SOFARE monitor", "href": "/sofare/monitor", "category": "SOFARE", "destination": "nav"},
     ]

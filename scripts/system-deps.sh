@@ -1,18 +1,21 @@
 #!/usr/bin/env bash
 # System packages the tests and benchmarks need:
 #   - PostgreSQL server binaries (initdb, pg_ctl): the throw-away database server of the tests;
-#   - nginx (Debian package nginx-light): the canary front door (sofare.deploy.frontdoor).
+#   - nginx (Debian package nginx-light): the canary front door (sofare.deploy.frontdoor);
+#   - promtool (Debian package prometheus): checks docker/prometheus/prometheus.yml (no server is started).
 # Installs the missing ones with apt-get (one `apt-get update` for all) when we are root; otherwise says what to
 # install and fails. To add one: a have_* check function and a "check package description" line in REQUIREMENTS.
 set -euo pipefail
 
 have_postgresql() { compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || command -v initdb >/dev/null; }
 have_nginx() { command -v nginx >/dev/null || [ -x /usr/sbin/nginx ]; }
+have_promtool() { command -v promtool >/dev/null; }
 
 # "check-function package description", one a line.
 REQUIREMENTS=(
   "have_postgresql postgresql PostgreSQL server binaries (initdb, pg_ctl)"
   "have_nginx nginx-light nginx (the canary front door)"
+  "have_promtool prometheus promtool (the Prometheus config check)"
 )
 
 missing=()
@@ -29,7 +32,7 @@ done
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   echo "installing ${missing[*]} (apt-get install)…"
   DEBIAN_FRONTEND=noninteractive apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 else
   for description in "${descriptions[@]}"; do
     echo "required: $description" >&2

@@ -213,6 +213,83 @@ def cmd_rollback(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def format_monitor(run: dict[str, Any]) -> str:
+    """One monitor run: outcomes, live quality per version/variant/window beside persistence, drift, decision."""
+    from sofare.contracts import MonitorRun
+
+    r = MonitorRun.model_validate(run)
+    lines = [f"monitored {r.at}: outcomes filled {r.outcomes_filled}, pending {r.outcomes_pending}"]
+    for q in r.quality:
+        head = f"  version {q.model_version:<4} {q.variant:<6} {q.window:>4}  n={q.n:<4}"
+        if q.status != "ok" or q.accuracy is None:
+            lines.append(f"{head} insufficient (fewer than the minimum outcomes)")
+            continue
+        p = q.persistence_accuracy
+        lines.append(f"{head} accuracy {q.accuracy.value:.1%} [{q.accuracy.ci_low:.1%}, {q.accuracy.ci_high:.1%}]  "
+                     f"persistence {p.value:.1%}  always-up {q.always_up_accuracy.value:.1%}  "
+                     f"Brier {q.brier.value:.3f}" if p and q.always_up_accuracy and q.brier else head)
+    d = r.drift
+    if d.status == "ok":
+        lines.append(f"  drift (version {d.model_version}, {d.current_rows} served hours vs {d.reference_rows} reference): "
+                     f"{d.drifted_columns}/{d.columns} features ({d.share:.0%}); prediction drift "
+                     f"{'yes' if d.prediction_drifted else 'no'}; target drift {'yes' if d.target_drifted else 'no'}"
+                     + (f"; report var/{d.report}" if d.report else ""))
+    else:
+        lines.append(f"  drift: {d.status}: {d.message}")
+    for s in r.service:
+        rate = "n/a" if s.error_rate is None else f"{s.error_rate:.2%}"
+        p95 = "n/a" if s.p95_ms is None else f"{s.p95_ms:.1f} ms"
+        lines.append(f"  {s.variant:<6} version {s.model_version}: {s.requests:.0f} requests, 5xx {rate}, p95 {p95}")
+    lines.append(f"severity {r.decision.severity}, action {r.decision.action}: {r.decision.reason}")
+    return "\n".join(lines)
+
+
+def cmd_monitor(cfg: Config, args: argparse.Namespace) -> int:
+    from sofare import tasks
+
+    if args.outcomes_only:
+        _print(json.dumps(tasks.fill_outcomes(cfg, args.start, args.at)))
+        return 0
+    result = tasks.monitor(cfg, args.at, args.start, actor=args.actor, drift=True)
+    _print(json.dumps(result["run"], indent=2) if args.json else format_monitor(result["run"]))
+    return 0
+
+
+def cmd_replay(cfg: Config, args: argparse.Namespace) -> int:
+    from sofare.monitoring import replay
+
+    speed = None
+    if args.speed is not None:
+        speed = float(args.speed) if args.speed.replace(".", "", 1).isdigit() else -1.0
+        if not 0 < speed < float("inf"):
+            print(f"sofare replay: error: --speed must be a positive number of hours per second, got {args.speed!r}",
+                  file=sys.stderr)
+            return 2
+    if not args.verbose:  # one line per action; the per-hour INFO logs only with -v
+        logging.getLogger("sofare").setLevel(logging.WARNING)
+    summary = replay.replay(cfg, args.start, args.end, speed, args.inject,
+                            progress=None if args.json else _print).to_dict()
+    if args.json:
+        _print(json.dumps(summary, indent=2, default=str))
+        return 0
+    _print(f"\nreplayed {summary['hours']} hours {summary['start']} .. {summary['end']} in {summary['seconds']:.0f}s")
+    _print("predictions: " + (", ".join(f"{k}: {v}" for k, v in summary["predictions"].items()) or "none")
+           + (f"; refused {summary['refused']}" if summary["refused"] else ""))
+    for q in summary["quality"]:
+        if q.get("accuracy"):
+            a, p = q["accuracy"], q["persistence_accuracy"]
+            _print(f"  version {q['model_version']} {q['variant']}: accuracy {a['value']:.1%} [{a['ci_low']:.1%}, "
+                   f"{a['ci_high']:.1%}] over {q['n']} hours; persistence {p['value']:.1%}; Brier {q['brier']['value']:.3f}")
+        else:
+            _print(f"  version {q['model_version']} {q['variant']}: insufficient ({q['n']} hours with an outcome)")
+    _print(f"drift events (medium or worse): {len(summary['drift_events'])}")
+    _print(f"actions taken: {len(summary['actions'])}" + "".join(
+        f"\n  {a['at']}  {a['action']} ({a['severity']}): {a['reason'][:160]}" for a in summary["actions"]))
+    for note in summary["notes"]:
+        _print(f"note: {note}")
+    return 0
+
+
 def cmd_demo(cfg: Config, args: argparse.Namespace) -> int:
     """Set up, run the pipeline through the DAGs on the embedded data, report."""
     from sofare import runtime, tasks
@@ -378,6 +455,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--actor", default=actor)
     p.set_defaults(func=cmd_rollback)
 
+    p = sub.add_parser("monitor", help="one monitor run: outcomes, live quality, drift, severity -> action")
+    p.add_argument("--at", default=None, metavar="ISO", help="hour to monitor (UTC; default: this hour)")
+    p.add_argument("--start", default=None, metavar="ISO", help="fill outcomes from (default: the longest window)")
+    p.add_argument("--outcomes-only", action="store_true", help="only fill outcomes for predictions in (start, at]")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--actor", default=actor)
+    p.set_defaults(func=cmd_monitor)
+
+    p = sub.add_parser("replay", help="walk stored history hour by hour as if live: ingest, predict, monitor, act")
+    p.add_argument("--start", required=True, metavar="YYYY-MM-DD")
+    p.add_argument("--end", required=True, metavar="YYYY-MM-DD", help="inclusive")
+    p.add_argument("--speed", default=None, metavar="H", help="simulated hours per second at most (default: as fast "
+                   "as it goes)")
+    p.add_argument("--inject", default=None, choices=["drift", "bad-canary"], help="a scenario that must end in "
+                   "the right action (drift: retrain requested; bad-canary: rolled back)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_replay)
+
     p = sub.add_parser("demo", help="the whole pipeline through the DAGs on the embedded data")
     p.set_defaults(func=cmd_demo)
     return parser
@@ -400,7 +495,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"sofare {args.command}: interrupted", file=sys.stderr)
         return 130
-    except Exception as exc:  # noqa: BLE001 - the CLI's contract: one line, non-zero exit
+    except Exception as exc:
         if args.verbose:
             log.exception("failed")
         reason = " ".join(str(exc).split()) or type(exc).__name__

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from sofare.errors import InputError
 
@@ -274,6 +274,55 @@ class DeployConfig(_Model):
         return steps
 
 
+class DriftRulesConfig(_Model):
+    """Severity from the share of the hourly (micro) input features Evidently finds drifted (level: share >= value)."""
+
+    low: float = Field(default=0.2, ge=0, le=1)
+    medium: float = Field(default=0.35, ge=0, le=1)
+    high: float = Field(default=0.5, ge=0, le=1)
+
+
+class ErrorRulesConfig(_Model):
+    """Severity from a variant's 5xx share since the previous monitor run (each level: rate >= value)."""
+
+    medium: float = Field(default=0.01, ge=0, le=1)
+    high: float = Field(default=0.05, ge=0, le=1)
+    critical: float = Field(default=0.2, ge=0, le=1)
+
+
+class MonitoringConfig(_Model):
+    """sofare_monitor: outcomes, live quality, drift, severity -> action (docs/runbook.md)."""
+
+    schedule: str = "@hourly"  # and whenever new candles land
+    windows: dict[str, int] = Field(default_factory=lambda: {"24h": 24, "7d": 168})  # rolling quality windows (hours)
+    drift_window: str = "7d"  # which window's served inputs are compared with the reference
+    min_outcomes: int = Field(default=48, ge=2)  # fewer outcomes in a window: "insufficient", never a number
+    min_drift_rows: int = Field(default=120, ge=2)  # fewer served hours: drift is "insufficient"
+    reference_rows: int = Field(default=1000, ge=50)  # reference sample stored with a version (K-S up to 1,000)
+    drift_every_hours: int = Field(default=6, ge=1)  # Evidently runs at hours divisible by this (it takes seconds)
+    drift_method: str | None = "wasserstein"  # null: Evidently's default (K-S up to 1,000 rows, else Wasserstein)
+    drift_threshold: float | None = 0.5  # null: the method's default
+    drift: DriftRulesConfig = DriftRulesConfig()
+    errors: ErrorRulesConfig = ErrorRulesConfig()
+    min_requests: int = Field(default=50, ge=1)  # fewer requests since the last run: the error rule does not fire
+    fresh_hours: int = Field(default=72, ge=0)  # a champion younger than this is "fresh": at fault -> rollback
+    cooldown_hours: int = Field(default=24, ge=0)  # an action is not repeated within this (logical hours)
+    bootstrap_samples: int = Field(default=500, ge=50)
+    bootstrap_block_bars: int = Field(default=6, ge=1)
+    reports_kept: int = Field(default=48, ge=1)  # Evidently HTML reports kept under var/reports/drift
+
+    @model_validator(mode="after")
+    def _consistent(self) -> MonitoringConfig:
+        if not self.windows or any(h < 1 for h in self.windows.values()):
+            raise ValueError(f"windows must name at least one window of >= 1 hour, got {self.windows}")
+        if self.drift_window not in self.windows:
+            raise ValueError(f"drift_window {self.drift_window!r} is not one of windows {sorted(self.windows)}")
+        d, e = self.drift, self.errors
+        if not (d.low <= d.medium <= d.high and e.medium <= e.high <= e.critical):
+            raise ValueError("drift and error severity thresholds must rise with the level")
+        return self
+
+
 class MlflowConfig(_Model):
     tracking_uri: str | None = None  # null: sqlite:///<var>/mlflow.db, artifacts in <var>/mlartifacts
     experiment: str
@@ -327,6 +376,7 @@ class Config(_Model):
     promotion: PromotionConfig = PromotionConfig()
     serving: ServingConfig = ServingConfig()
     deploy: DeployConfig = DeployConfig()
+    monitoring: MonitoringConfig = MonitoringConfig()
     sources: SourcesConfig
 
     def resolve(self, path: Path) -> Path:

@@ -167,6 +167,7 @@ class ModelMeta(_Contract):
     threshold: float
     data_window: DateWindow
     runtime_files: dict[str, str] = Field(default_factory=dict)  # runtime (onnx | torch) -> file name
+    reference_file: str | None = None  # the drift reference sample beside meta.json (None: registered before it)
 
     @classmethod
     def read(cls, directory: Path) -> ModelMeta:
@@ -238,3 +239,118 @@ def model_dir(directory: Path) -> Path:
     if meta is None:
         raise NotFoundError(f"no SofareM3 model ({META_FILE}) under {directory}")
     return meta.parent
+
+
+# --- monitoring (sofare.monitoring -> monitoring_runs, the plugin page, the gauges) --------------------
+
+class _Measured(_Contract):
+    """Monitoring figures may be NaN (a drift score Evidently could not compute): written as NaN, read back."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", ser_json_inf_nan="constants")
+
+
+SEVERITIES = ("none", "low", "medium", "high", "critical")
+ACTIONS = ("none", "alert", "retrain", "rollback")  # in rising strength
+
+
+class LiveScore(_Measured):
+    """A live metric with its 95% moving-block bootstrap interval."""
+
+    value: float
+    ci_low: float
+    ci_high: float
+
+
+class LiveQuality(_Measured):
+    """One model version and variant over one rolling window ending at the monitored hour. Hours predicted
+    more than once count once (their mean prob_up). With fewer than `monitoring.min_outcomes` outcomes the
+    status is "insufficient" and no metric is given."""
+
+    model_version: str
+    variant: str
+    window: str  # e.g. "24h", from monitoring.windows
+    start: str  # ISO, exclusive
+    end: str  # ISO, inclusive
+    n: int  # hours with an outcome
+    pending: int  # hours predicted whose outcome is not known yet
+    status: Literal["ok", "insufficient"]
+    accuracy: LiveScore | None = None
+    roc_auc: LiveScore | None = None
+    brier: LiveScore | None = None
+    ece: float | None = None  # expected calibration error, 10 equal-width bins
+    persistence_accuracy: LiveScore | None = None  # sign of the bar ending at as_of, same hours
+    always_up_accuracy: LiveScore | None = None  # the share of hours that went up
+    vs_persistence: LiveScore | None = None  # accuracy - persistence accuracy, paired on the same hours
+    vs_coin_brier: LiveScore | None = None  # Brier - 0.25 (a constant 0.5), paired: > 0 is worse than a coin
+
+
+class DriftResult(_Measured):
+    """Evidently data drift of the served input features against the version's reference sample, plus
+    prediction (prob_up) and target (realised return) drift."""
+
+    status: Literal["ok", "insufficient", "no_reference", "no_data", "skipped"]
+    model_version: str | None = None  # whose reference and served inputs were compared
+    reference_rows: int = 0
+    current_rows: int = 0
+    method: str | None = None
+    columns: int = 0
+    drifted_columns: int = 0
+    share: float | None = None
+    drifted: tuple[str, ...] = ()  # the drifted features, most drifted first
+    shares: dict[str, float] = Field(default_factory=dict)  # drifted share per modality (micro, safe, macro)
+    scores: dict[str, float] = Field(default_factory=dict)  # per feature: the drift score Evidently used
+    prediction_drift: float | None = None  # score of prob_up
+    prediction_drifted: bool | None = None
+    target_drift: float | None = None  # score of realised_return
+    target_drifted: bool | None = None
+    report: str | None = None  # the Evidently HTML report, relative to var/
+    message: str = ""
+
+
+class ServiceHealth(_Measured):
+    """One serving variant's traffic since the previous monitor run, from its /metrics."""
+
+    variant: str
+    model_version: str
+    requests: float
+    server_errors: float
+    error_rate: float | None  # None without requests
+    p95_ms: float | None
+    counters: dict[str, Any] = Field(default_factory=dict)  # cumulative scrape (the next run's baseline)
+    status: Literal["ok", "unreachable"] = "ok"
+
+
+class Finding(_Measured):
+    """One rule that fired."""
+
+    rule: Literal["drift", "prediction_drift", "target_drift", "quality", "calibration", "errors"]
+    severity: Literal["low", "medium", "high", "critical"]
+    action: Literal["none", "alert", "retrain", "rollback"]
+    model_version: str | None = None
+    variant: str | None = None
+    message: str
+
+
+class Decision(_Measured):
+    """Severity and action of one monitor run, with every finding and the cool-down that held an action back."""
+
+    severity: Literal["none", "low", "medium", "high", "critical"]
+    action: Literal["none", "alert", "retrain", "rollback"]
+    wanted: Literal["none", "alert", "retrain", "rollback"]  # before the cool-down
+    reason: str
+    findings: tuple[Finding, ...] = ()
+    cooldown: str | None = None  # why `wanted` was held back
+    rollback_target: str | None = None
+
+
+class MonitorRun(_Measured):
+    """What one monitor run found and decided (a `monitoring_runs` row)."""
+
+    run_id: str
+    at: str
+    outcomes_filled: int
+    outcomes_pending: int
+    quality: tuple[LiveQuality, ...]
+    drift: DriftResult
+    service: tuple[ServiceHealth, ...]
+    decision: Decision

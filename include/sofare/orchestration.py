@@ -9,7 +9,7 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Any, TypeVar
 
-from airflow.sdk import Asset
+from airflow.sdk import Asset, BaseNotifier
 
 from sofare.config import Config, load_config
 from sofare.errors import PermanentError
@@ -26,18 +26,9 @@ VALIDATED_FEATURES = Asset(name="sofare_validated_features", uri="sofare://wareh
 MODEL_CANDIDATE = Asset(name="sofare_model_candidate", uri="sofare://mlflow/sofare-m3", group="models")
 BENTO = Asset(name="sofare_bento", uri="sofare://bentoml/sofare", group="models")
 CHAMPION = Asset(name="sofare_champion", uri="sofare://mlflow/sofare-m3/champion", group="models")
+RETRAIN_REQUEST = Asset(name="sofare_retrain_request", uri="sofare://monitoring/retrain", group="monitoring")
+MONITORING = Asset(name="sofare_monitoring_runs", uri="sofare://warehouse/monitoring_runs", group="monitoring")
 RAW_ASSETS = {"candles": CANDLES, "safe_haven": SAFE_HAVEN, "macro": MACRO}
-
-
-def default_args(cfg: Config) -> dict[str, Any]:
-    """Owner and retries with exponential back-off (every SOFARE task does I/O)."""
-    return {
-        "owner": OWNER,
-        "retries": cfg.ingest.retries,
-        "retry_delay": timedelta(seconds=cfg.ingest.retry_delay_seconds),
-        "retry_exponential_backoff": 2.0,
-        "max_retry_delay": timedelta(seconds=cfg.ingest.max_retry_delay_seconds),
-    }
 
 
 def fail_fast(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -64,14 +55,39 @@ def interval_extra(start: Any, end: Any) -> dict[str, str]:
             "end": end.isoformat() if hasattr(end, "isoformat") else str(end)}
 
 
-def on_failure_callback(context: dict[str, Any]) -> None:
-    """Airflow on_failure_callback: one alert per failed task, with its error."""
-    from sofare.data import alerts
+class SofareNotifier(BaseNotifier):
+    """The one way SOFARE alerts from Airflow: task failures (every DAG's `on_failure_callback`), drift and
+    monitoring decisions, rollbacks. Each alert is logged, stored in the `alerts` table and POSTed to
+    `alerts.webhook_url` when set (`sofare.data.alerts.send`). Without a message it describes the failed task."""
 
-    ti = context.get("task_instance") or context.get("ti")
-    dag_id = getattr(ti, "dag_id", "?")
-    task_id = getattr(ti, "task_id", "?")
-    error = context.get("exception")
-    alerts.send(load_config(), f"airflow:{dag_id}.{task_id}", "high", f"{dag_id}.{task_id} failed: {error}",
-                {"run_id": context.get("run_id"), "map_index": getattr(ti, "map_index", None),
-                 "try_number": getattr(ti, "try_number", None)})
+    template_fields = ("message", "source", "severity")
+
+    def __init__(self, message: str | None = None, severity: str = "high", source: str | None = None,
+                 details: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        self.message = message
+        self.severity = severity
+        self.source = source
+        self.details = details or {}
+
+    def notify(self, context: Any) -> None:
+        from sofare.data import alerts
+
+        ti = context.get("task_instance") or context.get("ti")
+        dag_id, task_id = getattr(ti, "dag_id", "?"), getattr(ti, "task_id", "?")
+        message = self.message or f"{dag_id}.{task_id} failed: {context.get('exception')}"
+        alerts.send(load_config(), self.source or f"airflow:{dag_id}.{task_id}", self.severity, message,
+                    {**self.details, "run_id": context.get("run_id"), "map_index": getattr(ti, "map_index", None),
+                     "try_number": getattr(ti, "try_number", None)})
+
+
+def default_args(cfg: Config) -> dict[str, Any]:
+    """Owner, retries with exponential back-off (every SOFARE task does I/O), and an alert on failure."""
+    return {
+        "owner": OWNER,
+        "retries": cfg.ingest.retries,
+        "retry_delay": timedelta(seconds=cfg.ingest.retry_delay_seconds),
+        "retry_exponential_backoff": 2.0,
+        "max_retry_delay": timedelta(seconds=cfg.ingest.max_retry_delay_seconds),
+        "on_failure_callback": SofareNotifier(),
+    }

@@ -377,3 +377,35 @@ def stop_deployment(cfg: Config) -> dict[str, Any]:
     deployment = rollout.Deployment(cfg)
     deployment.stop()
     return deployment.status()
+
+
+# --- monitoring: outcomes, live quality, drift, severity -> action, replay ------------------------------------
+
+def monitor(cfg: Config, at: datetime | str | None = None, start: datetime | str | None = None,
+            actor: str = "sofare", html: bool = True, drift: bool | None = None) -> dict[str, Any]:
+    """One monitor run for the hour `at` (outcomes from `start`; drift always when `drift`, None: on the
+    configured hours); the result carries what sofare_monitor's branches need: `action`, the alert, the retrain
+    asset event's extra, the sofare_rollback conf."""
+    from sofare.monitoring import monitor as mon
+    from sofare.monitoring.policy import ROLLBACK_REASONS
+
+    result = mon.run(cfg, at, start, actor, html, drift=drift)
+    decision = result.decision
+    cause = next((f for f in decision.findings if f.action == decision.action), None)
+    details = f"sofare_monitor at {result.at}: {decision.reason}"
+    return {"run": result.model_dump(mode="json"), "action": decision.action, "severity": decision.severity,
+            "alert": {"severity": decision.severity, "message": details},
+            "retrain": {"reason": decision.reason, "severity": decision.severity, "monitor_run": result.run_id,
+                        "at": result.at},
+            "rollback": {"reason": ROLLBACK_REASONS.get(cause.rule if cause else "", "other"),
+                         "details": details[:1990], "target_version": decision.rollback_target}}
+
+
+def fill_outcomes(cfg: Config, start: str | None = None, end: str | None = None) -> dict[str, Any]:
+    """Backfill outcomes for predictions with as_of in (start, end] (the CLI's `sofare monitor --outcomes-only`)."""
+    from sofare.monitoring import monitor as mon
+    from sofare.monitoring import outcomes
+
+    lo = mon.hour_of(start) if start else None
+    hi = mon.hour_of(end) if end else None
+    return outcomes.fill(cfg, mon.engine_of(cfg), lo, hi, known_by=hi)

@@ -12,7 +12,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 DAG_FILES = sorted((ROOT / "dags").glob("*.py"))
 HEAVY = ("torch", "lightning", "bentoml", "mlflow", "evidently", "great_expectations", "talib", "sklearn")
-EXPECTED_DAGS = {"sofare_ingest", "sofare_backfill", "sofare_validate", "sofare_train", "sofare_promote"}
+EXPECTED_DAGS = {"sofare_ingest", "sofare_backfill", "sofare_validate", "sofare_train", "sofare_promote",
+                 "sofare_deploy", "sofare_rollback", "sofare_monitor"}
+
+NO_RETRIES = {"sofare_deploy", "sofare_rollback"}  # a retried rollout or rollback would act twice: one try, one alert
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +42,8 @@ def test_conventions(dagbag, dag_id):
     assert dag.fileloc.endswith(f"{dag_id}.py"), "one DAG per file, named after the dag_id"
     for task in dag.tasks:
         assert task.owner == "sofare", f"{task.task_id} owner"
-        assert task.retries >= 2, f"{task.task_id} retries"
+        if dag_id not in NO_RETRIES:
+            assert task.retries >= 2, f"{task.task_id} retries"
         assert task.retry_exponential_backoff, f"{task.task_id} has no exponential back-off"
 
 
@@ -75,10 +79,10 @@ def test_validation_runs_on_the_features_asset(dagbag):
 
 
 def test_training_runs_weekly_and_on_validated_features_with_typed_params(dagbag):
-    from sofare.orchestration import MODEL_CANDIDATE, VALIDATED_FEATURES
+    from sofare.orchestration import MODEL_CANDIDATE, RETRAIN_REQUEST, VALIDATED_FEATURES
 
     dag = dagbag.dags["sofare_train"]
-    assert dag.timetable.asset_condition == VALIDATED_FEATURES
+    assert dag.timetable.asset_condition == VALIDATED_FEATURES | RETRAIN_REQUEST  # or when monitoring asks
     from airflow.serialization.encoders import coerce_to_core_timetable
 
     assert coerce_to_core_timetable(dag.timetable.timetable).summary == "0 0 * * 0"  # @weekly
@@ -110,3 +114,32 @@ def test_dag_file_imports_fast_without_heavy_modules(path):
     probe = json.loads(result.stdout.strip().splitlines()[-1])
     assert probe["heavy"] == [], f"{path.name} imports {probe['heavy']} at parse time"
     assert probe["seconds"] < 1.0, f"{path.name} took {probe['seconds']:.2f}s to import"
+
+
+def test_every_task_alerts_through_the_one_notifier(dagbag):
+    """Task failures, drift and rollbacks alert the same way: every task's on_failure_callback is the
+    SofareNotifier (sofare_validate's verdict excepted: it only re-states a failure that alerted already)."""
+    from sofare.orchestration import SofareNotifier
+
+    for dag_id in sorted(EXPECTED_DAGS):
+        for t in dagbag.dags[dag_id].tasks:
+            callbacks = t.on_failure_callback if isinstance(t.on_failure_callback, list) else [t.on_failure_callback]
+            if (dag_id, t.task_id) == ("sofare_validate", "verdict"):
+                assert callbacks in ([None], [])
+                continue
+            assert any(isinstance(c, SofareNotifier) for c in callbacks), f"{dag_id}.{t.task_id}: {callbacks}"
+
+
+def test_monitor_runs_hourly_and_on_new_candles_and_routes_every_action(dagbag):
+    from sofare.orchestration import CANDLES, MONITORING, RETRAIN_REQUEST
+
+    dag = dagbag.dags["sofare_monitor"]
+    assert dag.timetable.asset_condition == CANDLES
+    from airflow.serialization.encoders import coerce_to_core_timetable
+
+    assert coerce_to_core_timetable(dag.timetable.timetable).summary == "0 * * * *"  # @hourly
+    assert [o.name for o in dag.get_task("assess").outlets] == [MONITORING.name]
+    assert [o.name for o in dag.get_task("request_retrain").outlets] == [RETRAIN_REQUEST.name]
+    assert dag.get_task("trigger_rollback").trigger_dag_id == "sofare_rollback"
+    assert set(dag.get_task("route").downstream_task_ids) == {"alert", "request_retrain", "trigger_rollback", "done"}
+    assert {dag.params.get_param(k).schema["format"] for k in ("at", "start")} == {"date-time"}

@@ -10,20 +10,17 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
-import sqlite3
 import subprocess
 import sys
 import threading
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 
-from tests.serving.conftest import free_port
+from tests.deploy.conftest import copy_home
 
 pytestmark = pytest.mark.slow
 
@@ -84,18 +81,8 @@ def traffic(url: str, path: str, body: dict, n: int):
 def home(model_home, tmp_path_factory, airflow_db):
     """A copy of the served model's var/ (MLflow, bento store, warehouse) with version 2 registered from the same
     run and built, the front door and the servers on free ports."""
-    src = Path(model_home["env"]["SOFARE_PATHS__VAR"])
-    var = tmp_path_factory.mktemp("deploy") / "var"
-    var.mkdir()
-    shutil.copy2(src / "mlflow.db", var / "mlflow.db")
-    shutil.copytree(src / "bentoml", var / "bentoml", symlinks=True)
-    db = var / "warehouse.db"
-    with sqlite3.connect(model_home["env"]["SOFARE_WAREHOUSE__URL"].removeprefix("sqlite:///")) as a, \
-            sqlite3.connect(db) as b:
-        a.backup(b)
-    env = {**model_home["env"], "SOFARE_PATHS__VAR": str(var), "SOFARE_WAREHOUSE__URL": f"sqlite:///{db}",
-           "SOFARE_DEPLOY__FRONTDOOR_PORT": str(free_port()), "SOFARE_SERVING__PORT": str(free_port()),
-           "SOFARE_DEPLOY__MIN_REQUESTS": "5", "SOFARE_DEPLOY__VERIFY_REQUESTS": "8"}
+    env = copy_home(model_home, tmp_path_factory.mktemp("deploy"), SOFARE_DEPLOY__MIN_REQUESTS="5",
+                    SOFARE_DEPLOY__VERIFY_REQUESTS="8")
     with pytest.MonkeyPatch.context() as mp:
         for key, value in env.items():
             mp.setenv(key, value)

@@ -9,6 +9,7 @@ import re
 import time
 from datetime import datetime, timedelta
 
+import numpy as np
 import pytest
 
 from sofare.registry import versions
@@ -123,15 +124,41 @@ def test_bad_batches_are_refused_by_window(served):
     assert status == 422 and answer["error"]["details"][0]["field"] == "symbol"
 
 
+def _logged_inputs(cfg, prediction_id: str, timeout: float = 60.0) -> dict:
+    """The prediction_inputs row of a prediction (the log writes asynchronously; the bound ends a broken run)."""
+    import time
+
+    import sqlalchemy as sa
+
+    from sofare.data import warehouse
+
+    i = warehouse.prediction_inputs
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with warehouse.get_engine(cfg).connect() as conn:
+            row = conn.execute(sa.select(i).where(i.c.prediction_id == prediction_id)).mappings().first()
+        if row is not None:
+            return dict(row)
+        time.sleep(0.2)
+    raise AssertionError(f"no prediction_inputs row for {prediction_id}")
+
+
 def test_served_prediction_equals_the_in_process_prediction(served):
     cfg = served["cfg"]
     body = window_payload(cfg, "2024-03-25T06:00:00+00:00", candles=400, context=True)
     status, answer = served["client"].post("/predict", body)
     assert status == 200, answer
     model_dir = versions.download(cfg, served["version"])
-    local = predictor.Predictor.from_directory(cfg, model_dir, served["version"], "stable").predict(
-        schemas.decode(json.dumps(body).encode(), schemas.Window))
+    in_process = predictor.Predictor.from_directory(cfg, model_dir, served["version"], "stable")
+    window = schemas.decode(json.dumps(body).encode(), schemas.Window)
+    local = in_process.predict(window)
     assert answer["prob_up"] == local["prob_up"]
+    (prepared,) = in_process.prepare_all([window])  # what drift monitoring compares: the served features at as_of
+    logged = _logged_inputs(cfg, answer["prediction_id"])
+    assert logged["model_version"] == served["version"] and logged["as_of"].isoformat() == answer["as_of"]
+    features = np.array([np.nan if v is None else v for v in json.loads(logged["features"])])
+    assert features.shape == (len(in_process.meta.columns),)
+    np.testing.assert_allclose(features, prepared.raw[-1].astype(float), rtol=1e-6, equal_nan=True)
     assert answer["expected_return"] == pytest.approx(local["expected_return"], rel=1e-6, abs=1e-12)
     without_context = {k: v for k, v in body.items() if k not in ("safe_haven", "macro")}
     status, from_warehouse = served["client"].post("/predict", without_context)

@@ -180,6 +180,51 @@ predictions = sa.Table(
     sa.Column("latency_ms", sa.Double, nullable=False),
 )
 
+prediction_inputs = sa.Table(  # the features the model was served at `as_of` (the window's last row): drift's input
+    "prediction_inputs",
+    metadata,
+    sa.Column("prediction_id", sa.String(40), primary_key=True),
+    sa.Column("as_of", UTCDateTime, nullable=False, index=True),
+    sa.Column("model_version", sa.String(20), nullable=False),
+    sa.Column("variant", sa.String(12), nullable=False),
+    sa.Column("feature_set_version", sa.String(40), nullable=False),
+    sa.Column("features", sa.Text, nullable=False),  # JSON list, in the order of the version's columns
+)
+
+prediction_outcomes = sa.Table(  # what happened after a prediction: filled once the candle at as_of + horizon exists
+    "prediction_outcomes",
+    metadata,
+    sa.Column("prediction_id", sa.String(40), primary_key=True),
+    sa.Column("as_of", UTCDateTime, nullable=False, index=True),
+    sa.Column("target_time", UTCDateTime, nullable=False),  # close of the candle the outcome is read from
+    sa.Column("base_close", sa.Double, nullable=False),  # close at as_of
+    sa.Column("target_close", sa.Double, nullable=False),  # close at as_of + horizon bars
+    sa.Column("realised_return", sa.Double, nullable=False),  # log(target_close / base_close)
+    sa.Column("realised_up", sa.SmallInteger, nullable=False),
+    sa.Column("correct", sa.Boolean, nullable=False),  # predicted direction (prob_up > 0.5) == realised
+    sa.Column("last_return", sa.Double),  # the bar ending at as_of: what persistence predicts from (NULL: unknown)
+    sa.Column("filled_at", UTCDateTime, nullable=False),
+)
+
+monitoring_runs = sa.Table(  # one sofare_monitor run: what it measured, the severity, the action and why
+    "monitoring_runs",
+    metadata,
+    sa.Column("run_id", sa.String(40), primary_key=True),
+    sa.Column("at", UTCDateTime, nullable=False, index=True),  # the hour monitored (logical time: windows end here)
+    sa.Column("ran_at", UTCDateTime, nullable=False),  # wall clock
+    sa.Column("actor", sa.String(80), nullable=False),
+    sa.Column("outcomes_filled", sa.Integer, nullable=False),
+    sa.Column("outcomes_pending", sa.Integer, nullable=False),
+    sa.Column("quality", sa.Text, nullable=False),  # JSON list of contracts.LiveQuality
+    sa.Column("drift", sa.Text, nullable=False),  # JSON contracts.DriftResult
+    sa.Column("drift_share", sa.Double),  # share of drifted input features; NULL: not measured
+    sa.Column("service", sa.Text, nullable=False),  # JSON list of contracts.ServiceHealth (per variant)
+    sa.Column("severity", sa.String(10), nullable=False),  # none | low | medium | high | critical
+    sa.Column("action", sa.String(12), nullable=False),  # none | alert | retrain | rollback (after the cool-down)
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("decision", sa.Text, nullable=False),  # JSON contracts.Decision: every rule that fired, cool-downs
+)
+
 RAW_TABLES: dict[str, tuple[sa.Table, str]] = {
     "candles": (candles, "open_time"),
     "safe_haven": (safe_haven_bars, "date"),
@@ -548,7 +593,7 @@ def transaction(engine: Engine) -> Iterator[Connection]:
 # --- reads ---------------------------------------------------------------------------------------
 
 
-def _frame(conn: Connection, query: sa.Select[Any]) -> pd.DataFrame:
+def query_frame(conn: Connection, query: sa.Select[Any]) -> pd.DataFrame:
     import pandas as pd
 
     result = conn.execute(query)
@@ -572,7 +617,7 @@ def read_candles(
         query = query.where(candles.c.open_time >= start)
     if end is not None:
         query = query.where(candles.c.open_time < end)
-    return _frame(conn, query.order_by(candles.c.open_time))
+    return query_frame(conn, query.order_by(candles.c.open_time))
 
 
 def read_candles_before(conn: Connection, symbol: str, interval: str, before: datetime, limit: int) -> pd.DataFrame:
@@ -583,7 +628,7 @@ def read_candles_before(conn: Connection, symbol: str, interval: str, before: da
         .order_by(candles.c.open_time.desc())
         .limit(limit)
     )
-    return _frame(conn, query).iloc[::-1].reset_index(drop=True)
+    return query_frame(conn, query).iloc[::-1].reset_index(drop=True)
 
 
 def read_safe_haven(conn: Connection, start: date | None = None, known_before: datetime | None = None) -> pd.DataFrame:
@@ -593,7 +638,7 @@ def read_safe_haven(conn: Connection, start: date | None = None, known_before: d
         query = query.where(safe_haven_bars.c.date >= start)
     if known_before is not None:
         query = query.where(safe_haven_bars.c.known_at < known_before)
-    return _frame(conn, query.order_by(safe_haven_bars.c.ticker, safe_haven_bars.c.date))
+    return query_frame(conn, query.order_by(safe_haven_bars.c.ticker, safe_haven_bars.c.date))
 
 
 def read_macro(conn: Connection, known_from: datetime | None = None, known_before: datetime | None = None) -> pd.DataFrame:
@@ -604,7 +649,7 @@ def read_macro(conn: Connection, known_from: datetime | None = None, known_befor
     if known_before is not None:
         query = query.where(macro_observations.c.known_at < known_before)
     order = (macro_observations.c.series_id, macro_observations.c.known_at, macro_observations.c.observation_date)
-    return _frame(conn, query.order_by(*order))
+    return query_frame(conn, query.order_by(*order))
 
 
 def read_features(
@@ -620,7 +665,7 @@ def read_features(
         query = query.where(table.c.open_time >= start)
     if end is not None:
         query = query.where(table.c.open_time < end)
-    return _frame(conn, query.order_by(table.c.open_time))
+    return query_frame(conn, query.order_by(table.c.open_time))
 
 
 def read_column(conn: Connection, table: sa.Table, column: str, **equals: Any) -> list[Any]:

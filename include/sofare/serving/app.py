@@ -55,8 +55,11 @@ class App:
 
     def predict(self, window: Window, endpoint: str = "predict") -> bytes:
         started = time.perf_counter()
-        answers = self.predictor.predict_many([window], started=started)
-        return self._served(answers, endpoint, started, single=True)
+        p = self.predictor
+        (prepared,) = p.prepare_all([window])
+        prob, ret = p.predict_raw(prepared.raw[None])
+        answer = p.answer(prepared.as_of, prob[0], ret[0], started)
+        return self._served([answer], endpoint, started, [prepared.raw[-1]], single=True)
 
     def predict_batch(self, batch: Batch) -> bytes:
         started = time.perf_counter()
@@ -64,21 +67,24 @@ class App:
         prepared = p.prepare_all(batch.windows, batch=True)
         prob, ret = self.infer(np.stack([w.raw for w in prepared]))
         answers = [p.answer(w.as_of, pr, r, started) for w, pr, r in zip(prepared, prob, ret, strict=True)]
-        return self._served(answers, "predict_batch", started)
+        return self._served(answers, "predict_batch", started, [w.raw[-1] for w in prepared])
 
     def predict_latest(self, request: LatestRequest) -> bytes:
         started = time.perf_counter()
-        return self._served([self.latest.answer(request.symbol, started)], "predict_latest", started, single=True)
+        answer, inputs = self.latest.answer(request.symbol, started)
+        return self._served([answer], "predict_latest", started, [inputs], single=True)
 
     def model_info(self) -> bytes:
         return msgspec.json.encode({**self.predictor.model_info(),
                                     "prediction_log": {"written": self.log.written, "dropped": self.log.dropped,
                                                        "worker": os.getpid()}})  # this worker's; /metrics sums them
 
-    def _served(self, answers: list[dict[str, Any]], endpoint: str, started: float, single: bool = False) -> bytes:
+    def _served(self, answers: list[dict[str, Any]], endpoint: str, started: float, inputs: list[np.ndarray],
+                single: bool = False) -> bytes:
+        """Count, log (with the features served at as_of: what drift monitoring compares) and encode."""
         self.on_served(answers, endpoint, time.perf_counter() - started)
-        for answer in answers:
-            self.log.put(log_row(answer, endpoint))
+        for answer, features in zip(answers, inputs, strict=True):
+            self.log.put(log_row(answer, endpoint, features, self.predictor.meta.feature_set_version))
         return msgspec.json.encode(answers[0] if single else answers)
 
     # --- the warehouse, off the request path ---

@@ -64,7 +64,8 @@ def _import_model_here(name: str, directory: Path, labels: dict[str, str]) -> st
     meta = ModelMeta.read(model_dir(directory))
     with bentoml.models.create(name, labels=labels, metadata={"data_window": meta.data_window.label,
                                                                "architecture": meta.architecture}) as model:
-        for file in (META_FILE, *meta.runtime_files.values()):
+        reference = [meta.reference_file] if meta.reference_file else []  # the drift reference travels along
+        for file in (META_FILE, *meta.runtime_files.values(), *reference):
             shutil.copy2(model_dir(directory) / file, model.path_of(file))
     return str(model.tag)
 

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import queue
 import threading
 import time
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pandas as pd
 
 from sofare.data import warehouse
@@ -66,8 +69,11 @@ class PredictionLog:
             frame = pd.DataFrame(rows)
             for column in ("created_at", "as_of"):
                 frame[column] = pd.to_datetime(frame[column], utc=True)
-            with warehouse.transaction(warehouse.get_engine(self.cfg)) as conn:
-                warehouse.upsert(conn, warehouse.predictions, frame)
+            inputs = frame.loc[frame["features"].notna(), list(INPUT_COLUMNS)] if "features" in frame else frame.iloc[:0]
+            with warehouse.transaction(warehouse.get_engine(self.cfg)) as conn:  # both or neither
+                warehouse.upsert(conn, warehouse.predictions, frame.drop(columns=["features", "feature_set_version"],
+                                                                         errors="ignore"))
+                warehouse.upsert(conn, warehouse.prediction_inputs, inputs)
             self.written += len(rows)
         except Exception as exc:  # noqa: BLE001 - the database may be down: count, never fail a prediction
             log.warning("prediction log: %d row(s) dropped: %s", len(rows), str(exc).splitlines()[0][:200])
@@ -78,8 +84,18 @@ class PredictionLog:
         self._thread.join(timeout)
 
 
-def log_row(answer: dict[str, Any], endpoint: str) -> dict[str, Any]:
-    return {"prediction_id": answer["prediction_id"], "created_at": datetime.now(UTC), "endpoint": endpoint,
+INPUT_COLUMNS = ("prediction_id", "as_of", "model_version", "variant", "feature_set_version", "features")
+
+
+def log_row(answer: dict[str, Any], endpoint: str, features: np.ndarray | None = None,
+            feature_set_version: str = "") -> dict[str, Any]:
+    """A `predictions` row; with `features` (the window's last row, the version's column order) also the
+    `prediction_inputs` row drift monitoring reads. Non-finite values are stored as null (JSON has no NaN)."""
+    encoded = None
+    if features is not None:
+        values = np.asarray(features, dtype=float)
+        encoded = json.dumps([round(v, 9) if math.isfinite(v) else None for v in values.tolist()])
+    return {"features": encoded, "feature_set_version": feature_set_version,"prediction_id": answer["prediction_id"], "created_at": datetime.now(UTC), "endpoint": endpoint,
             "model_version": answer["model_version"], "variant": answer["variant"], "symbol": answer["symbol"],
             "interval": answer["interval"], "as_of": answer["as_of"], "horizon": answer["horizon"],
             "prob_up": answer["prob_up"], "expected_return": answer["expected_return"],

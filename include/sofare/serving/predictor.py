@@ -273,7 +273,7 @@ class Latest:
     def __init__(self, predictor: Predictor) -> None:
         self.predictor = predictor
         self.key: tuple[Any, ...] | None = None
-        self.current: tuple[datetime, float, float] | None = None
+        self.current: tuple[datetime, float, float, np.ndarray] | None = None
         self.error: Exception | None = None
 
     def refresh(self) -> None:
@@ -291,9 +291,10 @@ class Latest:
         key = (window.candles[-1].open_time, p.context.loaded_at)
         (prepared,) = p.prepare_all([window])
         prob, ret = p.predict_raw(prepared.raw[None])
-        self.key, self.current, self.error = key, (prepared.as_of, float(prob[0]), float(ret[0])), None
+        self.key, self.current, self.error = key, (prepared.as_of, float(prob[0]), float(ret[0]), prepared.raw[-1]), None
 
-    def answer(self, symbol: str, started: float) -> dict[str, Any]:
+    def answer(self, symbol: str, started: float) -> tuple[dict[str, Any], np.ndarray]:
+        """The latest window's answer and its features at as_of (for the prediction log)."""
         p = self.predictor
         if symbol.upper() != p.symbol:
             raise BadRequest(f"symbol: {symbol!r} is not served here; this model predicts {p.symbol}",
@@ -305,8 +306,8 @@ class Latest:
             if self.current is None:
                 raise self.error or Unavailable("symbol: no latest window yet", [Problem("symbol", "no latest window yet; retry")],
                                   headers={"Retry-After": "1"})
-        as_of, prob, ret = self.current
-        return p.answer(as_of, prob, ret, started)
+        as_of, prob, ret, features = self.current
+        return p.answer(as_of, prob, ret, started), features
 
 
 def _from_warehouse(read: Any) -> Any:

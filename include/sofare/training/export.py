@@ -3,6 +3,8 @@
 A model directory holds `meta.json` (`contracts.ModelMeta`), `weights.pt` (the state dict, for
 training-side use: re-scoring a champion, the MLflow pyfunc), `model.onnx` (ONNX Runtime) and
 `model.ts` (TorchScript). `sofare.serving.bundle` loads the last two with onnxruntime or plain torch.
+Since the monitoring stage, it also holds `reference.parquet` (`meta.reference_file`): the drift reference
+sample written at training time (`write_reference`), so it travels with the version wherever the directory goes.
 """
 
 from __future__ import annotations
@@ -15,14 +17,18 @@ import numpy as np
 from sofare.contracts import META_FILE, MODALITIES, ModelMeta, model_dir
 
 if TYPE_CHECKING:
+    import pandas as pd
+
     from sofare.training.model import SofareM3
 
 WEIGHTS_FILE = "weights.pt"
 RUNTIME_FILES = {"onnx": "model.onnx", "torch": "model.ts"}
+REFERENCE_FILES = ("reference.parquet", "reference.csv.gz")  # parquet when pyarrow is there, else gzipped CSV
 
 
-def export(model: SofareM3, meta: ModelMeta, directory: Path) -> Path:
-    """Write the weights, the ONNX and TorchScript graphs (dynamic batch) and the meta into `directory`."""
+def export(model: SofareM3, meta: ModelMeta, directory: Path, reference: pd.DataFrame | None = None) -> Path:
+    """Write the weights, the ONNX and TorchScript graphs (dynamic batch), the drift reference sample (if
+    given) and the meta into `directory`."""
     import torch
 
     directory.mkdir(parents=True, exist_ok=True)
@@ -35,9 +41,42 @@ def export(model: SofareM3, meta: ModelMeta, directory: Path) -> Path:
     with torch.no_grad():
         traced = torch.jit.trace(model, example, check_trace=False)
     traced.save(str(directory / RUNTIME_FILES["torch"]))
-    meta = meta.model_copy(update={"runtime_files": dict(RUNTIME_FILES)})
+    update: dict[str, object] = {"runtime_files": dict(RUNTIME_FILES)}
+    if reference is not None:
+        update["reference_file"] = write_reference(reference, directory)
+    meta = meta.model_copy(update=update)
     (directory / META_FILE).write_text(meta.model_dump_json(indent=1))
     return directory
+
+
+def write_reference(sample: pd.DataFrame, directory: Path) -> str:
+    """Write the drift reference sample into a model directory; its file name (for `meta.reference_file`)."""
+    try:
+        import pyarrow  # noqa: F401 - only whether it is there
+    except ImportError:
+        name = REFERENCE_FILES[1]
+        sample.to_csv(directory / name, index=False, compression="gzip")
+    else:
+        name = REFERENCE_FILES[0]
+        sample.to_parquet(directory / name, index=False)
+    return name
+
+
+def read_reference(directory: Path) -> pd.DataFrame | None:
+    """The drift reference sample of a model directory (at or below `directory`); None when the version was
+    exported without one (before the monitoring stage) or the file is missing."""
+    import pandas as pd
+
+    where = model_dir(directory)
+    name = ModelMeta.read(where).reference_file
+    if not name or not (where / name).is_file():
+        return None
+    if name.endswith(".parquet"):
+        return pd.read_parquet(where / name)
+    frame = pd.read_csv(where / name)
+    if "open_time" in frame:
+        frame["open_time"] = pd.to_datetime(frame["open_time"], utc=True)
+    return frame
 
 
 class TorchModel:

@@ -303,7 +303,15 @@ def model_meta(cfg: Config, data: Data, hyper: dict[str, Any], scaler: Scaler, w
 
 
 def finalize(cfg: Config, the_plan: TrainingPlan) -> Trained:
-    """Best trial → final fit on train+validation → test evaluation → tracked in the parent run → exported."""
+    """Best trial → final fit on train+validation → test evaluation → tracked in the parent run → exported.
+
+    The export carries the drift reference sample (`reference.parquet`, `ModelMeta.reference_file`) that
+    `sofare.monitoring.drift` compares served inputs with: the held-out test hours, evenly subsampled to at most
+    `monitoring.reference_rows`, with the raw (unscaled) features at each window's last row, the final model's
+    prob_up and the realised return. The test hours because they are the newest hours of the data window (the
+    closest to what the version will serve) and the only ones whose prob_up is out of sample, as every served
+    prob_up is: on the rows the model was fitted on, prob_up is in-sample (typically more confident), and
+    prediction drift measured against it would flag overfitting, not a change in the world."""
     import mlflow
 
     from sofare.training import export, tracking, tuning
@@ -318,6 +326,12 @@ def finalize(cfg: Config, the_plan: TrainingPlan) -> Trained:
     epochs = int(best.user_attrs.get("best_epoch", the_plan.max_epochs))
     fit_rows = range(0, data.parts["validation"].stop)
     result = evaluate(cfg, data, hyper, epochs, fit_rows, data.parts["test"])
+    ends = result.test.ends
+    keep = np.unique(np.linspace(0, len(ends) - 1, min(len(ends), cfg.monitoring.reference_rows)).round().astype(int))
+    rows = data.frame.iloc[ends[keep]]
+    reference = rows[["open_time", *data.spec.columns]].reset_index(drop=True)
+    reference["prob_up"] = np.asarray(result.predictions.prob_up, dtype=float)[keep]
+    reference["realised_return"] = rows["target_return"].to_numpy(dtype=float)
     folds = walk_forward(cfg, data, hyper, the_plan.max_epochs) if cfg.training.walk_forward.folds else []
     spec = data.spec
     e = cfg.evaluation
@@ -351,7 +365,7 @@ def finalize(cfg: Config, the_plan: TrainingPlan) -> Trained:
             mlflow.log_artifact(str(path), artifact_path="plots")
         mlflow.log_dict(report.model_dump(mode="json"), "evaluation.json")
     meta = model_meta(cfg, data, hyper, result.scaler, window)
-    directory = export.export(result.model, meta, Path(tempfile.mkdtemp(prefix="sofare-model-")))
+    directory = export.export(result.model, meta, Path(tempfile.mkdtemp(prefix="sofare-model-")), reference)
     example = data.raw_windows(result.test.ends[-1:], meta.lookback)
     return Trained(report, ModelMeta.read(directory), directory, example, run_id)
 
