@@ -20,18 +20,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import shutil
 import statistics
-import tempfile
 import time
 from collections.abc import Callable
-from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-from benchmarks.common import machine, write_section
+from benchmarks.common import deployment_home, machine, write_section
 
 if TYPE_CHECKING:
     from sofare.config import Config
@@ -40,34 +36,11 @@ GOAL_SECONDS = 60.0
 REPEATS = {"A": 5, "B": 5, "C": 3}
 WINDOW = ("2024-01-01", "2024-03-31")
 TRAIN_WINDOW = ("2024-01-12", "2024-03-31")  # after the features' warm-up
-SMALL_TRAINING = {  # the tests' small search space (tests/conftest.py): the model's quality is irrelevant here
-    "SOFARE_TRAINING__SEARCH_SPACE__HIDDEN_SIZE": "[64, 96, 32]",
-    "SOFARE_TRAINING__SEARCH_SPACE__NUM_LAYERS": "[1, 2]",
-    "SOFARE_TRAINING__SEARCH_SPACE__NUM_HEADS": "[4]",
-    "SOFARE_TRAINING__SEARCH_SPACE__LOOKBACK": "[24]",
-    "SOFARE_EVALUATION__BOOTSTRAP_SAMPLES": "200",
-}
 LOG_LINE = re.compile(r"verified through \S+ in ([0-9.]+) s")
 
 
 def _stats(values: list[float]) -> tuple[float, float, float]:
     return min(values), statistics.median(values), max(values)
-
-
-def _leftovers(scratch: Path) -> list[int]:
-    """Processes (other than this one) whose command line or environment names the scratch folder: every
-    `bentoml serve` and nginx of this benchmark would, since their var/ lives there."""
-    found = []
-    for proc in Path("/proc").glob("[0-9]*"):
-        if int(proc.name) == os.getpid():
-            continue
-        try:
-            text = (proc / "cmdline").read_bytes() + (proc / "environ").read_bytes()
-        except OSError:
-            continue
-        if str(scratch).encode() in text:
-            found.append(int(proc.name))
-    return found
 
 
 def _setup(cfg: Config, tasks: ModuleType) -> tuple[str, str]:
@@ -115,19 +88,11 @@ def _last_rollback(cfg: Config) -> dict[str, Any]:
 
 
 def run() -> str:
-    from sofare.serving import bento
-
-    scratch = Path(tempfile.mkdtemp(prefix="sofare-bench-deploy-"))
-    saved = dict(os.environ)
-    os.environ.update({
-        "SOFARE_PATHS__VAR": str(scratch / "var"), "SOFARE_WAREHOUSE__URL": f"sqlite:///{scratch / 'wh.db'}",
-        "SOFARE_INGEST__CONTEXT_DAYS": "60", "SOFARE_DEPLOY__FRONTDOOR_PORT": str(bento.free_port(0)),
-        "SOFARE_SERVING__PORT": str(bento.free_port(0)), "AIRFLOW_HOME": str(scratch / "airflow"), **SMALL_TRAINING})
     runs: dict[str, list[dict[str, float]]] = {"A": [], "B": [], "C": []}
     starts: list[float] = []  # `sofare deploy` of a canary: a `bentoml serve` start plus a reload
     noop: dict[str, float] = {}
-    cfg: Config | None = None
-    try:
+    left: list[int] = []
+    with deployment_home("sofare-bench-deploy-", left) as scratch:
         from sofare import tasks
         from sofare.config import load_config
         from sofare.runtime import run_dag
@@ -169,17 +134,6 @@ def run() -> str:
         noop["dag"] = _timed(run_dag, cfg, "sofare_rollback", conf=conf, logfile=logfile)[0]
         noop["dag_seconds"] = _checked(_last_rollback(cfg), target, "noop")["seconds"]
         verify_requests = cfg.deploy.verify_requests
-    finally:
-        try:
-            if cfg is not None:
-                tasks.stop_deployment(cfg)
-        finally:
-            os.environ.clear()
-            os.environ.update(saved)
-            left = _leftovers(scratch)
-            if left:
-                print(f"  WARNING: processes of this benchmark still run: {left}", flush=True)
-            shutil.rmtree(scratch, ignore_errors=True)
 
     def verdict(seconds: float) -> str:
         return "**met**" if seconds <= GOAL_SECONDS else "**MISSED**"

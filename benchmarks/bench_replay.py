@@ -10,13 +10,9 @@ deployed as the stable. Then `sofare replay --start 2024-04-01 --end 2024-04-30`
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import time
-from pathlib import Path
 
-from benchmarks.bench_deploy import SMALL_TRAINING, _leftovers
-from benchmarks.common import machine
+from benchmarks.common import deployment_home, machine
 
 GOAL_SECONDS = 600.0
 DATA = ("2024-01-01", "2024-04-30")
@@ -25,16 +21,7 @@ REPLAY = ("2024-04-01", "2024-04-30")
 
 
 def run() -> str:
-    from sofare.serving import bento
-
-    scratch = Path(tempfile.mkdtemp(prefix="sofare-bench-replay-"))
-    saved = dict(os.environ)
-    os.environ.update({
-        "SOFARE_PATHS__VAR": str(scratch / "var"), "SOFARE_WAREHOUSE__URL": f"sqlite:///{scratch / 'wh.db'}",
-        "SOFARE_INGEST__CONTEXT_DAYS": "60", "SOFARE_DEPLOY__FRONTDOOR_PORT": str(bento.free_port(0)),
-        "SOFARE_SERVING__PORT": str(bento.free_port(0)), "AIRFLOW_HOME": str(scratch / "airflow"), **SMALL_TRAINING})
-    cfg = None
-    try:
+    with deployment_home("sofare-bench-replay-"):
         from sofare import runtime, tasks
         from sofare.config import load_config
         from sofare.monitoring import replay
@@ -53,19 +40,6 @@ def run() -> str:
         wall = time.perf_counter() - began
         cores = len(os.sched_getaffinity(0))
         workers = cfg.serving.workers
-    finally:
-        try:
-            if cfg is not None:
-                from sofare import tasks
-
-                tasks.stop_deployment(cfg)
-        finally:
-            os.environ.clear()
-            os.environ.update(saved)
-            left = _leftovers(scratch)
-            if left:
-                print(f"  WARNING: processes of this benchmark still run: {left}", flush=True)
-            shutil.rmtree(scratch, ignore_errors=True)
 
     hours = summary["hours"]
     verdict = "**met**" if wall <= GOAL_SECONDS else "**MISSED**"

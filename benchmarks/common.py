@@ -5,7 +5,11 @@ from __future__ import annotations
 import os
 import platform
 import re
+import shutil
 import sqlite3
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -41,3 +45,60 @@ def write_section(name: str, body: str) -> None:
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
     DOC.parent.mkdir(parents=True, exist_ok=True)
     DOC.write_text(text)
+
+
+SMALL_TRAINING = {  # the tests' small search space (tests/conftest.py): the model's quality is irrelevant here
+    "SOFARE_TRAINING__SEARCH_SPACE__HIDDEN_SIZE": "[64, 96, 32]",
+    "SOFARE_TRAINING__SEARCH_SPACE__NUM_LAYERS": "[1, 2]",
+    "SOFARE_TRAINING__SEARCH_SPACE__NUM_HEADS": "[4]",
+    "SOFARE_TRAINING__SEARCH_SPACE__LOOKBACK": "[24]",
+    "SOFARE_EVALUATION__BOOTSTRAP_SAMPLES": "200",
+}
+
+
+def leftovers(scratch: Path) -> list[int]:
+    """Processes (other than this one) whose command line or environment names the scratch folder: every
+    `bentoml serve` and nginx of a benchmark would, since their var/ lives there."""
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        if int(proc.name) == os.getpid():
+            continue
+        try:
+            text = (proc / "cmdline").read_bytes() + (proc / "environ").read_bytes()
+        except OSError:
+            continue
+        if str(scratch).encode() in text:
+            found.append(int(proc.name))
+    return found
+
+
+@contextmanager
+def deployment_home(prefix: str, left: list[int] | None = None) -> Iterator[Path]:
+    """A throw-away var/, warehouse and Airflow home, free ports for the front door and the servers, the small
+    search space, all in the environment; on exit the deployment is stopped, the environment restored, stray
+    processes reported (and added to `left`) and the folder removed."""
+    from sofare.serving import bento
+
+    scratch = Path(tempfile.mkdtemp(prefix=prefix))
+    saved = dict(os.environ)
+    os.environ.update({
+        "SOFARE_PATHS__VAR": str(scratch / "var"), "SOFARE_WAREHOUSE__URL": f"sqlite:///{scratch / 'wh.db'}",
+        "SOFARE_INGEST__CONTEXT_DAYS": "60", "SOFARE_DEPLOY__FRONTDOOR_PORT": str(bento.free_port(0)),
+        "SOFARE_SERVING__PORT": str(bento.free_port(0)), "AIRFLOW_HOME": str(scratch / "airflow"), **SMALL_TRAINING})
+    try:
+        yield scratch
+    finally:
+        try:
+            from sofare import tasks
+            from sofare.config import load_config
+
+            tasks.stop_deployment(load_config())
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+            stray = leftovers(scratch)
+            if stray:
+                print(f"  WARNING: processes of this benchmark still run: {stray}", flush=True)
+            if left is not None:
+                left.extend(stray)
+            shutil.rmtree(scratch, ignore_errors=True)

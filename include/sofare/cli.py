@@ -265,8 +265,11 @@ def cmd_replay(cfg: Config, args: argparse.Namespace) -> int:
             print(f"sofare replay: error: --speed must be a positive number of hours per second, got {args.speed!r}",
                   file=sys.stderr)
             return 2
-    if not args.verbose:  # one line per action; the per-hour INFO logs only with -v
+    if not args.verbose:  # one line per action; the per-hour INFO logs and numpy's NaN warnings only with -v
+        import warnings
+
         logging.getLogger("sofare").setLevel(logging.WARNING)
+        warnings.filterwarnings("ignore", category=RuntimeWarning)
     summary = replay.replay(cfg, args.start, args.end, speed, args.inject,
                             progress=None if args.json else _print).to_dict()
     if args.json:
@@ -335,6 +338,8 @@ def cmd_demo(cfg: Config, args: argparse.Namespace) -> int:
            f"  curl -s -X POST {url}/predict_latest -H 'Content-Type: application/json' -d '{{\"symbol\": \"BTCUSDT\"}}'\n"
            f"  curl -s -X POST {url}/predict_latest -H 'Content-Type: application/json' -d '{{\"symbol\": \"ETHUSDT\"}}'   # a 422 naming the field\n"
            "  .venv/bin/sofare canary status      # what serves where; .venv/bin/sofare rollback --reason incident\n"
+           "  .venv/bin/sofare replay --start 2025-06-23 --end 2025-06-29 --inject drift   # a week as if live: "
+           "predictions, outcomes, drift, a retrain request (docs/runbook.md)\n"
            "Stop it: .venv/bin/sofare deploy --stop")
     return 0
 

@@ -142,3 +142,10 @@ def test_a_rollback_without_a_target_becomes_a_retrain_and_nothing_firing_is_non
     assert fallback.action == "retrain" and "no version to roll back to" in fallback.reason
     calm = policy.decide(cfg, T0, [], [], None)
     assert (calm.severity, calm.action) == ("none", "none") and calm.reason.startswith("nothing fired")
+
+
+def test_a_version_that_no_longer_serves_is_reported_but_not_acted_on(cfg):
+    worse = (-0.1, -0.15, -0.05)
+    retired = [_q("4", "canary", "7d", worse), _q("3", "stable", "7d", (0.0, -0.05, 0.05))]
+    assert policy.quality_findings(cfg, retired, set(), serving={"3"}) == []
+    assert [f.model_version for f in policy.quality_findings(cfg, retired, {"4"}, serving={"3", "4"})] == ["4"]

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import sqlalchemy as sa
 from pydantic import TypeAdapter, ValidationError
 
-from sofare.contracts import Decision, DriftResult, LiveQuality, LiveScore, ServiceHealth
+from sofare.contracts import Decision, DriftResult, LiveQuality, LiveScore, MonitorRun, ServiceHealth
 from sofare.data import warehouse
 
 if TYPE_CHECKING:
@@ -44,23 +44,25 @@ _SERVICE = TypeAdapter(tuple[ServiceHealth, ...])
 NAN = float("nan")
 
 
-@dataclass(frozen=True)
-class Run:
-    """One `monitoring_runs` row with its JSON columns parsed back into their contracts."""
+class Run(MonitorRun):
+    """One `monitoring_runs` row: what the run recorded (its `MonitorRun`, JSON columns parsed back), the hour as a
+    datetime, when it ran, and the drift share it judged."""
 
-    run_id: str
-    at: datetime
+    at: datetime  # type: ignore[assignment]
     ran_at: datetime
-    severity: str
-    action: str
-    reason: str
-    drift_share: float | None
-    outcomes_filled: int
-    outcomes_pending: int
-    quality: tuple[LiveQuality, ...]
-    drift: DriftResult
-    service: tuple[ServiceHealth, ...]
-    decision: Decision
+    drift_share: float | None = None
+
+    @property
+    def severity(self) -> str:
+        return self.decision.severity
+
+    @property
+    def action(self) -> str:
+        return self.decision.action
+
+    @property
+    def reason(self) -> str:
+        return self.decision.reason
 
 
 @dataclass(frozen=True)
@@ -115,8 +117,7 @@ def _parse(row: Any) -> Run | None:
     """A row back into contracts; a row an older or newer monitor wrote differently is skipped, not fatal."""
     try:
         return Run(
-            run_id=row.run_id, at=row.at, ran_at=row.ran_at, severity=row.severity, action=row.action,
-            reason=row.reason, drift_share=row.drift_share, outcomes_filled=row.outcomes_filled,
+            run_id=row.run_id, at=row.at, ran_at=row.ran_at, drift_share=row.drift_share, outcomes_filled=row.outcomes_filled,
             outcomes_pending=row.outcomes_pending, quality=_QUALITY.validate_json(row.quality),
             drift=DriftResult.model_validate_json(row.drift), service=_SERVICE.validate_json(row.service),
             decision=Decision.model_validate_json(row.decision),
@@ -285,16 +286,17 @@ def accuracy_chart(series: Sequence[AccuracySeries], window: str) -> str:
 
 
 def drift_chart(runs: Sequence[Run], thresholds: dict[str, float]) -> str:
-    """Drifted share of input features per run, against the severity thresholds."""
+    """Drifted share of the hourly (micro) input features per measuring run (drift runs every few hours), against
+    the severity thresholds it is judged by."""
     fig, (ax,) = _figure(height=2.8)
-    share = [NAN if r.drift_share is None else r.drift_share for r in runs]
-    ax.plot([r.at for r in runs], share, color="C0", marker="o", markersize=2.5, linewidth=1.4,
-            label="drifted share")
+    measured = [r for r in runs if r.drift_share is not None]
+    ax.plot([r.at for r in measured], [r.drift_share for r in measured], color="C0", marker="o", markersize=2.5,
+            linewidth=1.4, label="drifted share (hourly features)")
     for (level, value), color in zip(thresholds.items(), ("#d4a017", "#e67e22", "#c0392b")):
         ax.axhline(value, color=color, linestyle="--", linewidth=0.9, label=f"{level} ≥ {value:g}")
     ax.set_ylim(0, 1)
     ax.set_ylabel("share of features")
-    ax.set_title("Input drift (Evidently), gaps: not measured", fontsize=10)
+    ax.set_title("Input drift (Evidently, served inputs vs the version's reference)", fontsize=10)
     ax.legend(fontsize=7, ncol=4, loc="upper left")
     _dates(ax)
     return _svg(fig)
@@ -393,6 +395,7 @@ def _drift_score(score: float | None, drifted: bool | None) -> str:
 def _drift_html(cfg: Config, run: Run, runs: Sequence[Run]) -> str:
     drift = run.drift
     share = "–" if drift.share is None else f"{drift.share:.3f} ({drift.drifted_columns}/{drift.columns})"
+    share += "".join(f"<br>{_e(k)} {v:.2f}" for k, v in drift.shares.items())
     table = _table(["status", "version", "drifted share", "drifted features", "prediction drift", "target drift",
                     "note"],
                    [[_e(drift.status), _e(drift.model_version or ""), share,
@@ -478,7 +481,7 @@ def _gauges(run: Run) -> list[Any]:
 
     share = run.drift_share if run.drift_share is not None else run.drift.share
     if share is not None and math.isfinite(share):
-        families.append(GaugeMetricFamily("sofare_drift_share", "Share of input features Evidently found drifted",
+        families.append(GaugeMetricFamily("sofare_drift_share", "Share of the hourly input features Evidently found drifted",
                                           value=share))
         families.append(GaugeMetricFamily("sofare_drift_drifted_features", "Input features found drifted",
                                           value=len(run.drift.drifted) or run.drift.drifted_columns))

@@ -112,7 +112,15 @@ def measure(cfg: Config, reference: pd.DataFrame, current: pd.DataFrame, columns
     if not features:
         return DriftResult(status="no_data", **base, message="; ".join(["no feature could be tested", *notes]))
     save = html and report_dir is not None
-    snapshot = _run(cfg, ref[features + extras], cur[features + extras], features, extras, preset=save)
+    try:
+        snapshot = _run(cfg, ref[features + extras], cur[features + extras], features, extras, preset=save)
+    except ValueError as exc:  # Evidently's charts (only drawn for the HTML) fail on some degenerate value ranges
+        if not save:
+            raise
+        log.warning("Evidently could not draw the drift report, measured without it: %s", exc)
+        notes.append(f"HTML report not written (Evidently could not draw it: {exc})")
+        save = False
+        snapshot = _run(cfg, ref[features + extras], cur[features + extras], features, extras, preset=False)
     found = parse(snapshot.dict())
     lost = [c for c in features + extras if c not in found]
     if lost:  # never expected: Evidently reported no ValueDrift for them
@@ -140,6 +148,12 @@ def _numeric(frame: pd.DataFrame, names: list[str]) -> pd.DataFrame:
     return out.replace([np.inf, -np.inf], np.nan).reset_index(drop=True)
 
 
+def _constant(values: pd.Series) -> bool:
+    """One value, up to float noise (a spread below 1e-9 of its magnitude: histograms cannot bin it)."""
+    spread = float(values.max() - values.min())
+    return spread <= 1e-9 * max(1.0, float(values.abs().max()))
+
+
 def _testable(ref: pd.DataFrame, cur: pd.DataFrame, columns: list[str], min_rows: int, notes: list[str],
               kind: str | None) -> list[str]:
     """The columns Evidently can test; why each of the others is left out goes into `notes`. Features must be
@@ -154,7 +168,7 @@ def _testable(ref: pd.DataFrame, cur: pd.DataFrame, columns: list[str], min_rows
         if len(s) < min_rows or len(r) < min_rows:
             side, n = ("served", len(s)) if len(s) < min_rows else ("reference", len(r))
             why[c] = f"all NaN ({side})" if n == 0 else f"{n} {side} values < {min_rows}"
-        elif pd.concat([r, s]).nunique() <= 1:
+        elif _constant(pd.concat([r, s])):
             why[c] = f"constant ({r.iloc[0]:g})"
         else:
             out.append(c)

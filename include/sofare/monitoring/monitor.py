@@ -148,9 +148,9 @@ def service_health(cfg: Config, previous: list[dict[str, Any]]) -> list[ServiceH
     return out
 
 
-def _at_fault_and_target(cfg: Config) -> tuple[set[str], str | None]:
-    """Versions whose failure blames the last change (a live canary; a champion serving as stable for less than
-    `fresh_hours`), and the version a rollback would restore (None: nothing to roll back to)."""
+def _deployment_view(cfg: Config) -> tuple[set[str] | None, set[str], str | None]:
+    """The versions serving now; those whose failure blames the last change (a live canary; a champion serving as
+    stable for less than `fresh_hours`); and the version a rollback would restore (None: nothing to roll back to)."""
     from sofare.deploy import rollout
 
     deployment = rollout.Deployment(cfg)
@@ -170,7 +170,9 @@ def _at_fault_and_target(cfg: Config) -> tuple[set[str], str | None]:
         target = None
     if state.canary is None and state.stable is not None and target == state.stable.version:
         target = None  # the stable itself: nothing to roll back to
-    return at_fault, target
+    # no deployment here (e.g. serving runs in containers elsewhere): every version that predicted is judged
+    serving = {b.version for b in (state.stable, state.canary) if b is not None} or None
+    return serving, at_fault, target
 
 
 # --- the run ------------------------------------------------------------------------------------------------
@@ -216,8 +218,8 @@ def run(cfg: Config, at: datetime | str | None = None, start: datetime | str | N
             status="skipped", message=f"drift is measured at hours divisible by {m.drift_every_hours}"))
         history = recent_runs(conn, at, actor)
     service = service_health(cfg, history[0]["service"] if history else []) if deployment else []
-    at_fault, target = _at_fault_and_target(cfg) if deployment else (set(), None)
-    findings = (policy.drift_findings(cfg, drift_result) + policy.quality_findings(cfg, live, at_fault)
+    serving, at_fault, target = _deployment_view(cfg) if deployment else (None, set(), None)
+    findings = (policy.drift_findings(cfg, drift_result) + policy.quality_findings(cfg, live, at_fault, serving)
                 + policy.error_findings(cfg, service, at_fault))
     decision = policy.decide(cfg, at, findings, history, target)
     result = MonitorRun(run_id=run_id, at=at.isoformat(), outcomes_filled=filled["filled"],

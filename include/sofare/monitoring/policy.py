@@ -64,12 +64,15 @@ def drift_findings(cfg: Config, drift: DriftResult) -> list[Finding]:
     return out
 
 
-def quality_findings(cfg: Config, quality: Iterable[LiveQuality], at_fault: set[str]) -> list[Finding]:
-    """`at_fault`: versions whose failure means the last change is to blame (the canary, a fresh champion)."""
+def quality_findings(cfg: Config, quality: Iterable[LiveQuality], at_fault: set[str],
+                     serving: set[str] | None = None) -> list[Finding]:
+    """`at_fault`: versions whose failure means the last change is to blame (the canary, a fresh champion);
+    `serving`: the versions serving now (None: every version judged). A version that no longer serves is still
+    reported, but nothing is done about it: its old predictions stay in the window for a while."""
     longest: dict[tuple[str, str], LiveQuality] = {}
     windows = cfg.monitoring.windows
     for q in quality:
-        if q.status != "ok":
+        if q.status != "ok" or (serving is not None and q.model_version not in serving):
             continue
         key = (q.model_version, q.variant)
         if key not in longest or windows[q.window] > windows[longest[key].window]:

@@ -9,9 +9,9 @@ asset event sofare_monitor would emit (training itself is not run: it takes minu
 Scenarios (`inject`), to prove the loop ends in the right action:
 - drift: from a third of the way in, the windows sent have 4x the volatility (log returns scaled around the
   first close) and 10x the volume: the served inputs drift away from the reference -> retrain requested.
-- bad-canary: a sabotaged copy of the stable version (its input scaling divided by 1,000, a training/serving
-  skew that saturates prob_up) is registered, built and deployed as a canary at weight 0.5 -> its Brier score
-  is provably worse than a coin's -> rollback to the stable.
+- bad-canary: a sabotaged copy of the stable version (its classification head's "up" bias raised by 8, as a
+  broken export would: prob_up near 1 for every window) is registered, built and deployed as a canary at weight
+  0.5 -> its Brier score is provably worse than a coin's -> rollback to the stable.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 INJECTIONS = ("drift", "bad-canary")
-SABOTAGE_SCALE = 1000.0  # the bad canary's inputs are this many times too large
+SABOTAGE_LOGIT = 8.0  # the bad canary's "up" logit is raised by this: prob_up ~ 0.9997 whatever the window
 
 
 @dataclass
@@ -92,18 +92,19 @@ def drifted(body: dict[str, Any]) -> dict[str, Any]:
 
 
 def sabotaged_canary(cfg: Config, actor: str) -> str:
-    """Register a copy of the stable version with its input scaling divided by SABOTAGE_SCALE, build its bento and
+    """Register a copy of the stable version with a broken classification head (SABOTAGE_LOGIT), build its bento and
     deploy it as the canary at weight 0.5. Tagged `injected` on the version: it is a drill, never a candidate."""
-    import shutil
     import tempfile
     from pathlib import Path
 
     import mlflow
+    import torch
 
-    from sofare.contracts import META_FILE, ModelMeta
+    from sofare.contracts import ModelMeta
     from sofare.deploy import rollout
     from sofare.registry import audit, versions
     from sofare.serving import bento
+    from sofare.training import export
 
     deployment = rollout.Deployment(cfg, actor)
     stable = deployment.state().stable
@@ -111,11 +112,12 @@ def sabotaged_canary(cfg: Config, actor: str) -> str:
         raise InputError("nothing is deployed: `sofare deploy` a version first (make demo does)")
     base = versions.resolve(cfg, stable.version)
     with tempfile.TemporaryDirectory(prefix="sofare-sabotage-") as scratch:
-        directory = Path(shutil.copytree(versions.download(cfg, stable.version), Path(scratch) / "model"))
+        source = versions.download(cfg, stable.version)
+        network = export.TorchModel(source)
+        with torch.no_grad():
+            network.model.cls_head.bias[1] += SABOTAGE_LOGIT  # "up" wins every window: prob_up near 1
+        directory = export.export(network.model, network.meta, Path(scratch) / "model", export.read_reference(source))
         meta = ModelMeta.read(directory)
-        std = tuple(s / SABOTAGE_SCALE for s in meta.scaler.std)
-        meta = meta.model_copy(update={"scaler": meta.scaler.model_copy(update={"std": std})})
-        (directory / META_FILE).write_text(meta.model_dump_json(indent=1))
         example = np.zeros((1, meta.lookback, len(meta.columns)), dtype=np.float32)
         versions.setup(cfg)
         with mlflow.start_run(run_id=base.tags.get("training_run_id") or base.run_id):
@@ -124,7 +126,8 @@ def sabotaged_canary(cfg: Config, actor: str) -> str:
         model_tag = bento.import_model(cfg, directory, {"model_version": version, "semver": "sabotaged",
                                                         "feature_set_version": meta.feature_set_version})
     built = bento.build(cfg, model_tag)
-    note = f"bad-canary drill (sofare replay): version {stable.version} with its input scaling divided by {SABOTAGE_SCALE:g}"
+    note = (f"bad-canary drill (sofare replay): version {stable.version} with its classification head's 'up' bias "
+            f"raised by {SABOTAGE_LOGIT:g} (prob_up near 1 for every window)")
     versions.set_tags(cfg, version, {**{k: v for k, v in base.tags.items() if k not in ("bento_tag", "container")},
                                      "semver": f"{base.tags.get('semver', '0.0.0')}+sabotaged", "injected": note,
                                      "promotion_verdict": "rejected", "bento_tag": built["bento"],

@@ -94,7 +94,7 @@ def log_row(answer: dict[str, Any], endpoint: str, features: np.ndarray | None =
     encoded = None
     if features is not None:
         values = np.asarray(features, dtype=float)
-        encoded = json.dumps([round(v, 9) if math.isfinite(v) else None for v in values.tolist()])
+        encoded = json.dumps([float(f"{v:.8g}") if math.isfinite(v) else None for v in values.tolist()])  # float32
     return {"features": encoded, "feature_set_version": feature_set_version,"prediction_id": answer["prediction_id"], "created_at": datetime.now(UTC), "endpoint": endpoint,
             "model_version": answer["model_version"], "variant": answer["variant"], "symbol": answer["symbol"],
             "interval": answer["interval"], "as_of": answer["as_of"], "horizon": answer["horizon"],

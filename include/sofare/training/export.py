@@ -39,7 +39,9 @@ def export(model: SofareM3, meta: ModelMeta, directory: Path, reference: pd.Data
                       output_names=["logits", "ret"], dynamo=False,
                       dynamic_axes={n: {0: "batch"} for n in (*MODALITIES, "logits", "ret")})
     with torch.no_grad():
-        traced = torch.jit.trace(model, example, check_trace=False)
+        # Lightning's own tracing: torch.jit.trace alone probes `trainer`, which raises on a model not attached to
+        # one (a model rebuilt from its weights, e.g. the replay's sabotaged canary)
+        traced = model.to_torchscript(method="trace", example_inputs=example, check_trace=False)
     traced.save(str(directory / RUNTIME_FILES["torch"]))
     update: dict[str, object] = {"runtime_files": dict(RUNTIME_FILES)}
     if reference is not None:
