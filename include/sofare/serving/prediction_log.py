@@ -69,7 +69,8 @@ class PredictionLog:
             frame = pd.DataFrame(rows)
             for column in ("created_at", "as_of"):
                 frame[column] = pd.to_datetime(frame[column], utc=True)
-            inputs = frame.loc[frame["features"].notna(), list(INPUT_COLUMNS)] if "features" in frame else frame.iloc[:0]
+            frame["features"] = [encode_features(v) for v in frame["features"]]
+            inputs = frame.loc[frame["features"].notna(), list(INPUT_COLUMNS)]
             with warehouse.transaction(warehouse.get_engine(self.cfg)) as conn:  # both or neither
                 warehouse.upsert(conn, warehouse.predictions, frame.drop(columns=["features", "feature_set_version"],
                                                                          errors="ignore"))
@@ -90,15 +91,21 @@ INPUT_COLUMNS = ("prediction_id", "as_of", "model_version", "variant", "feature_
 def log_row(answer: dict[str, Any], endpoint: str, features: np.ndarray | None = None,
             feature_set_version: str = "") -> dict[str, Any]:
     """A `predictions` row; with `features` (the window's last row, the version's column order) also the
-    `prediction_inputs` row drift monitoring reads. Non-finite values are stored as null (JSON has no NaN)."""
-    encoded = None
-    if features is not None:
-        values = np.asarray(features, dtype=float)
-        encoded = json.dumps([float(f"{v:.8g}") if math.isfinite(v) else None for v in values.tolist()])  # float32
-    return {"features": encoded, "feature_set_version": feature_set_version,"prediction_id": answer["prediction_id"], "created_at": datetime.now(UTC), "endpoint": endpoint,
+    `prediction_inputs` row drift monitoring reads (encoded by the writer thread, off the request path)."""
+    return {"features": None if features is None else np.array(features, dtype=np.float32),
+            "feature_set_version": feature_set_version,
+            "prediction_id": answer["prediction_id"], "created_at": datetime.now(UTC), "endpoint": endpoint,
             "model_version": answer["model_version"], "variant": answer["variant"], "symbol": answer["symbol"],
             "interval": answer["interval"], "as_of": answer["as_of"], "horizon": answer["horizon"],
             "prob_up": answer["prob_up"], "expected_return": answer["expected_return"],
             "latency_ms": answer["latency_ms"]}
 
 
+def encode_features(values: np.ndarray | None) -> str | None:
+    """JSON list of the float32 features (exact); non-finite values as null (JSON has no NaN)."""
+    if values is None:
+        return None
+    listed = values.tolist()
+    if not np.isfinite(values).all():
+        listed = [v if math.isfinite(v) else None for v in listed]
+    return json.dumps(listed)
