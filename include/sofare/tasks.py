@@ -406,6 +406,6 @@ def fill_outcomes(cfg: Config, start: str | None = None, end: str | None = None)
     from sofare.monitoring import monitor as mon
     from sofare.monitoring import outcomes
 
-    lo = mon.hour_of(start) if start else None
+    lo = mon.hour_of(start, "start") if start else None
     hi = mon.hour_of(end) if end else None
     return outcomes.fill(cfg, mon.engine_of(cfg), lo, hi, known_by=hi)

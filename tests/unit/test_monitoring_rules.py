@@ -149,3 +149,19 @@ def test_a_version_that_no_longer_serves_is_reported_but_not_acted_on(cfg):
     retired = [_q("4", "canary", "7d", worse), _q("3", "stable", "7d", (0.0, -0.05, 0.05))]
     assert policy.quality_findings(cfg, retired, set(), serving={"3"}) == []
     assert [f.model_version for f in policy.quality_findings(cfg, retired, {"4"}, serving={"3", "4"})] == ["4"]
+
+
+@pytest.mark.parametrize("value", ["9999-99-99", "yesterday", "1600-01-01", "2200-01-01T00:00:00+00:00", "\x00"])
+def test_a_bad_hour_is_an_input_error_naming_the_field(value):
+    from sofare.errors import InputError
+    from sofare.monitoring.monitor import hour_of
+
+    with pytest.raises(InputError, match="^start: "):
+        hour_of(value, "start")
+
+
+def test_an_hour_is_floored_and_made_utc():
+    from sofare.monitoring.monitor import hour_of
+
+    assert hour_of("2025-06-01T12:34:56") == datetime(2025, 6, 1, 12, tzinfo=UTC)
+    assert hour_of("2025-06-01T12:34:56+02:00") == datetime(2025, 6, 1, 10, tzinfo=UTC)

@@ -20,6 +20,7 @@ import sqlalchemy as sa
 from sofare.contracts import Decision, DriftResult, MonitorRun, ServiceHealth
 from sofare.data import warehouse as wh
 from sofare.data.features import feature_spec
+from sofare.errors import InputError
 from sofare.monitoring import outcomes, policy, quality
 
 if TYPE_CHECKING:
@@ -30,12 +31,23 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def hour_of(value: datetime | str | None) -> datetime:
-    """The monitored hour: `value` (an ISO string or a datetime, UTC if naive) floored to the hour; None: now."""
+EARLIEST, LATEST = pd.Timestamp("2009-01-01", tz="UTC"), pd.Timestamp("2100-01-01", tz="UTC")  # as the service
+
+
+def hour_of(value: datetime | str | None, field: str = "at") -> datetime:
+    """The monitored hour: `value` (an ISO string or a datetime, UTC if naive) floored to the hour; None: now.
+    Anything else, or a date outside 2009 .. 2100, is an InputError naming `field`."""
     if value is None:
         value = datetime.now(timezone.utc)
-    stamp = pd.Timestamp(value)
+    try:
+        stamp = pd.Timestamp(value)
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise InputError(f"{field}: {str(value)[:60]!r} is not an ISO date-time ({exc})") from None
+    if stamp is pd.NaT:
+        raise InputError(f"{field}: {str(value)[:60]!r} is not an ISO date-time")
     stamp = stamp.tz_localize("UTC") if stamp.tzinfo is None else stamp.tz_convert("UTC")
+    if not EARLIEST <= stamp < LATEST:
+        raise InputError(f"{field}: {stamp.isoformat()} is outside {EARLIEST.date()} .. {LATEST.date()}")
     return stamp.floor("h").to_pydatetime()
 
 
@@ -206,7 +218,7 @@ def run(cfg: Config, at: datetime | str | None = None, start: datetime | str | N
     at = hour_of(at)
     m = cfg.monitoring
     longest = timedelta(hours=max(m.windows.values()))
-    start_at = hour_of(start) if start is not None else at - longest
+    start_at = hour_of(start, "start") if start is not None else at - longest
     engine = engine_of(cfg)
     run_id = uuid.uuid4().hex
     filled = outcomes.fill(cfg, engine, start_at, at, known_by=at)
