@@ -69,6 +69,19 @@ class Load:
         return [r for r in self.results if r[0] != 200]
 
 
+def _wait_dead(arbiter: int, pids: set[int], bound: float = 30.0) -> None:
+    """Until none of `pids` runs (SIGKILL is not refusable; the bound only stops a broken kernel hanging CI)."""
+    import time
+
+    from sofare.serving import bento
+
+    deadline = time.monotonic() + bound
+    while (alive := {p for p, (state, _, _) in bento._processes().items() if p in pids and state not in "ZX"}):
+        assert time.monotonic() < deadline, f"still running after SIGKILL: {alive}"
+        bento.process_tree(arbiter)  # reaps the arbiter if it is our child
+        time.sleep(0.05)
+
+
 def traffic(url: str, path: str, body: dict, n: int):
     """A `sleep` for canary analysis: instead of waiting, send `n` requests from fixed client ids."""
     def send(_seconds: float) -> None:
@@ -155,16 +168,22 @@ def test_a_second_canary_is_refused_and_a_killed_canary_loses_no_request(home):
     assert status["canary"]["version"] == home["v2"] and status["canary_weight"] == 0.5
     with pytest.raises(DeployError, match="already live"):
         tasks.deploy(cfg, home["v2"], 0.2)
-    with Load(d.url) as load:
-        load.wait_for(60)
-        assert {r[1] for r in load.results} == {"stable", "canary"}, "weight 0.5 sends clients to both"
-        for pid in bento.process_tree(d.state().canary.pid):  # a crash: the arbiter and its workers, at once
-            os.kill(pid, signal.SIGKILL)
-        load.wait_for(120)
-    assert load.errors == [], load.errors[:5]
-    assert load.results[-1][1] == "stable"
-    assert all(r[2] == home["v1"] for r in load.results[-60:]), "after the kill, stable answers every client"
-    tasks.canary(cfg, "abort", "the canary process died", actor="test")
+    try:
+        with Load(d.url) as load:
+            load.wait_for(60)
+            assert {r[1] for r in load.results} == {"stable", "canary"}, "weight 0.5 sends clients to both"
+            # A crash: the arbiter first (so it cannot respawn a worker it sees die), then every worker.
+            arbiter = d.state().canary.pid
+            family = bento.process_tree(arbiter)
+            for pid in [arbiter, *sorted(family - {arbiter})]:
+                os.kill(pid, signal.SIGKILL)
+            _wait_dead(arbiter, family)
+            load.wait_for(120)
+        assert load.errors == [], load.errors[:5]
+        late = [r for r in load.results[-60:] if r[2] != home["v1"] or r[1] != "stable"]
+        assert not late, f"after the kill, stable answers every client: {late[:5]}"
+    finally:
+        tasks.canary(cfg, "abort", "the canary process died", actor="test")
     assert d.state().canary is None and d.verify(home["v1"])
 
 
