@@ -131,6 +131,7 @@ class Windows:
     y_ret: np.ndarray  # standardised returns
     lookback: int
     groups: dict[str, np.ndarray] = field(default_factory=dict)  # modality -> column indices
+    _split: tuple[Any, list[np.ndarray]] | None = field(default=None, init=False, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.ends)
@@ -142,12 +143,20 @@ class Windows:
         return self.batch(self.ends[np.asarray(positions)])
 
     def batch(self, ends: np.ndarray) -> tuple[Any, ...]:
+        """One batch, gathered at once: [len(ends), lookback, features] per modality, then the targets."""
         import torch
 
         idx = ends[:, None] + np.arange(-self.lookback + 1, 1)[None, :]
-        block = self.x[idx]
-        parts = [torch.from_numpy(np.ascontiguousarray(block[:, :, self.groups[g]])) for g in ("micro", "safe", "macro")]
+        parts = [torch.from_numpy(columns[idx]) for columns in self._modalities()]
         return (*parts, torch.from_numpy(self.y_up[ends]).long(), torch.from_numpy(self.y_ret[ends]))
+
+    def _modalities(self) -> list[np.ndarray]:
+        """x split once into one contiguous [rows, features] array per modality (micro, safe, macro), so a
+        batch is one fancy-index per modality, without copying the other modalities' columns."""
+        key = (id(self.x), self.x.shape)
+        if self._split is None or self._split[0] != key:
+            self._split = (key, [np.ascontiguousarray(self.x[:, self.groups[g]]) for g in ("micro", "safe", "macro")])
+        return self._split[1]
 
 
 def column_groups(spec: FeatureSpec) -> dict[str, np.ndarray]:
