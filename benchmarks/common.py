@@ -53,6 +53,8 @@ SMALL_TRAINING = {  # the tests' small search space (tests/conftest.py): the mod
     "SOFARE_TRAINING__SEARCH_SPACE__NUM_HEADS": "[4]",
     "SOFARE_TRAINING__SEARCH_SPACE__LOOKBACK": "[24]",
     "SOFARE_EVALUATION__BOOTSTRAP_SAMPLES": "200",
+    "SOFARE_TRAINING__WALK_FORWARD__FOLDS": "2",  # walk-forward evidence is not what these benchmarks measure
+    "SOFARE_EVALUATION__ABLATIONS": "false",
 }
 
 

@@ -24,6 +24,8 @@ SMALL_TRAINING = {  # a small, fast search space for tests that train
     "SOFARE_TRAINING__SEARCH_SPACE__LOOKBACK": "[24]",
     "SOFARE_TRAINING__WORKERS": "2",
     "SOFARE_EVALUATION__BOOTSTRAP_SAMPLES": "200",
+    "SOFARE_TRAINING__WALK_FORWARD__FOLDS": "2",  # the full evidence (4 folds, ablations) in test_training_run
+    "SOFARE_EVALUATION__ABLATIONS": "false",
 }
 
 

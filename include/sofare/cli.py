@@ -91,17 +91,33 @@ def cmd_validate(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def format_training(registered: dict[str, Any]) -> str:
-    """The registered version with its test metrics beside the baselines."""
+    """The registered version: the walk-forward evidence the gate decides on and the test window's metrics, each
+    beside the baselines, and the decision policy after costs."""
     from sofare.contracts import PREDICTORS, RegisteredVersion
 
     r = RegisteredVersion.model_validate(registered)
     report = r.report
+    where, evidence = report.evidence()
+    primary = evidence["sofare_m3"][report.primary_metric]
     lines = [f"registered {r.model} version {r.version} (semver {r.semver}), MLflow run {r.run_id}; primary metric "
-             f"{report.primary_metric} = {report.metric():.4f}",
-             f"{'test metric':<12}" + "".join(f"{n:>13}" for n in PREDICTORS)]
-    lines += [f"{m:<12}" + "".join(f"{report.scores[n][m].value:>13.4f}" for n in PREDICTORS)
-              for m in report.scores["sofare_m3"]]
-    lines.append(f"model card (95% CIs, backtest): {r.model_card}")
+             f"{report.primary_metric} = {primary.value:.4f} [{primary.ci_low:.4f}, {primary.ci_high:.4f}] ({where})"]
+
+    def table(title: str, scores: dict[str, Any], metrics: list[str]) -> list[str]:
+        names = [n for n in PREDICTORS if n in scores]
+        return [f"{title:<12}" + "".join(f"{n:>13}" for n in names),
+                *[f"{m:<12}" + "".join(f"{scores[n][m].value:>13.4f}" for n in names) for m in metrics]]
+
+    if report.wf is not None and report.wf.folds:
+        lines += table("walk-forward", report.wf.pooled, [m for m in ("accuracy", "roc_auc", "brier", "ic")
+                                                           if m in report.wf.pooled["sofare_m3"]])
+        lines += [f"  vs {p.baseline}: {p.verdict} ({p.difference.value:+.4f} [{p.difference.ci_low:+.4f}, "
+                  f"{p.difference.ci_high:+.4f}])" for p in report.wf.paired]
+    lines += table("test metric", report.scores, list(report.scores["sofare_m3"]))
+    if report.policy is not None and report.policy_test is not None and report.policy_buy_and_hold is not None:
+        t, h = report.policy_test, report.policy_buy_and_hold
+        lines.append(f"policy {report.policy.id}: test window {t.total_return:+.2%} after costs ({t.trades} trades, "
+                     f"fees {t.fees_paid:.2%}), buy and hold {h.total_return:+.2%}")
+    lines.append(f"model card (95% CIs, walk-forward, policy, ablations): {r.model_card}")
     return "\n".join(lines)
 
 

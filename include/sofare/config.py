@@ -176,6 +176,7 @@ class SplitConfig(_Model):
 class WalkForwardConfig(_Model):
     folds: int = Field(ge=0)  # 0: off
     mode: Literal["expanding", "sliding"]
+    test_share: float = Field(default=0.4, gt=0, lt=0.8)  # the folds' test parts tile this last share of the rows
 
 
 class SearchSpaceConfig(_Model):
@@ -218,6 +219,11 @@ class EvaluationConfig(_Model):
     bootstrap_block_bars: int = Field(ge=1)
     fee_bps: float = Field(ge=0)  # per side, per position change
     decision_threshold: float = Field(gt=0, lt=1)
+    slippage_bps: float = Field(default=0.0, ge=0)  # per side, on top of the fee
+    calibration: Literal["platt", "none"] = "platt"
+    policy_thresholds: list[float] = Field(default_factory=lambda: [0.5, 0.52, 0.54, 0.56, 0.58, 0.6, 0.65])
+    policy_min_hold: list[int] = Field(default_factory=lambda: [1, 3, 6, 12, 24])
+    ablations: bool = True  # walk-forward also with micro only and micro + safe haven
 
 
 class PromotionConfig(_Model):

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sofare.errors import InputError, NotFoundError
 
 MODALITIES = ("micro", "safe", "macro")
-PREDICTORS = ("sofare_m3", "persistence", "majority", "linear")  # the model, then the naive baselines
+PREDICTORS = ("sofare_m3", "persistence", "majority", "linear", "gbm")  # the model, then the baselines
 BASELINES = PREDICTORS[1:]
 META_FILE = "meta.json"  # a model directory's ModelMeta
 
@@ -73,11 +73,113 @@ class Backtest(_Contract):
     exposure: float
 
 
+class Calibration(_Contract):
+    """P(up) = sigmoid(scale * margin + bias), margin = logit(up) - logit(down): Platt scaling of the
+    classification head (temperature scaling is bias 0; identity is scale 1, bias 0). A monotone map, so
+    ROC-AUC is unchanged; fitted on validation predictions only."""
+
+    method: Literal["none", "platt"] = "none"
+    scale: float = 1.0
+    bias: float = 0.0
+    fitted_on: str = ""  # the rows it was fitted on (a window label)
+
+    def apply(self, margin: np.ndarray) -> np.ndarray:
+        z = np.clip(self.scale * np.asarray(margin, dtype=np.float64) + self.bias, -50, 50)
+        return 1.0 / (1.0 + np.exp(-z))
+
+
+class Policy(_Contract):
+    """The cost-aware decision policy served with a version: long when calibrated P(up) > threshold, then held
+    for at least `min_hold` decisions (of `horizon` bars each); `threshold` None means always flat (nothing
+    beat staying out after costs on validation). Chosen on validation only."""
+
+    id: str
+    threshold: float | None
+    min_hold: int = 1
+    fee_bps: float
+    slippage_bps: float
+    chosen_on: str = ""
+
+    @classmethod
+    def make(cls, threshold: float | None, min_hold: int, fee_bps: float, slippage_bps: float,
+             chosen_on: str = "") -> Policy:
+        cost = f"c{fee_bps + slippage_bps:g}"
+        pid = "flat" if threshold is None else f"long>{threshold:.2f}-hold{min_hold}"
+        return cls(id=f"{pid}-{cost}", threshold=threshold, min_hold=int(min_hold), fee_bps=fee_bps,
+                   slippage_bps=slippage_bps, chosen_on=chosen_on)
+
+    def longs(self, prob_up: np.ndarray) -> np.ndarray:
+        """The entry rule, per decision (what the service's `signal` says for one window)."""
+        prob_up = np.asarray(prob_up, dtype=np.float64)
+        if self.threshold is None:
+            return np.zeros(prob_up.shape, dtype=bool)
+        return prob_up > self.threshold
+
+    def signal(self, prob_up: float) -> Literal["long", "flat"]:
+        return "long" if self.threshold is not None and prob_up > self.threshold else "flat"
+
+
+class PolicyResult(_Contract):
+    """A policy traded on held-out decisions: log-return based, after fees and slippage."""
+
+    total_return: float
+    sharpe: float  # annualised
+    max_drawdown: float
+    exposure: float  # share of decisions spent long
+    trades: int  # position changes (entries + exits)
+    turnover: float  # position changes per year
+    fees_paid: float  # fees + slippage as a share of starting equity (sum of per-trade costs)
+    decisions: int
+
+
 class Fold(_Contract):
     fold: int
     test_start: str
     test_end: str
-    score: MetricCI  # the primary metric on the fold's test part
+    score: MetricCI  # the primary metric of SofareM3 on the fold's test part
+    train_rows: int = 0
+    test_windows: int = 0
+    epochs: int = 0
+    baselines: dict[str, MetricCI] = Field(default_factory=dict)  # primary metric per baseline, same windows
+    calibration: Calibration | None = None
+    policy: Policy | None = None  # chosen on the fold's validation part
+
+
+class Paired(_Contract):
+    """SofareM3 minus a baseline on the same hours (paired moving-block bootstrap of the primary metric)."""
+
+    baseline: str
+    difference: MetricCI
+    share_not_better: float  # bootstrap draws where SofareM3 is not better (a one-sided p-value)
+    verdict: Literal["better", "worse", "no significant difference"]
+
+
+class Reliability(_Contract):
+    """Calibration on held-out hours: mean predicted P(up) and observed up-rate per quantile bin."""
+
+    predicted: tuple[float, ...]
+    observed: tuple[float, ...]
+    count: tuple[int, ...]
+    brier_raw: float  # before calibration
+    brier: float  # after
+    ece_raw: float
+    ece: float
+
+
+class WalkForward(_Contract):
+    """Expanding-window walk-forward evidence: every fold retrains (tuned hyper-parameters) on the rows before
+    it, purged, early-stopped on its own validation part, calibrated and given a policy on that part, then
+    scored on its test part. Pooled = every fold's test windows together."""
+
+    mode: str
+    folds: list[Fold]
+    pooled: dict[str, dict[str, MetricCI]]  # predictor -> metric -> value with CI
+    paired: list[Paired]
+    reliability: Reliability | None = None
+    policy: dict[str, PolicyResult] = Field(default_factory=dict)  # "sofare_m3", "best baseline: <name>", "buy_and_hold"
+    best_baseline: str = ""
+    ablations: dict[str, MetricCI] = Field(default_factory=dict)  # modalities ("micro", "micro+safe", ...) -> primary
+    seconds: float = 0.0
 
 
 class Trial(_Contract):
@@ -86,6 +188,7 @@ class Trial(_Contract):
     value: float | None
     epochs: int | None
     params: dict[str, Any]
+    seconds: float | None = None
 
 
 class EvaluationReport(_Contract):
@@ -106,9 +209,16 @@ class EvaluationReport(_Contract):
     scores: dict[str, dict[str, MetricCI]]  # predictor (PREDICTORS) -> metric -> value with CI
     backtest: Backtest
     walk_forward: list[Fold] = Field(default_factory=list)
+    wf: WalkForward | None = None  # walk-forward evidence (what the promotion gate decides on), when run
+    calibration: Calibration = Field(default_factory=Calibration)  # of the final model, fitted on validation
+    reliability: Reliability | None = None  # of the final model on the test window
+    policy: Policy | None = None  # chosen on validation, served with the version
+    policy_test: PolicyResult | None = None  # that policy on the test window
+    policy_buy_and_hold: PolicyResult | None = None  # buy and hold on the same test decisions
     primary_metric: str
     fee_bps: float
     trials: list[Trial]
+    study_seconds: float | None = None  # the Optuna study's wall time: first trial start to last trial end
     seed: int
     architecture: str
     feature_set_version: str
@@ -124,8 +234,15 @@ class EvaluationReport(_Contract):
         return f"{self.test_start}..{self.test_end}"
 
     def metric(self, predictor: str = "sofare_m3", name: str | None = None) -> float:
-        """A metric's value (default: the primary one) of the model or a baseline."""
+        """A metric's value (default: the primary one) of the model or a baseline on the test window."""
         return self.scores[predictor][name or self.primary_metric].value
+
+    def evidence(self) -> tuple[str, dict[str, dict[str, MetricCI]]]:
+        """What the promotion gate judges: the pooled walk-forward scores when walk-forward ran, else the test
+        window's (versions trained before walk-forward, or with `training.walk_forward.folds: 0`)."""
+        if self.wf is not None and self.wf.folds:
+            return f"walk-forward, {len(self.wf.folds)} folds pooled", self.wf.pooled
+        return "test window", self.scores
 
 
 class RegisteredVersion(_Contract):
@@ -168,6 +285,11 @@ class ModelMeta(_Contract):
     data_window: DateWindow
     runtime_files: dict[str, str] = Field(default_factory=dict)  # runtime (onnx | torch) -> file name
     reference_file: str | None = None  # the drift reference sample beside meta.json (None: registered before it)
+    calibration: Calibration = Field(default_factory=Calibration)  # applied to every P(up) served
+    policy: Policy | None = None  # None: registered before policies; `decision_policy()` falls back to the threshold
+
+    def decision_policy(self) -> Policy:
+        return self.policy or Policy.make(self.threshold, 1, 0.0, 0.0, "legacy: the direction threshold")
 
     @classmethod
     def read(cls, directory: Path) -> ModelMeta:
@@ -183,8 +305,8 @@ class ModelMeta(_Contract):
 
     def outputs(self, logits: np.ndarray, ret: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The network's outputs -> (P(up), expected log return)."""
-        z = logits - logits.max(axis=1, keepdims=True)
-        prob = (np.exp(z[:, 1]) / np.exp(z).sum(axis=1)).astype(np.float64)
+        logits = np.asarray(logits, dtype=np.float64)
+        prob = self.calibration.apply(logits[:, 1] - logits[:, 0])
         return prob, ret.astype(np.float64) * self.scaler.ret_std + self.scaler.ret_mean
 
 

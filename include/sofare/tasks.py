@@ -194,10 +194,19 @@ def train_finalize(cfg: Config, plan: dict[str, Any]) -> dict[str, Any]:
 
 def train(cfg: Config, n_trials: int | None = None, timeout: int | None = None, max_epochs: int | None = None,
           start: str | None = None, end: str | None = None) -> dict[str, Any]:
-    """The whole sofare_train DAG in one process (the CLI): plan, each tuning worker in turn, final fit."""
+    """The whole sofare_train DAG from one command (the CLI): plan, the tuning workers side by side in their own
+    processes (as the DAG's mapped tasks run), final fit."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
     plan = train_plan(cfg, n_trials, timeout, max_epochs, start, end)
-    for worker in range(cfg.training.workers):
-        train_tune(cfg, plan, worker)
+    workers = cfg.training.workers
+    if workers <= 1:
+        train_tune(cfg, plan, 0)
+    else:
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            for done in [pool.submit(train_tune, cfg, plan, worker) for worker in range(workers)]:
+                done.result()  # a worker's failure fails the command, as a failed mapped task fails the DAG
     return train_finalize(cfg, plan)
 
 

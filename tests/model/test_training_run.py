@@ -26,8 +26,13 @@ def _conf(**extra):
     return {"n_trials": 3, "timeout": 600, "max_epochs": 2, **WINDOW, **extra}
 
 
-def test_train_dag_registers_a_version_with_honest_metrics_and_reproduces_them(train_cfg, airflow_db, tmp_path):
-    cfg = train_cfg
+def test_train_dag_registers_a_version_with_honest_metrics_and_reproduces_them(train_cfg, airflow_db, tmp_path,
+                                                                               monkeypatch):
+    monkeypatch.setenv("SOFARE_TRAINING__WALK_FORWARD__FOLDS", "3")  # the full evidence: folds and ablations
+    monkeypatch.setenv("SOFARE_EVALUATION__ABLATIONS", "true")
+    from sofare.config import load_config
+
+    cfg = load_config()
     runtime.run_dag(cfg, "sofare_train", conf=_conf(), logfile=tmp_path / "dag.log")
     c = versions.client(cfg)
     [v1] = c.search_model_versions("name = 'sofare-m3'")
@@ -36,20 +41,46 @@ def test_train_dag_registers_a_version_with_honest_metrics_and_reproduces_them(t
     assert tags["feature_set_version"].startswith("fs") and tags["git_commit"] and tags["architecture"] == "SofareM3/1"
     run = c.get_run(v1.run_id)
     metrics = run.data.metrics
-    for name in ("accuracy", "precision", "recall", "f1", "roc_auc", "mcc", "mae", "rmse", "r2", "ic"):
-        assert metrics[f"test_{name}_ci_low"] <= metrics[f"test_{name}"] <= metrics[f"test_{name}_ci_high"], name
-        for baseline in ("persistence", "majority", "linear"):
-            assert f"baseline_{baseline}_{name}" in metrics
+    for name in ("accuracy", "precision", "recall", "f1", "roc_auc", "mcc", "brier", "mae", "rmse", "r2", "ic"):
+        for prefix in ("test", "wf_sofare_m3"):
+            assert metrics[f"{prefix}_{name}_ci_low"] <= metrics[f"{prefix}_{name}"] <= metrics[f"{prefix}_{name}_ci_high"]
+        for baseline in ("persistence", "majority", "linear", "gbm"):
+            assert f"baseline_{baseline}_{name}" in metrics and f"wf_{baseline}_{name}_ci_low" in metrics
     assert {"backtest_strategy_sharpe", "backtest_buy_and_hold_total_return", "backtest_strategy_max_drawdown"} <= set(metrics)
+    assert metrics["wf_folds"] == 3 and {f"wf_fold{k}_sofare_m3" for k in range(3)} <= set(metrics)
+    assert {f"wf_paired_{b}_diff" for b in ("persistence", "majority", "linear", "gbm")} <= set(metrics)
+    assert {"wf_ablation_micro", "wf_ablation_micro_safe", "wf_ablation_micro_safe_macro"} <= set(metrics)
+    assert {"wf_policy_sofare_m3_fees_paid", "wf_policy_sofare_m3_turnover", "wf_policy_buy_and_hold_total_return",
+            "policy_test_fees_paid", "calibration_scale"} <= set(metrics)
     artifacts = {a.path for a in c.list_artifacts(v1.run_id, "plots")}
-    assert artifacts == {f"plots/{p}.png" for p in ("learning_curves", "confusion_matrix", "calibration", "equity_curve")}
+    assert artifacts == {f"plots/{p}.png" for p in ("learning_curves", "confusion_matrix", "calibration", "equity_curve",
+                                                     "walk_forward", "reliability", "policy_equity")}
     report = json.loads(open(mlflow.artifacts.download_artifacts(run_id=v1.run_id, artifact_path="evaluation.json",
                                                                   tracking_uri=cfg.mlflow_tracking_uri)).read())
     assert report["purge_rows"] >= 24 + 1 and report["parts"]["test"] > 0
+    wf = report["wf"]
+    folds = wf["folds"]
+    assert len(folds) == 3 and all(a["test_end"] < b["test_start"] for a, b in zip(folds, folds[1:]))
+    assert all(f["train_rows"] < g["train_rows"] for f, g in zip(folds, folds[1:])), "expanding windows"
+    assert folds[-1]["test_end"][:10] == report["test_end"][:10], "the last fold ends where the data end"
+    assert {p["baseline"] for p in wf["paired"]} == {"persistence", "majority", "linear", "gbm"}
+    assert set(wf["ablations"]) == {"micro", "micro+safe", "micro+safe+macro"}
+    # nothing was tuned on test data: calibration and policy name the validation days they were fitted on
+    validation_days = report["calibration"]["fitted_on"]
+    assert validation_days == report["policy"]["chosen_on"] and validation_days[:10] < report["test_start"][:10]
+    assert validation_days[-10:] < report["test_start"][:10]
+    meta = versions.download(cfg, str(v1.version))
+    served = json.loads((next(meta.rglob("meta.json"))).read_text())
+    assert served["policy"] == report["policy"] and served["calibration"] == report["calibration"]
     children = c.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{v1.run_id}'")
     assert len(children) == 3 and {r.data.tags["sofare.kind"] for r in children} == {"trial"}
     card = (cfg.var_dir / "reports" / "model_card.md").read_text()
     assert f"MLflow run `{v1.run_id}`" in card and "| ROC-AUC |" in card and "nan" not in card.lower()
+    for section in ("## Walk-forward evidence", "### Ablations", "## Calibration", "## Decision policy",
+                    "gradient-boosted trees", "logistic / ridge", "the study took", "fees + slippage paid"):
+        assert section in card, section
+    for plot in ("walk_forward", "reliability", "policy_equity"):
+        assert (cfg.var_dir / "reports" / "model_card_plots" / f"{plot}.png").stat().st_size > 1000
 
     model = mlflow.pyfunc.load_model(f"models:/sofare-m3/{v1.version}")
     example = np.asarray(model.input_example, dtype=np.float32)
@@ -58,12 +89,14 @@ def test_train_dag_registers_a_version_with_honest_metrics_and_reproduces_them(t
     assert example.shape[:2] == (1, 24)
 
     # same data, same seed: the resumed study runs no new trial and the final fit gives the same numbers
+    monkeypatch.setenv("SOFARE_EVALUATION__ABLATIONS", "false")  # (the ablations' refits are the slow part)
     runtime.run_dag(cfg, "sofare_train", conf=_conf(), logfile=tmp_path / "dag.log")
     v2 = max(c.search_model_versions("name = 'sofare-m3'"), key=lambda v: int(v.version))
     assert str(v2.version) == "2" and v2.tags["semver"] == "1.0.1"
     again = c.get_run(v2.run_id).data.metrics
-    assert {k: v for k, v in again.items() if k.startswith(("test_", "baseline_", "backtest_"))} == \
-        {k: v for k, v in metrics.items() if k.startswith(("test_", "baseline_", "backtest_"))}
+    reproduced = ("test_", "baseline_", "backtest_", "wf_", "policy_")
+    same = {k for k in metrics if k.startswith(reproduced) and k != "wf_seconds" and "ablation" not in k}
+    assert len(same) > 200 and {k: again[k] for k in same} == {k: metrics[k] for k in same}
     study = optuna.load_study(study_name=tags.get("study") or c.get_run(v2.run_id).data.tags["study"],
                               storage=tuning.storage(cfg))
     assert tuning.finished_trials(study) == 3
@@ -117,7 +150,10 @@ def test_cli_train_prints_the_version_beside_the_baselines_and_refuses_unvalidat
     assert done.returncode == 0, done.stderr[-3000:]
     assert "registered sofare-m3 version 1 (semver 1.0.0)" in done.stdout
     header = next(line for line in done.stdout.splitlines() if line.startswith("test metric"))
-    assert header.split() == ["test", "metric", "sofare_m3", "persistence", "majority", "linear"]
+    assert header.split() == ["test", "metric", "sofare_m3", "persistence", "majority", "linear", "gbm"]
+    assert "(walk-forward, 2 folds pooled)" in done.stdout.splitlines()[0]
+    assert any(line.startswith("walk-forward") for line in done.stdout.splitlines())
+    assert any(line.startswith("policy ") and "after costs" in line for line in done.stdout.splitlines())
     bad = sofare("train", "--trials", "1", "--max-epochs", "1", "--start", "2023-09-01", "--end", "2024-01-31")
     assert bad.returncode == 1
     assert "not validated: 2023-09-01 .. 2023-09-30" in bad.stderr.strip().splitlines()[-1]

@@ -52,6 +52,33 @@ def test_a_champion_within_tolerance_does_not_block():
     assert _failed(gate.judge(_facts(champion=champion), RULES, "roc_auc")) == []
 
 
+def test_the_gate_decides_on_pooled_walk_forward_evidence_not_on_the_test_window():
+    from sofare.contracts import EvaluationReport, MetricCI, Paired, WalkForward
+
+    def scores(model: float, linear: float) -> dict:
+        return {p: {"roc_auc": MetricCI(value=v, ci_low=v - 0.02, ci_high=v + 0.02)}
+                for p, v in (("sofare_m3", model), ("persistence", 0.5), ("majority", 0.5), ("linear", linear),
+                             ("gbm", 0.5))}
+
+    lucky_window = scores(0.60, 0.52)  # one good test window ...
+    pooled = scores(0.51, 0.53)  # ... that the folds do not confirm
+    paired = [Paired(baseline="linear", difference=MetricCI(value=-0.02, ci_low=-0.04, ci_high=0.0),
+                     share_not_better=0.97, verdict="no significant difference")]
+    wf = WalkForward.model_construct(mode="expanding", folds=[object()] * 4, pooled=pooled, paired=paired)
+    report = EvaluationReport.model_construct(scores=lucky_window, primary_metric="roc_auc", wf=wf)
+    where, evidence = report.evidence()
+    assert where == "walk-forward, 4 folds pooled" and evidence is pooled
+    older = EvaluationReport.model_construct(scores=lucky_window, primary_metric="roc_auc", wf=None)
+    assert older.evidence() == ("test window", lucky_window), "versions trained before walk-forward"
+    facts = _facts(primary=0.51, baselines={b: pooled[b]["roc_auc"].value for b in ("persistence", "majority", "linear",
+                                                                                     "gbm")},
+                   evidence=where, paired={"linear": "no significant difference (difference -0.0200 ...)"})
+    checks = gate.judge(facts, RULES, "roc_auc")
+    assert _failed(checks) == ["beats linear"]
+    detail = next(c.detail for c in checks if c.name == "beats linear")
+    assert "walk-forward, 4 folds pooled" in detail and "paired bootstrap: no significant difference" in detail
+
+
 def test_the_gate_records_its_verdict_and_aliases_only_a_pass(model_home, monkeypatch):
     cfg = model_home["cfg"]
     version = model_home["version"]

@@ -17,7 +17,7 @@ from sofare.serving import predictor, schemas
 from tests.serving.conftest import window_payload
 
 CONTRACT = {"prediction_id", "model_version", "variant", "latency_ms", "direction", "prob_up", "confidence",
-            "expected_return", "heads_agree", "horizon", "as_of", "symbol", "interval"}
+            "expected_return", "heads_agree", "signal", "policy_id", "horizon", "as_of", "symbol", "interval"}
 
 
 def test_every_endpoint_answers(served):
@@ -27,6 +27,11 @@ def test_every_endpoint_answers(served):
     assert CONTRACT <= set(answer) and answer["model_version"] == version and answer["variant"] == "stable"
     assert answer["as_of"] == "2024-03-20T13:00:00+00:00" and answer["direction"] in ("up", "down")
     assert 0 <= answer["prob_up"] <= 1 and answer["latency_ms"] > 0
+    status, info = client.post("/model_info", {})
+    policy = info["policy"]  # the version's cost-aware policy, stored with it, decides `signal`
+    assert answer["policy_id"] == policy["id"] and policy["chosen_on"] and info["calibration"]["method"] in ("platt", "none")
+    want = "long" if policy["threshold"] is not None and answer["prob_up"] > policy["threshold"] else "flat"
+    assert answer["signal"] == want
     windows = [window_payload(served["cfg"], end) for end in
                ("2024-03-20T12:00:00+00:00", "2024-03-21T12:00:00+00:00", "2024-03-22T12:00:00+00:00")]
     status, answers = client.post("/predict_batch", {"windows": windows})

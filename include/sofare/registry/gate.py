@@ -2,7 +2,8 @@
 
 All must hold (thresholds in `promotion.*`):
 1. outputs are sane on the candidate's test window (finite, P(up) in [0, 1]);
-2. the primary metric beats every baseline's on that window (by `baseline_margin`);
+2. the primary metric beats every baseline's (by `baseline_margin`) on the walk-forward folds pooled (the
+   test window for versions trained without walk-forward), the paired bootstrap quoted beside it;
 3. it is not worse than the current `champion` re-scored on the *same* test rows
    (the very first model has no champion and skips this check);
 4. the weights fit `max_model_mb` and one window predicts within `max_latency_ms` (p95, in process).
@@ -48,11 +49,13 @@ def judge(facts: dict[str, Any], p: Any, metric: str) -> list[Check]:
     """The gate's rules on measured facts (pure: unit-tested for every pass and fail path)."""
     checks = [Check(name="sane outputs", passed=facts["sane"], detail=facts["sane_detail"])]
     mine = facts["primary"]
-    for baseline in BASELINES:
-        theirs = facts["baselines"][baseline]
+    where = facts.get("evidence", "test window")
+    for baseline, theirs in facts["baselines"].items():
         ok = bool(np.isfinite(mine) and (not np.isfinite(theirs) or mine > theirs + p.baseline_margin))
+        paired = facts.get("paired", {}).get(baseline)
         checks.append(Check(name=f"beats {baseline}", passed=ok,
-                            detail=f"{metric} {mine:.4f} vs {theirs:.4f} (margin {p.baseline_margin})"))
+                            detail=f"{metric} {mine:.4f} vs {theirs:.4f} on the {where} (margin {p.baseline_margin})"
+                                   + (f"; paired bootstrap: {paired}" if paired else "")))
     champion = facts.get("champion")
     name = "not worse than champion"
     if champion is None:
@@ -77,6 +80,7 @@ def judge(facts: dict[str, Any], p: Any, metric: str) -> list[Check]:
 def measure(cfg: Config, version: str, report: EvaluationReport) -> tuple[dict[str, Any], str | None]:
     """The facts the gate judges: outputs, metrics, the champion re-scored on the same rows, size, latency."""
     metric = report.primary_metric
+    where, evidence = report.evidence()
     candidate = TorchModel(versions.download(cfg, version))
     champion = versions.alias_version(cfg, "champion")
     champion = champion if champion != version else None
@@ -88,8 +92,12 @@ def measure(cfg: Config, version: str, report: EvaluationReport) -> tuple[dict[s
     facts: dict[str, Any] = {
         "sane": bool(finite and (prob >= 0).all() and (prob <= 1).all()),
         "sane_detail": f"{len(prob)} test windows: P(up) in [{np.nanmin(prob):.3f}, {np.nanmax(prob):.3f}], all finite: {finite}",
-        "primary": report.metric("sofare_m3", metric),
-        "baselines": {b: report.metric(b, metric) for b in BASELINES},
+        "primary": evidence["sofare_m3"][metric].value,
+        "baselines": {b: evidence[b][metric].value for b in BASELINES if b in evidence},
+        "evidence": where,
+        "paired": {p.baseline: f"{p.verdict} (difference {p.difference.value:+.4f} "
+                               f"[{p.difference.ci_low:+.4f}, {p.difference.ci_high:+.4f}])"
+                   for p in (report.wf.paired if report.wf is not None and where != "test window" else [])},
         "size_mb": candidate.size_mb,
         "latency_ms": latency_p95_ms(candidate, windows[-1:, -candidate.lookback:]),
         "champion": None,

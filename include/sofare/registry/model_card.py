@@ -2,22 +2,156 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sofare.contracts import PREDICTORS, EvaluationReport, MetricCI
+from sofare.contracts import PREDICTORS, EvaluationReport, MetricCI, PolicyResult
 
 if TYPE_CHECKING:
     from sofare.config import Config
 
 METRIC_NAMES = {
     "accuracy": "accuracy", "precision": "precision", "recall": "recall", "f1": "F1", "roc_auc": "ROC-AUC",
-    "mcc": "MCC", "mae": "MAE (log return)", "rmse": "RMSE (log return)", "r2": "R²", "ic": "information coefficient",
+    "mcc": "MCC", "brier": "Brier score (lower is better)", "mae": "MAE (log return)", "rmse": "RMSE (log return)",
+    "r2": "R²", "ic": "information coefficient",
 }
+PREDICTOR_NAMES = {"sofare_m3": "SofareM3", "persistence": "persistence", "majority": "majority class",
+                   "linear": "logistic / ridge", "gbm": "gradient-boosted trees"}
+PLOTS = ("walk_forward.png", "reliability.png", "policy_equity.png")
+PLOT_DIR = "model_card_plots"  # beside the card
 
 
 def _cell(s: MetricCI) -> str:
     return f"{s.value:.4f} [{s.ci_low:.4f}, {s.ci_high:.4f}]"
+
+
+def _table(scores: dict[str, dict[str, MetricCI]], first: str) -> str:
+    """Metrics (rows) by predictor (columns), value [95% CI]; predictors a report lacks are left out."""
+    present = [p for p in PREDICTORS if p in scores]
+    rows = [f"| {first} | " + " | ".join(PREDICTOR_NAMES[p] for p in present) + " |",
+            "|---|" + "---|" * len(present)]
+    rows += [f"| {METRIC_NAMES[m]} | " + " | ".join(_cell(scores[p][m]) if m in scores[p] else "–" for p in present) + " |"
+             for m in METRIC_NAMES if any(m in scores[p] for p in present)]
+    return "\n".join(rows)
+
+
+def _result_row(name: str, r: PolicyResult) -> str:
+    return (f"| {name} | {r.total_return:.2%} | {r.sharpe:.2f} | {r.max_drawdown:.2%} | {r.exposure:.1%} | {r.trades} | "
+            f"{r.turnover:.0f} | {r.fees_paid:.2%} |")
+
+
+POLICY_HEADER = ["| | return | Sharpe (ann.) | max drawdown | exposure | trades | turnover / year | fees + slippage paid |",
+                 "|---|---:|---:|---:|---:|---:|---:|---:|"]
+
+
+def _calibration(report: EvaluationReport) -> list[str]:
+    c, r = report.calibration, report.reliability
+    if r is None:
+        return []
+    return [
+        "## Calibration",
+        "",
+        f"P(up) = sigmoid({c.scale:.3f} · margin + {c.bias:+.3f}) ({c.method}; fitted on validation {c.fitted_on}),",
+        "margin = the classification head's logit difference. Monotone: ROC-AUC is unchanged, probabilities get honest.",
+        "",
+        "| test window | Brier | ECE (10 quantile bins) |",
+        "|---|---:|---:|",
+        f"| raw head | {r.brier_raw:.4f} | {r.ece_raw:.4f} |",
+        f"| calibrated | {r.brier:.4f} | {r.ece:.4f} |",
+        "| coin (0.5) | 0.2500 | – |",
+        "",
+        "| mean predicted P(up) | " + " | ".join(f"{v:.3f}" for v in r.predicted) + " |",
+        "|---|" + "---:|" * len(r.predicted),
+        "| observed up-rate | " + " | ".join(f"{v:.3f}" for v in r.observed) + " |",
+        "| hours | " + " | ".join(str(n) for n in r.count) + " |",
+        "",
+        "![reliability](model_card_plots/reliability.png)",
+        "",
+    ]
+
+
+def _policy(report: EvaluationReport) -> list[str]:
+    p = report.policy
+    if p is None or report.policy_test is None or report.policy_buy_and_hold is None:
+        return []
+    rule = ("always flat: no threshold beat staying out after costs on validation" if p.threshold is None else
+            f"long when calibrated P(up) > {p.threshold:.2f}, then held at least {p.min_hold} decision(s)")
+    return [
+        "## Decision policy (served as `signal`)",
+        "",
+        f"Policy `{p.id}`: {rule}. Chosen on validation ({p.chosen_on}) by after-cost return among the thresholds and",
+        f"holding times in config (staying flat included); costs {p.fee_bps:g} bps fee + {p.slippage_bps:g} bps slippage per",
+        "side. On the untouched test window:",
+        "",
+        *POLICY_HEADER,
+        _result_row("SofareM3 policy", report.policy_test),
+        _result_row("buy and hold", report.policy_buy_and_hold),
+        "",
+        "![policy equity](model_card_plots/policy_equity.png)",
+        "",
+    ]
+
+
+def _walk_forward(report: EvaluationReport) -> list[str]:
+    wf = report.wf
+    if wf is None or not wf.folds:
+        return ["## Walk-forward", "", "Not run for this version (`training.walk_forward.folds: 0`).", ""]
+    metric = report.primary_metric
+    baselines = list(wf.folds[0].baselines)
+    lines = [
+        "## Walk-forward evidence (what the promotion gate decides on)",
+        "",
+        f"{len(wf.folds)} {wf.mode} folds: each retrained with the tuned hyper-parameters on every row before it"
+        f" ({report.purge_rows} rows purged), early-stopped, calibrated and given its policy on its own validation part,",
+        f"then scored on its test part; {wf.seconds / 60:.1f} min. {METRIC_NAMES[metric]} [95% CI] per fold:",
+        "",
+        "| fold | test window | train rows | epochs | SofareM3 | " + " | ".join(PREDICTOR_NAMES[b] for b in baselines) + " |",
+        "|---|---|---:|---:|---|" + "---|" * len(baselines),
+        *[f"| {f.fold} | {f.test_start[:10]} .. {f.test_end[:10]} | {f.train_rows:,} | {f.epochs} | {_cell(f.score)} | "
+          + " | ".join(_cell(f.baselines[b]) for b in baselines) + " |" for f in wf.folds],
+        "",
+        "Pooled over the folds' test windows:",
+        "",
+        _table(wf.pooled, "metric (pooled)"),
+        "",
+        f"Paired moving-block bootstrap of {METRIC_NAMES[metric]}, SofareM3 minus each baseline on the same hours:",
+        "",
+        *[f"- vs {PREDICTOR_NAMES[p.baseline]}: {p.difference.value:+.4f} [{p.difference.ci_low:+.4f}, "
+          f"{p.difference.ci_high:+.4f}] — **{_verdict(p.verdict, p.baseline)}** "
+          f"({p.share_not_better:.0%} of resamples not better)" for p in wf.paired],
+        "",
+    ]
+    if wf.policy:
+        lines += ["Decision policies walk-forward (each fold's policy chosen on its own validation part, traded on its"
+                  " test part, folds back to back, after fees + slippage):", "", *POLICY_HEADER,
+                  *[_result_row(name.replace("_", " "), r) for name, r in wf.policy.items()], ""]
+    if wf.reliability is not None:
+        r = wf.reliability
+        lines += [f"Calibration pooled: Brier {r.brier_raw:.4f} raw → {r.brier:.4f} calibrated; ECE {r.ece_raw:.4f} → "
+                  f"{r.ece:.4f}.", ""]
+    if wf.ablations:
+        full = wf.ablations.get("micro+safe+macro")
+        lines += ["### Ablations: is the multi-modal design earning its cost?", "",
+                  f"Pooled walk-forward {METRIC_NAMES[metric]} with only some modalities reaching the model (the others'"
+                  " inputs held at their training mean; same folds, same hyper-parameters):", "",
+                  "| inputs | " + METRIC_NAMES[metric] + " |", "|---|---|",
+                  *[f"| {k} | {_cell(v)} |" for k, v in wf.ablations.items()], ""]
+        if full is not None:
+            micro = wf.ablations.get("micro")
+            if micro is not None:
+                overlap = micro.ci_low <= full.value <= micro.ci_high or full.ci_low <= micro.value <= full.ci_high
+                lines += [f"All three modalities vs micro only: {full.value - micro.value:+.4f}"
+                          + (" — within the intervals: no evidence that the extra modalities help."
+                             if overlap else "."), ""]
+    lines += ["![walk-forward](model_card_plots/walk_forward.png)", ""]
+    return lines
+
+
+def _verdict(verdict: str, baseline: str) -> str:
+    return {"better": f"SofareM3 beats {PREDICTOR_NAMES[baseline]}",
+            "worse": f"SofareM3 is worse than {PREDICTOR_NAMES[baseline]}",
+            "no significant difference": f"no significant difference from {PREDICTOR_NAMES[baseline]}"}[verdict]
 
 
 def render(report: EvaluationReport, model: str, version: str, tags: dict[str, str], run_id: str) -> str:
@@ -41,8 +175,8 @@ def render(report: EvaluationReport, model: str, version: str, tags: dict[str, s
         f"{report.parts['train']:,} / {report.parts['validation']:,} / {report.parts['test']:,} rows "
         f"(train / validation / test) with {report.purge_rows} rows purged between parts.",
         f"- Test window: {report.test_window} ({report.test_windows:,} windows); the final model was fitted "
-        f"on train + validation ({report.train_windows:,} windows) for {report.epochs} epoch(s), the best epoch "
-        "of the best trial.",
+        f"on train ({report.train_windows:,} windows), early-stopped on validation after {report.epochs} epoch(s); "
+        "P(up) calibrated and the decision policy chosen on validation; nothing was tuned on the test window.",
         "",
         "## Architecture",
         "",
@@ -56,7 +190,10 @@ def render(report: EvaluationReport, model: str, version: str, tags: dict[str, s
         *[f"| {k} | {v:.6g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in h.items()],
         "",
         f"Optuna: {len(trials)} trial(s) — {states['COMPLETE']} complete, {states['PRUNED']} pruned, "
-        f"{states['FAIL']} failed; best trial #{report.best_trial} (validation loss {report.best_val_loss:.4f}).",
+        f"{states['FAIL']} failed; best trial #{report.best_trial} (validation loss {report.best_val_loss:.4f}); "
+        + (f"the study took **{report.study_seconds / 60:.1f} min** (first trial start to last trial end, measured), "
+           f"{sum(t.epochs or 0 for t in trials)} epochs run." if report.study_seconds is not None else
+           "study time not recorded (trained before it was)."),
         "",
         "## Test metrics next to the baselines",
         "",
@@ -64,9 +201,7 @@ def render(report: EvaluationReport, model: str, version: str, tags: dict[str, s
         f" blocks of {report.bootstrap_block_bars} bars). Direction: up when P(up) > {report.threshold}.",
         f"Primary metric: **{METRIC_NAMES[report.primary_metric]}**.",
         "",
-        "| metric | SofareM3 | persistence | majority class | linear |",
-        "|---|---|---|---|---|",
-        *[f"| {METRIC_NAMES[m]} | " + " | ".join(_cell(scores[p][m]) for p in PREDICTORS) + " |" for m in METRIC_NAMES],
+        _table(scores, "metric"),
         "",
         "## Backtest (test window, long/flat)",
         "",
@@ -79,7 +214,8 @@ def render(report: EvaluationReport, model: str, version: str, tags: dict[str, s
           for name, key in (("SofareM3 (after fees)", "strategy"), ("buy and hold", "buy_and_hold"))],
         "",
     ]
-    if report.walk_forward:
+    lines += _calibration(report) + _policy(report) + _walk_forward(report)
+    if report.walk_forward and report.wf is None:
         metric = report.primary_metric
         lines += ["## Walk-forward", "", f"| fold | test window | {METRIC_NAMES[metric]} |", "|---|---|---|",
                   *[f"| {f.fold} | {f.test_start} .. {f.test_end} | {_cell(f.score)} |"
@@ -89,7 +225,8 @@ def render(report: EvaluationReport, model: str, version: str, tags: dict[str, s
         "",
         "- One symbol, one interval, one test window: confidence intervals overlapping the baselines' mean the",
         "  model has not shown an edge; hourly crypto direction is close to a coin flip.",
-        "- The backtest ignores slippage, funding and market impact, and trades at the close that produced the signal.",
+        "- Backtests charge fee + slippage per side but ignore funding and market impact, and trade at the close that",
+        "  produced the signal.",
         "- Trained on the embedded 2023-01 .. 2025-06 data; market regimes outside it are untested.",
         "- Macro series with quarterly releases change rarely; their features are mostly constant within a window.",
         "- Two heads: `direction`/`prob_up` (classification) and `expected_return` (regression) are trained together",
@@ -106,6 +243,16 @@ def write(cfg: Config, version: str, out: Path | None = None) -> Path:
     mv = versions.resolve(cfg, version)
     out = out or cfg.var_dir / "reports" / "model_card.md"
     out.parent.mkdir(parents=True, exist_ok=True)
+    plots = out.parent / PLOT_DIR
+    plots.mkdir(exist_ok=True)
+    run_id = mv.run_id or mv.tags.get("training_run_id", "")
+    for name in PLOTS:  # the card's pictures, from the same run (versions trained before them have none)
+        try:
+            local = versions.client(cfg).download_artifacts(run_id, f"plots/{name}", str(plots.parent / ".download"))
+            Path(local).replace(plots / name)
+        except Exception:  # noqa: BLE001 - an older run without the plot: the card still renders
+            (plots / name).unlink(missing_ok=True)
+    shutil.rmtree(plots.parent / ".download", ignore_errors=True)
     out.write_text(render(versions.report(cfg, mv), cfg.mlflow.model_name, str(mv.version), dict(mv.tags),
                           mv.run_id or mv.tags.get("training_run_id", "")))
     return out

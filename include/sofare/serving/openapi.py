@@ -74,16 +74,21 @@ def schemas(p: Predictor) -> dict[str, Any]:
         "LatestRequest": _object({"symbol": {"type": "string", "minLength": 1, "maxLength": 20, "example": p.symbol}}),
         "Prediction": {"type": "object", "required": [
             "prediction_id", "model_version", "variant", "symbol", "interval", "direction", "prob_up", "confidence",
-            "expected_return", "heads_agree", "horizon", "as_of", "latency_ms"], "properties": {
+            "expected_return", "heads_agree", "signal", "policy_id", "horizon", "as_of", "latency_ms"], "properties": {
             "prediction_id": {"type": "string"}, "model_version": {"type": "string"},
             "variant": {"type": "string", "enum": ["stable", "canary"]},
             "symbol": {"type": "string"}, "interval": {"type": "string"},
             "direction": {"type": "string", "enum": ["up", "down"], "description": "prob_up > 0.5"},
-            "prob_up": {"type": "number", "minimum": 0, "maximum": 1, "description": "classification head"},
+            "prob_up": {"type": "number", "minimum": 0, "maximum": 1,
+                        "description": "classification head, calibrated on validation (Platt scaling)"},
             "confidence": {"type": "number", "minimum": 0.5, "maximum": 1},
             "expected_return": {"type": "number", "description": "log return over the next horizon bars (regression head)"},
             "heads_agree": {"type": "boolean", "description": "whether direction and the sign of expected_return agree: "
                                                               "two heads, trained together, that can disagree"},
+            "signal": {"type": "string", "enum": ["long", "flat"],
+                       "description": "the version's cost-aware decision policy applied to prob_up (entry rule; once "
+                                      "long, the policy holds at least its min_hold decisions: GET /model_info)"},
+            "policy_id": {"type": "string", "description": "which policy made `signal`"},
             "horizon": {"type": "integer", "minimum": 1}, "as_of": stamp,
             "latency_ms": {"type": "number", "minimum": 0}}},
         "Predictions": {"type": "array", "items": _ref("Prediction")},

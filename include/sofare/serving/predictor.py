@@ -75,6 +75,7 @@ class Predictor:
         self.delta = interval_delta(self.interval)
         self.step_us = int(self.delta / timedelta(microseconds=1))
         self.horizon = meta.horizon
+        self.policy = meta.decision_policy()
         self.lookback = meta.lookback
         self.needed = meta.warmup_bars + meta.lookback - 1  # candles for one full window
         spec = feature_spec(cfg)
@@ -225,7 +226,8 @@ class Predictor:
             "prediction_id": uuid.uuid4().hex, "model_version": self.version, "variant": self.variant,
             "symbol": self.symbol, "interval": self.interval, "direction": "up" if prob > 0.5 else "down",
             "prob_up": round(prob, 6), "confidence": round(max(prob, 1 - prob), 6),
-            "expected_return": ret, "heads_agree": (prob > 0.5) == (ret > 0), "horizon": self.horizon,
+            "expected_return": ret, "heads_agree": (prob > 0.5) == (ret > 0),
+            "signal": self.policy.signal(prob), "policy_id": self.policy.id, "horizon": self.horizon,
             "as_of": as_of.isoformat(), "latency_ms": round((time.perf_counter() - started) * 1000, 3),
         }
 
@@ -262,7 +264,8 @@ class Predictor:
                 "lookback": self.lookback, "candles_needed": self.needed,
                 "feature_set_version": meta.feature_set_version, "architecture": meta.architecture,
                 "features": len(meta.columns), "max_batch_windows": self.max_batch,
-                "max_window_candles": self.max_candles, "runtime": self.model.runtime, **self.info}
+                "max_window_candles": self.max_candles, "runtime": self.model.runtime,
+                "calibration": meta.calibration.model_dump(), "policy": self.policy.model_dump(), **self.info}
 
 
 class Latest:

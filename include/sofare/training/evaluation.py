@@ -13,7 +13,8 @@ from typing import Any
 
 import numpy as np
 
-CLASSIFICATION = ("accuracy", "precision", "recall", "f1", "roc_auc", "mcc")
+CLASSIFICATION = ("accuracy", "precision", "recall", "f1", "roc_auc", "mcc", "brier")
+LOWER_IS_BETTER = ("brier", "mae", "rmse")
 REGRESSION = ("mae", "rmse", "r2", "ic")
 METRICS = CLASSIFICATION + REGRESSION
 
@@ -56,6 +57,8 @@ def metric(name: str, y_up: np.ndarray, y_ret: np.ndarray, p: Predictions, thres
             return math.nan
         ranks = _ranks(p.prob_up)
         return float((np.sum(ranks[y_up == 1]) - positives * (positives + 1) / 2) / (positives * negatives))
+    if name == "brier":
+        return float(np.mean((p.prob_up - y_up) ** 2))
     if name == "mae":
         return float(np.mean(np.abs(y_ret - p.expected_return)))
     if name == "rmse":
@@ -80,11 +83,11 @@ def block_indices(n: int, block: int, samples: int, seed: int) -> np.ndarray:
 
 
 def score(y_up: np.ndarray, y_ret: np.ndarray, p: Predictions, threshold: float, samples: int, block: int,
-          seed: int) -> dict[str, dict[str, float]]:
-    """Every metric as {value, ci_low, ci_high} (percentile CI over the block bootstrap)."""
+          seed: int, names: tuple[str, ...] = METRICS) -> dict[str, dict[str, float]]:
+    """Every metric (or `names`) as {value, ci_low, ci_high} (percentile CI over the block bootstrap)."""
     out = {}
     index = block_indices(len(y_up), block, samples, seed)
-    for name in METRICS:
+    for name in names:
         value = metric(name, y_up, y_ret, p, threshold)
         draws = np.array([metric(name, y_up[i], y_ret[i], Predictions(p.prob_up[i], p.expected_return[i]), threshold)
                           for i in index])
@@ -92,6 +95,30 @@ def score(y_up: np.ndarray, y_ret: np.ndarray, p: Predictions, threshold: float,
         low, high = (np.percentile(draws, [2.5, 97.5]) if len(draws) else (math.nan, math.nan))
         out[name] = {"value": value, "ci_low": float(low), "ci_high": float(high)}
     return out
+
+
+def paired(name: str, y_up: np.ndarray, y_ret: np.ndarray, mine: Predictions, theirs: Predictions, threshold: float,
+           samples: int, block: int, seed: int) -> dict[str, Any]:
+    """`mine` minus `theirs` on the same rows, with a paired moving-block bootstrap (the same resampled hours
+    for both): the difference with its 95% CI, the share of draws where `mine` is not better, and a verdict."""
+    sign = -1.0 if name in LOWER_IS_BETTER else 1.0
+    diff = metric(name, y_up, y_ret, mine, threshold) - metric(name, y_up, y_ret, theirs, threshold)
+    draws = []
+    for i in block_indices(len(y_up), block, samples, seed):
+        a = metric(name, y_up[i], y_ret[i], Predictions(mine.prob_up[i], mine.expected_return[i]), threshold)
+        b = metric(name, y_up[i], y_ret[i], Predictions(theirs.prob_up[i], theirs.expected_return[i]), threshold)
+        draws.append(a - b)
+    d = np.asarray(draws)
+    d = d[np.isfinite(d)]
+    if not len(d):
+        return {"difference": {"value": diff, "ci_low": math.nan, "ci_high": math.nan}, "share_not_better": math.nan,
+                "verdict": "no significant difference"}
+    low, high = np.percentile(d, [2.5, 97.5])
+    better = sign * d > 0
+    verdict = ("better" if (sign > 0 and low > 0) or (sign < 0 and high < 0) else
+               "worse" if (sign > 0 and high < 0) or (sign < 0 and low > 0) else "no significant difference")
+    return {"difference": {"value": float(diff), "ci_low": float(low), "ci_high": float(high)},
+            "share_not_better": float(1 - better.mean()), "verdict": verdict}
 
 
 # --- baselines -------------------------------------------------------------------------------------
@@ -116,6 +143,19 @@ def linear(train_x: np.ndarray, train_up: np.ndarray, train_ret: np.ndarray, tes
 
     clf = LogisticRegression(C=0.1, max_iter=2000, random_state=seed).fit(train_x, train_up)
     reg = Ridge(alpha=10.0).fit(train_x, train_ret)
+    return Predictions(clf.predict_proba(test_x)[:, 1], reg.predict(test_x))
+
+
+def gbm(train_x: np.ndarray, train_up: np.ndarray, train_ret: np.ndarray, test_x: np.ndarray, seed: int) -> Predictions:
+    """Gradient-boosted trees (scikit-learn's HistGradientBoosting, LightGBM's algorithm) on the same features
+    at the window's last row, fitted on the same rows as the model: shallow, strongly regularised, a fixed
+    number of rounds (no early stopping on later rows), seeded."""
+    from sklearn.ensemble import HistGradientBoostingClassifier, HistGradientBoostingRegressor
+
+    common = {"learning_rate": 0.05, "max_iter": 150, "max_leaf_nodes": 15, "min_samples_leaf": 100,
+              "l2_regularization": 1.0, "early_stopping": False, "random_state": seed}
+    clf = HistGradientBoostingClassifier(**common).fit(train_x, train_up)
+    reg = HistGradientBoostingRegressor(**common).fit(train_x, train_ret)
     return Predictions(clf.predict_proba(test_x)[:, 1], reg.predict(test_x))
 
 
@@ -206,4 +246,73 @@ def plots(directory: Any, history: list[dict[str, float]], y_up: np.ndarray, p: 
     ax.legend()
     fig.autofmt_xdate()
     save(fig, "equity_curve.png")
+    return files
+
+
+def evidence_plots(directory: Any, wf: Any, raw_prob: np.ndarray, prob: np.ndarray, y_up: np.ndarray,
+                   policy_steps: np.ndarray, hold_steps: np.ndarray, times: Any, horizon: int) -> list[Any]:
+    """Walk-forward per fold (with CIs, beside the baselines) and the ablations, reliability before and after
+    calibration, and the decision policy's equity after costs against buy and hold (test window)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from sofare.training import decision
+
+    files = []
+
+    def save(fig: Any, name: str) -> None:
+        path = directory / name
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        files.append(path)
+
+    if wf is not None and wf.folds:
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [3, 2]})
+        ax = axes[0]
+        names = ["sofare_m3", *wf.folds[0].baselines]
+        for j, name in enumerate(names):
+            scores = [f.score if name == "sofare_m3" else f.baselines[name] for f in wf.folds]
+            x = np.arange(len(scores)) + (j - len(names) / 2) * 0.12
+            values = np.array([s.value for s in scores])
+            err = np.array([[s.value - s.ci_low for s in scores], [s.ci_high - s.value for s in scores]])
+            ax.errorbar(x, values, yerr=np.clip(np.nan_to_num(err), 0, None), fmt="o" if name == "sofare_m3" else ".",
+                        capsize=2, label=name)
+        ax.axhline(0.5, color="grey", lw=0.8, ls="--")
+        ax.set(xticks=range(len(wf.folds)), xticklabels=[f.test_start[:10] for f in wf.folds], xlabel="fold (test start)",
+               ylabel="primary metric [95% CI]", title="Walk-forward folds")
+        ax.legend(fontsize=7)
+        ax = axes[1]
+        labels = list(wf.ablations)
+        if labels:
+            values = [wf.ablations[k].value for k in labels]
+            err = [[wf.ablations[k].value - wf.ablations[k].ci_low for k in labels],
+                   [wf.ablations[k].ci_high - wf.ablations[k].value for k in labels]]
+            ax.errorbar(range(len(labels)), values, yerr=np.clip(np.nan_to_num(err), 0, None), fmt="o", capsize=3)
+            ax.axhline(0.5, color="grey", lw=0.8, ls="--")
+            ax.set(xticks=range(len(labels)), xticklabels=labels, title="Ablations (pooled walk-forward)")
+        save(fig, "walk_forward.png")
+
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8, label="perfect")
+    for label, p in (("raw", raw_prob), ("calibrated", prob)):
+        predicted, observed, _ = decision._bins(p, y_up, 10)
+        ax.plot(predicted, observed, marker="o", label=f"{label} (Brier {decision.brier(p, y_up):.4f})")
+    lo = float(min(np.min(raw_prob), np.min(prob), 0.4))
+    hi = float(max(np.max(raw_prob), np.max(prob), 0.6))
+    ax.set(xlim=(lo, hi), ylim=(lo, hi), xlabel="predicted P(up)", ylabel="observed up-rate",
+           title="Reliability (test window)")
+    ax.legend(fontsize=8)
+    save(fig, "reliability.png")
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    x = list(times)[:: max(int(horizon), 1)][: policy_steps.shape[1]]
+    ax.plot(x, np.exp(np.cumsum(policy_steps[0])), label="SofareM3 policy (after fees + slippage)")
+    ax.plot(x, np.exp(np.cumsum(hold_steps[0])), label="buy and hold")
+    ax.set(ylabel="equity (start = 1)", title="Decision policy on the test window")
+    ax.legend()
+    fig.autofmt_xdate()
+    save(fig, "policy_equity.png")
     return files

@@ -31,7 +31,7 @@ class Hyper:
     loss (0.542 in its first epochs)."""
 
     hidden_size: int = 64
-    num_layers: int = 2
+    num_layers: int = 1
     num_heads: int = 4
     dropout: float = 0.1
     learning_rate: float = 1e-3

@@ -8,6 +8,7 @@ MLflow tracking: one parent run per training run, one child run per Optuna trial
 
 from __future__ import annotations
 
+import itertools
 import logging
 import tempfile
 import time
@@ -21,20 +22,27 @@ import pandas as pd
 
 from sofare.config import interval_delta
 from sofare.contracts import (
+    BASELINES,
+    PREDICTORS,
     Backtest,
+    Calibration,
     DateWindow,
     EvaluationReport,
     Fold,
     MetricCI,
     ModelMeta,
+    Paired,
+    Policy,
+    PolicyResult,
     Scaling,
     TrainingPlan,
     Trial,
+    WalkForward,
 )
 from sofare.data import ingest, warehouse
 from sofare.data.features import FeatureSpec, feature_spec
 from sofare.errors import InputError
-from sofare.training import dataset, evaluation
+from sofare.training import dataset, decision, evaluation
 from sofare.training.windows import (
     Scaler,
     Windows,
@@ -194,12 +202,13 @@ def tune(cfg: Config, the_plan: TrainingPlan, worker: int) -> dict[str, Any]:
             "seconds": round(time.monotonic() - began, 1)}
 
 
-# --- final fit and evaluation -----------------------------------------------------------------------
+# --- fit and evaluation -------------------------------------------------------------------------------
 
 
 @dataclass
 class Evaluation:
-    """A model fitted on `fit_rows` and everything measured on the test rows (in memory)."""
+    """A model fitted on `fit_rows` (early-stopped, calibrated and given its policy on validation rows when
+    there are some) and everything measured on the test rows (in memory)."""
 
     model: SofareM3
     scaler: Scaler
@@ -211,67 +220,202 @@ class Evaluation:
     y_up: np.ndarray
     y_ret: np.ndarray
     times: pd.DatetimeIndex
-    predictions: evaluation.Predictions
+    predictions: evaluation.Predictions  # SofareM3 on the test windows, calibrated
     fit_seconds: float
+    epochs: int = 0
+    raw_prob: np.ndarray | None = None  # SofareM3's P(up) before calibration
+    calibration: Calibration | None = None
+    policy: Policy | None = None
+    baselines: dict[str, evaluation.Predictions] | None = None  # on the test windows
+    validation: dict[str, evaluation.Predictions] | None = None  # every predictor on the validation windows
+    val_up: np.ndarray | None = None
+    val_ret: np.ndarray | None = None
 
 
-def _scores(cfg: Config, y_up: np.ndarray, y_ret: np.ndarray, p: evaluation.Predictions) -> dict[str, MetricCI]:
+def _scores(cfg: Config, y_up: np.ndarray, y_ret: np.ndarray, p: evaluation.Predictions,
+            names: tuple[str, ...] = evaluation.METRICS) -> dict[str, MetricCI]:
     e = cfg.evaluation
     raw = evaluation.score(y_up, y_ret, p, e.decision_threshold, e.bootstrap_samples, e.bootstrap_block_bars,
-                           cfg.training.seed)
+                           cfg.training.seed, names)
     return {name: MetricCI.model_validate(s) for name, s in raw.items()}
 
 
-def evaluate(cfg: Config, data: Data, hyper: dict[str, Any], epochs: int, fit_rows: range, test_rows: range,
-             shuffle_labels: bool = False) -> Evaluation:
-    """Fit on `fit_rows` for `epochs` epochs, then score the model and the baselines on `test_rows`."""
-    e = cfg.evaluation
-    seed = cfg.training.seed
-    train, scaler = data.windows(fit_rows, fit_rows, hyper["lookback"], shuffle_seed=seed if shuffle_labels else None)
-    test, _ = data.windows(test_rows, fit_rows, hyper["lookback"])
-    if len(test) == 0:
-        raise InputError("the test window holds no complete window; widen the training window")
-    result = fit(cfg, data.spec, hyper, train, None, epochs, seed)
-    prob, ret = predict(result.model, test, scaler)
+def bars_per_year(data: Data) -> float:
+    return BARS_PER_YEAR_1H * (timedelta(hours=1) / data.delta)
+
+
+def _baselines(data: Data, scaler: Scaler, train: Windows, targets: list[np.ndarray], seed: int
+               ) -> dict[str, list[evaluation.Predictions]]:
+    """The baselines fitted on the model's training windows, predicting each array of window ends."""
     frame = data.frame
-    y_up = frame["target_up"].to_numpy()[test.ends].astype(int)
-    y_ret = frame["target_return"].to_numpy()[test.ends].astype(float)
     train_up = train.y_up[train.ends]
     train_ret = frame["target_return"].to_numpy()[train.ends].astype(float)
     x_all = scaler.transform(frame)
-    predictors = {
-        "sofare_m3": evaluation.Predictions(prob, ret),
-        "persistence": evaluation.persistence(frame["log_ret_1"].to_numpy()[test.ends].astype(float)),
-        "majority": evaluation.majority(train_up, train_ret, len(test)),
-        "linear": evaluation.linear(x_all[train.ends], train_up, train_ret, x_all[test.ends], seed),
+    last = frame["log_ret_1"].to_numpy().astype(float)
+    sizes = np.cumsum([0, *(len(t) for t in targets)])
+    stacked = np.concatenate(targets) if targets else np.zeros(0, dtype=int)
+
+    def split(p: evaluation.Predictions) -> list[evaluation.Predictions]:
+        return [evaluation.Predictions(p.prob_up[a:b], p.expected_return[a:b]) for a, b in itertools.pairwise(sizes)]
+
+    return {
+        "persistence": [evaluation.persistence(last[t]) for t in targets],
+        "majority": [evaluation.majority(train_up, train_ret, len(t)) for t in targets],
+        "linear": split(evaluation.linear(x_all[train.ends], train_up, train_ret, x_all[stacked], seed)),
+        "gbm": split(evaluation.gbm(x_all[train.ends], train_up, train_ret, x_all[stacked], seed)),
     }
-    scores = {name: _scores(cfg, y_up, y_ret, p) for name, p in predictors.items()}
-    bars = BARS_PER_YEAR_1H * (timedelta(hours=1) / data.delta)
-    backtest = evaluation.backtest(prob, y_ret, cfg.features.horizon, e.decision_threshold, e.fee_bps, bars)
+
+
+def _ablate(windows: list[Windows], modalities: tuple[str, ...] | None) -> None:
+    """Hide the other modalities from the model: their scaled inputs become 0 (the training mean)."""
+    if modalities is None:
+        return
+    for w in windows:
+        hidden = [i for g, idx in w.groups.items() if g not in modalities for i in idx]
+        if hidden:
+            w.x = w.x.copy()
+            w.x[:, hidden] = 0.0
+
+
+def evaluate(cfg: Config, data: Data, hyper: dict[str, Any], epochs: int, fit_rows: range, test_rows: range,
+             shuffle_labels: bool = False, validation_rows: range | None = None,
+             modalities: tuple[str, ...] | None = None, baselines: bool = True, full_scores: bool = True) -> Evaluation:
+    """Fit on `fit_rows`, then score the model (and the baselines) on `test_rows`.
+
+    With `validation_rows`: early-stopped on them (at most `epochs`), P(up) calibrated on them and the decision
+    policy chosen on them. Without: exactly `epochs` epochs, uncalibrated, the direction threshold as policy.
+    `modalities`: only these inputs reach the model (ablations)."""
+    e = cfg.evaluation
+    seed = cfg.training.seed
+    lookback = hyper["lookback"]
+    train, scaler = data.windows(fit_rows, fit_rows, lookback, shuffle_seed=seed if shuffle_labels else None)
+    test, _ = data.windows(test_rows, fit_rows, lookback)
+    val = data.windows(validation_rows, fit_rows, lookback)[0] if validation_rows is not None else None
+    if len(test) == 0:
+        raise InputError("the test window holds no complete window; widen the training window")
+    if val is not None and len(val) == 0:
+        raise InputError("the validation part holds no complete window; widen the training window")
+    _ablate([w for w in (train, test, val) if w is not None], modalities)
+    result = fit(cfg, data.spec, hyper, train, val, epochs, seed)
+    frame = data.frame
+    target_up, target_ret = frame["target_up"].to_numpy(), frame["target_return"].to_numpy()
+    raw_prob, ret = predict(result.model, test, scaler)
+    y_up, y_ret = target_up[test.ends].astype(int), target_ret[test.ends].astype(float)
     times = pd.to_datetime(frame["open_time"].to_numpy()[test.ends], utc=True)
+    label = f"{pd.Timestamp(frame['open_time'].iloc[(validation_rows or fit_rows).start]).date()}.." \
+            f"{pd.Timestamp(frame['open_time'].iloc[(validation_rows or fit_rows).stop - 1]).date()}"
+    others = _baselines(data, scaler, train, [test.ends] + ([val.ends] if val is not None else []), seed) \
+        if baselines else {}
+    validation, val_up, val_ret = None, None, None
+    if val is not None:
+        val_prob, val_r = predict(result.model, val, scaler)
+        val_up, val_ret = target_up[val.ends].astype(int), target_ret[val.ends].astype(float)
+        calibration = decision.fit_calibration(val_prob, val_up, e.calibration, label)
+        validation = {"sofare_m3": evaluation.Predictions(calibration.apply(decision.margin(val_prob)), val_r),
+                      **{name: p[1] for name, p in others.items()}}
+        policy = decision.choose(validation["sofare_m3"].prob_up, val_ret, cfg.features.horizon, e.policy_thresholds,
+                                 e.policy_min_hold, e.fee_bps, e.slippage_bps, label)
+    else:
+        calibration = Calibration(fitted_on="no validation part: identity")
+        policy = Policy.make(e.decision_threshold, 1, e.fee_bps, e.slippage_bps, "no validation part: the threshold")
+    prob = calibration.apply(decision.margin(raw_prob))
+    predictors = {"sofare_m3": evaluation.Predictions(prob, ret), **{name: p[0] for name, p in others.items()}}
+    names = evaluation.METRICS if full_scores else (e.primary_metric,)
+    scores = {name: _scores(cfg, y_up, y_ret, p, names) for name, p in predictors.items()}
+    backtest = evaluation.backtest(prob, y_ret, cfg.features.horizon, e.decision_threshold, e.fee_bps, bars_per_year(data))
     return Evaluation(result.model, scaler, result.history.epochs, scores, backtest, len(train), test, y_up, y_ret,
-                      times, predictors["sofare_m3"], result.seconds)
+                      times, predictors["sofare_m3"], result.seconds, epochs=result.best_epoch, raw_prob=raw_prob,
+                      calibration=calibration, policy=policy, baselines={k: v for k, v in predictors.items()
+                                                                          if k != "sofare_m3"},
+                      validation=validation, val_up=val_up, val_ret=val_ret)
 
 
-def walk_forward(cfg: Config, data: Data, hyper: dict[str, Any], max_epochs: int) -> list[Fold]:
-    """Primary metric per walk-forward fold (early-stopped on each fold's validation part)."""
+def walk_forward_folds(cfg: Config, data: Data, hyper: dict[str, Any], max_epochs: int,
+                       modalities: tuple[str, ...] | None = None, baselines: bool = True) -> list[tuple[dict[str, range], Evaluation]]:
+    """Every walk-forward fold fitted and scored (oldest first): retrained on the rows before its test part,
+    early-stopped, calibrated and given a policy on its own validation part."""
     t = cfg.training
-    metric = cfg.evaluation.primary_metric
     out = []
-    for k, parts in enumerate(walk_forward_splits(len(data.frame), t.walk_forward.folds, t.walk_forward.mode,
-                                                  t.split.validation, t.split.test, purge_rows(cfg))):
-        train, scaler = data.windows(parts["train"], parts["train"], hyper["lookback"])
-        val, _ = data.windows(parts["validation"], parts["train"], hyper["lookback"])
-        test, _ = data.windows(parts["test"], parts["train"], hyper["lookback"])
-        result = fit(cfg, data.spec, hyper, train, val, max_epochs, t.seed)
-        prob, ret = predict(result.model, test, scaler)
-        y_up = data.frame["target_up"].to_numpy()[test.ends].astype(int)
-        y_ret = data.frame["target_return"].to_numpy()[test.ends].astype(float)
-        times = data.frame["open_time"].to_numpy()
-        out.append(Fold(fold=k, test_start=str(pd.Timestamp(times[parts["test"].start])),
-                        test_end=str(pd.Timestamp(times[parts["test"].stop - 1])),
-                        score=_scores(cfg, y_up, y_ret, evaluation.Predictions(prob, ret))[metric]))
+    for parts in walk_forward_splits(len(data.frame), t.walk_forward.folds, t.walk_forward.mode, t.split.validation,
+                                     t.walk_forward.test_share, purge_rows(cfg)):
+        out.append((parts, evaluate(cfg, data, hyper, max_epochs, parts["train"], parts["test"],
+                                    validation_rows=parts["validation"], modalities=modalities, baselines=baselines,
+                                    full_scores=False)))
     return out
+
+
+def _pool(folds: list[Evaluation], key: str) -> evaluation.Predictions:
+    parts = [f.predictions if key == "sofare_m3" else f.baselines[key] for f in folds]
+    return evaluation.Predictions(np.concatenate([p.prob_up for p in parts]),
+                                  np.concatenate([p.expected_return for p in parts]))
+
+
+def _pooled_primary(cfg: Config, folds: list[Evaluation]) -> MetricCI:
+    y_up = np.concatenate([f.y_up for f in folds])
+    y_ret = np.concatenate([f.y_ret for f in folds])
+    metric = cfg.evaluation.primary_metric
+    return _scores(cfg, y_up, y_ret, _pool(folds, "sofare_m3"), (metric,))[metric]
+
+
+def _policy_walk(cfg: Config, data: Data, folds: list[Evaluation], predictor: str) -> PolicyResult:
+    """`predictor`'s policy, chosen on each fold's validation part (calibrated there), traded on its test part."""
+    e = cfg.evaluation
+    h, bars = cfg.features.horizon, bars_per_year(data)
+    parts = []
+    for f in folds:
+        if predictor == "sofare_m3":
+            policy, prob = f.policy, f.predictions.prob_up
+        else:
+            val = f.validation[predictor]
+            calibration = decision.fit_calibration(val.prob_up, f.val_up, e.calibration)
+            policy = decision.choose(calibration.apply(decision.margin(val.prob_up)), f.val_ret, h,
+                                     e.policy_thresholds, e.policy_min_hold, e.fee_bps, e.slippage_bps, "")
+            prob = calibration.apply(decision.margin(f.baselines[predictor].prob_up))
+        parts.append(decision.simulate(policy, prob, f.y_ret, h, bars)[1])
+    return decision.pooled(parts, e.fee_bps + e.slippage_bps, bars / max(h, 1))
+
+
+def walk_forward(cfg: Config, data: Data, hyper: dict[str, Any], max_epochs: int) -> WalkForward:
+    """Walk-forward evidence: per-fold and pooled metrics with CIs for SofareM3 and every baseline, paired
+    bootstraps, calibration, the policy after costs beside buy and hold and the best baseline's, and the
+    modality ablations (`evaluation.ablations`)."""
+    e = cfg.evaluation
+    began = time.monotonic()
+    metric = e.primary_metric
+    runs = walk_forward_folds(cfg, data, hyper, max_epochs)
+    folds = [f for _, f in runs]
+    times = data.frame["open_time"].to_numpy()
+    y_up = np.concatenate([f.y_up for f in folds])
+    y_ret = np.concatenate([f.y_ret for f in folds])
+    pooled = {name: _scores(cfg, y_up, y_ret, _pool(folds, name)) for name in PREDICTORS}
+    sign = -1 if metric in evaluation.LOWER_IS_BETTER else 1
+    best = max(BASELINES, key=lambda b: sign * np.nan_to_num(pooled[b][metric].value, nan=-np.inf))
+    paired = [Paired(baseline=b, **evaluation.paired(metric, y_up, y_ret, _pool(folds, "sofare_m3"), _pool(folds, b),
+                                                    e.decision_threshold, e.bootstrap_samples,
+                                                    e.bootstrap_block_bars, cfg.training.seed)) for b in BASELINES]
+    raw = np.concatenate([f.raw_prob for f in folds])
+    reliability = decision.reliability(raw, _pool(folds, "sofare_m3").prob_up, y_up)
+    h, bars = cfg.features.horizon, bars_per_year(data)
+    hold = [decision.buy_and_hold(f.y_ret, h, e.fee_bps + e.slippage_bps, bars)[1] for f in folds]
+    policy = {"sofare_m3": _policy_walk(cfg, data, folds, "sofare_m3"),
+              f"best baseline: {best}": _policy_walk(cfg, data, folds, best),
+              "buy_and_hold": decision.pooled(hold, e.fee_bps + e.slippage_bps, bars / max(h, 1))}
+    ablations: dict[str, MetricCI] = {}
+    if e.ablations:
+        for modalities in (("micro",), ("micro", "safe")):
+            ablated = [f for _, f in walk_forward_folds(cfg, data, hyper, max_epochs, modalities, baselines=False)]
+            ablations["+".join(modalities)] = _pooled_primary(cfg, ablated)
+        ablations["micro+safe+macro"] = pooled["sofare_m3"][metric]
+    out = []
+    for k, (parts, f) in enumerate(runs):
+        out.append(Fold(fold=k, test_start=str(pd.Timestamp(times[parts["test"].start])),
+                        test_end=str(pd.Timestamp(times[parts["test"].stop - 1])), score=f.scores["sofare_m3"][metric],
+                        train_rows=len(parts["train"]), test_windows=len(f.test), epochs=f.epochs,
+                        baselines={b: f.scores[b][metric] for b in BASELINES}, calibration=f.calibration,
+                        policy=f.policy))
+    return WalkForward(mode=cfg.training.walk_forward.mode, folds=out, pooled=pooled, paired=paired,
+                       reliability=reliability, policy=policy, best_baseline=best, ablations=ablations,
+                       seconds=round(time.monotonic() - began, 1))
 
 
 @dataclass
@@ -285,7 +429,8 @@ class Trained:
     run_id: str  # the training run's MLflow parent run
 
 
-def model_meta(cfg: Config, data: Data, hyper: dict[str, Any], scaler: Scaler, window: DateWindow) -> ModelMeta:
+def model_meta(cfg: Config, data: Data, hyper: dict[str, Any], scaler: Scaler, window: DateWindow,
+               calibration: Calibration | None = None, policy: Policy | None = None) -> ModelMeta:
     from sofare.training.model import ARCHITECTURE
 
     spec = data.spec
@@ -299,7 +444,8 @@ def model_meta(cfg: Config, data: Data, hyper: dict[str, Any], scaler: Scaler, w
                        ret_std=scaler.ret_std),
         feature_set_version=spec.version, symbol=cfg.market.symbol, interval=cfg.market.interval,
         horizon=cfg.features.horizon, warmup_bars=cfg.features.warmup_bars,
-        threshold=cfg.evaluation.decision_threshold, data_window=window)
+        threshold=cfg.evaluation.decision_threshold, data_window=window, calibration=calibration or Calibration(),
+        policy=policy)
 
 
 def finalize(cfg: Config, the_plan: TrainingPlan) -> Trained:
@@ -323,26 +469,33 @@ def finalize(cfg: Config, the_plan: TrainingPlan) -> Trained:
     study = tuning.load_study(cfg, the_plan.study, 0)
     best = tuning.best_trial(study)
     hyper = tuning.hyper_of(cfg, best.params)
-    epochs = int(best.user_attrs.get("best_epoch", the_plan.max_epochs))
-    fit_rows = range(0, data.parts["validation"].stop)
-    result = evaluate(cfg, data, hyper, epochs, fit_rows, data.parts["test"])
+    result = evaluate(cfg, data, hyper, the_plan.max_epochs, data.parts["train"], data.parts["test"],
+                      validation_rows=data.parts["validation"])
+    epochs = result.epochs
     ends = result.test.ends
     keep = np.unique(np.linspace(0, len(ends) - 1, min(len(ends), cfg.monitoring.reference_rows)).round().astype(int))
     rows = data.frame.iloc[ends[keep]]
     reference = rows[["open_time", *data.spec.columns]].reset_index(drop=True)
     reference["prob_up"] = np.asarray(result.predictions.prob_up, dtype=float)[keep]
     reference["realised_return"] = rows["target_return"].to_numpy(dtype=float)
-    folds = walk_forward(cfg, data, hyper, the_plan.max_epochs) if cfg.training.walk_forward.folds else []
+    wf = walk_forward(cfg, data, hyper, the_plan.max_epochs) if cfg.training.walk_forward.folds else None
     spec = data.spec
     e = cfg.evaluation
+    h, bars = cfg.features.horizon, bars_per_year(data)
+    policy_test, policy_steps = decision.simulate(result.policy, result.predictions.prob_up, result.y_ret, h, bars)
+    hold_test, hold_steps = decision.buy_and_hold(result.y_ret, h, e.fee_bps + e.slippage_bps, bars)
     report = EvaluationReport(
         data_window=window, test_start=str(result.times[0]), test_end=str(result.times[-1]), rows=the_plan.rows,
         parts=the_plan.parts, purge_rows=purge_rows(cfg), train_windows=result.train_windows,
         test_windows=len(result.test), epochs=epochs, hyper=hyper, best_trial=best.number,
         best_val_loss=float(best.value), scores=result.scores,
         backtest=Backtest.model_validate({k: v for k, v in result.backtest.items() if not k.startswith("equity")}),
-        walk_forward=folds, primary_metric=e.primary_metric, fee_bps=e.fee_bps,
-        trials=[Trial.model_validate(t) for t in tuning.trial_summary(study)], seed=cfg.training.seed,
+        wf=wf, calibration=result.calibration,
+        reliability=decision.reliability(result.raw_prob, result.predictions.prob_up, result.y_up),
+        policy=result.policy, policy_test=policy_test, policy_buy_and_hold=hold_test,
+        primary_metric=e.primary_metric, fee_bps=e.fee_bps,
+        trials=[Trial.model_validate(t) for t in tuning.trial_summary(study)], study_seconds=tuning.wall_seconds(study),
+        seed=cfg.training.seed,
         architecture=ARCHITECTURE, feature_set_version=spec.version, symbol=cfg.market.symbol,
         interval=cfg.market.interval, horizon=cfg.features.horizon, threshold=e.decision_threshold,
         bootstrap_samples=e.bootstrap_samples, bootstrap_block_bars=e.bootstrap_block_bars)
@@ -358,13 +511,21 @@ def finalize(cfg: Config, the_plan: TrainingPlan) -> Trained:
                                     f"{prefix}_{m}_ci_high": s.ci_high})
         for side in ("strategy", "buy_and_hold"):
             mlflow.log_metrics({f"backtest_{side}_{k}": v for k, v in result.backtest[side].items()})
+        mlflow.log_params({"policy_id": result.policy.id, "calibration": result.calibration.method})
+        mlflow.log_metrics({"calibration_scale": result.calibration.scale, "calibration_bias": result.calibration.bias,
+                            **{f"policy_test_{k}": v for k, v in policy_test.model_dump().items()}})
+        if wf is not None:
+            mlflow.log_metrics(tracking.walk_forward_metrics(wf))
         for row in result.history:
             mlflow.log_metric("final_train_loss", row["train_loss"], step=int(row["epoch"]))
         for path in evaluation.plots(Path(scratch), best.user_attrs.get("history") or [], result.y_up,
                                      result.predictions, e.decision_threshold, result.backtest, result.times):
             mlflow.log_artifact(str(path), artifact_path="plots")
+        for path in evaluation.evidence_plots(Path(scratch), wf, result.raw_prob, result.predictions.prob_up,
+                                              result.y_up, policy_steps, hold_steps, result.times, h):
+            mlflow.log_artifact(str(path), artifact_path="plots")
         mlflow.log_dict(report.model_dump(mode="json"), "evaluation.json")
-    meta = model_meta(cfg, data, hyper, result.scaler, window)
+    meta = model_meta(cfg, data, hyper, result.scaler, window, result.calibration, result.policy)
     directory = export.export(result.model, meta, Path(tempfile.mkdtemp(prefix="sofare-model-")), reference)
     example = data.raw_windows(result.test.ends[-1:], meta.lookback)
     return Trained(report, ModelMeta.read(directory), directory, example, run_id)

@@ -14,6 +14,7 @@ import mlflow
 
 if TYPE_CHECKING:
     from sofare.config import Config
+    from sofare.contracts import WalkForward
 
 
 def setup(cfg: Config) -> str:
@@ -45,3 +46,30 @@ def git_commit(cfg: Config) -> str:
     if done.returncode != 0:
         return "unknown"
     return done.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def _key(text: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in text).strip("_")
+
+
+def walk_forward_metrics(wf: WalkForward) -> dict[str, float]:
+    """The walk-forward evidence as flat `wf_*` MLflow metrics (pooled with CIs, per fold, paired, policy,
+    ablations)."""
+    out: dict[str, float] = {"wf_folds": len(wf.folds), "wf_seconds": wf.seconds}
+    for predictor, scores in wf.pooled.items():
+        for metric, s in scores.items():
+            out.update({f"wf_{predictor}_{metric}": s.value, f"wf_{predictor}_{metric}_ci_low": s.ci_low,
+                        f"wf_{predictor}_{metric}_ci_high": s.ci_high})
+    for fold in wf.folds:
+        out[f"wf_fold{fold.fold}_sofare_m3"] = fold.score.value
+        out.update({f"wf_fold{fold.fold}_{b}": s.value for b, s in fold.baselines.items()})
+    for p in wf.paired:
+        out.update({f"wf_paired_{p.baseline}_diff": p.difference.value, f"wf_paired_{p.baseline}_ci_low": p.difference.ci_low,
+                    f"wf_paired_{p.baseline}_ci_high": p.difference.ci_high})
+    for name, result in wf.policy.items():
+        out.update({f"wf_policy_{_key(name)}_{k}": float(v) for k, v in result.model_dump().items()})
+    out.update({f"wf_ablation_{_key(k)}": s.value for k, s in wf.ablations.items()})
+    if wf.reliability is not None:
+        out.update({"wf_brier_raw": wf.reliability.brier_raw, "wf_brier_calibrated": wf.reliability.brier,
+                    "wf_ece_raw": wf.reliability.ece_raw, "wf_ece_calibrated": wf.reliability.ece})
+    return {k: float(v) for k, v in out.items()}
