@@ -45,6 +45,13 @@ POLICY_HEADER = ["| | return | Sharpe (ann.) | max drawdown | exposure | trades 
                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
 
 
+def _plainly(mine: str, a: PolicyResult, theirs: str, b: PolicyResult) -> str:
+    """One sentence a reader cannot misread: did the policy beat the alternative after costs?"""
+    verdict = "beat" if a.total_return > b.total_return else "did **not** beat"
+    return (f"Plainly: {mine} {verdict} {theirs} after costs ({a.total_return:+.2%} vs {b.total_return:+.2%}; "
+            f"costs took {a.fees_paid:.2%} over {a.trades} position changes).")
+
+
 def _calibration(report: EvaluationReport) -> list[str]:
     c, r = report.calibration, report.reliability
     if r is None:
@@ -88,6 +95,8 @@ def _policy(report: EvaluationReport) -> list[str]:
         _result_row("SofareM3 policy", report.policy_test),
         _result_row("buy and hold", report.policy_buy_and_hold),
         "",
+        _plainly("the SofareM3 policy", report.policy_test, "buy and hold", report.policy_buy_and_hold),
+        "",
         "![policy equity](model_card_plots/policy_equity.png)",
         "",
     ]
@@ -126,6 +135,9 @@ def _walk_forward(report: EvaluationReport) -> list[str]:
         lines += ["Decision policies walk-forward (each fold's policy chosen on its own validation part, traded on its"
                   " test part, folds back to back, after fees + slippage):", "", *POLICY_HEADER,
                   *[_result_row(name.replace("_", " "), r) for name, r in wf.policy.items()], ""]
+        if "sofare_m3" in wf.policy and "buy_and_hold" in wf.policy:
+            lines += [_plainly("walk-forward, the SofareM3 policy", wf.policy["sofare_m3"], "buy and hold",
+                               wf.policy["buy_and_hold"]), ""]
     if wf.reliability is not None:
         r = wf.reliability
         lines += [f"Calibration pooled: Brier {r.brier_raw:.4f} raw → {r.brier:.4f} calibrated; ECE {r.ece_raw:.4f} → "
@@ -223,8 +235,11 @@ def render(report: EvaluationReport, model: str, version: str, tags: dict[str, s
     lines += [
         "## Limits",
         "",
-        "- One symbol, one interval, one test window: confidence intervals overlapping the baselines' mean the",
-        "  model has not shown an edge; hourly crypto direction is close to a coin flip.",
+        "- One symbol, one interval, one 2.5-year history: walk-forward folds are consecutive quarters of it, not",
+        "  independent markets; intervals overlapping a baseline's mean the model has not shown an edge over it;",
+        "  hourly crypto direction is close to a coin flip.",
+        "- The policy is chosen on one validation period per fold; a small edge in direction (ROC-AUC a few points",
+        "  above 0.5) is easily eaten by 24 bps per round trip.",
         "- Backtests charge fee + slippage per side but ignore funding and market impact, and trade at the close that",
         "  produced the signal.",
         "- Trained on the embedded 2023-01 .. 2025-06 data; market regimes outside it are untested.",

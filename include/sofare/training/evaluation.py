@@ -192,17 +192,14 @@ def backtest(prob_up: np.ndarray, realised: np.ndarray, horizon: int, threshold:
 # --- plots -----------------------------------------------------------------------------------------
 
 
-def plots(directory: Any, history: list[dict[str, float]], y_up: np.ndarray, p: Predictions, threshold: float,
-          bt: dict[str, Any], times: Any) -> list[Any]:
-    """Learning curves, confusion matrix, calibration and equity curve as PNG files."""
+def _figures(directory: Any) -> tuple[Any, list[Any], Any]:
+    """pyplot (headless), the list of files written, and `save(fig, name)` that writes a PNG into `directory`."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from sklearn.calibration import calibration_curve
-    from sklearn.metrics import confusion_matrix
 
-    files = []
+    files: list[Any] = []
 
     def save(fig: Any, name: str) -> None:
         path = directory / name
@@ -210,6 +207,17 @@ def plots(directory: Any, history: list[dict[str, float]], y_up: np.ndarray, p: 
         fig.savefig(path, dpi=110)
         plt.close(fig)
         files.append(path)
+
+    return plt, files, save
+
+
+def plots(directory: Any, history: list[dict[str, float]], y_up: np.ndarray, p: Predictions, threshold: float,
+          bt: dict[str, Any], times: Any) -> list[Any]:
+    """Learning curves, confusion matrix, calibration and equity curve as PNG files."""
+    from sklearn.calibration import calibration_curve
+    from sklearn.metrics import confusion_matrix
+
+    plt, files, save = _figures(directory)
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for key in ("train_loss", "val_loss"):
@@ -253,21 +261,9 @@ def evidence_plots(directory: Any, wf: Any, raw_prob: np.ndarray, prob: np.ndarr
                    policy_steps: np.ndarray, hold_steps: np.ndarray, times: Any, horizon: int) -> list[Any]:
     """Walk-forward per fold (with CIs, beside the baselines) and the ablations, reliability before and after
     calibration, and the decision policy's equity after costs against buy and hold (test window)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     from sofare.training import decision
 
-    files = []
-
-    def save(fig: Any, name: str) -> None:
-        path = directory / name
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        files.append(path)
+    plt, files, save = _figures(directory)
 
     if wf is not None and wf.folds:
         fig, axes = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [3, 2]})
