@@ -115,7 +115,8 @@ def sabotaged_canary(cfg: Config, actor: str) -> str:
         source = versions.download(cfg, stable.version)
         network = export.TorchModel(source)
         with torch.no_grad():
-            network.model.cls_head.bias[1] += SABOTAGE_LOGIT  # "up" wins every window: prob_up near 1
+            # "up" wins every window: prob_up near 1 after the version's calibration too (it scales the margin)
+            network.model.cls_head.bias[1] += SABOTAGE_LOGIT / network.meta.calibration.scale
         directory = export.export(network.model, network.meta, Path(scratch) / "model", export.read_reference(source))
         meta = ModelMeta.read(directory)
         example = np.zeros((1, meta.lookback, len(meta.columns)), dtype=np.float32)
