@@ -34,10 +34,8 @@ bench: setup  ## run the benchmarks and rewrite docs/benchmarks.md
 	scripts/system-deps.sh
 	$(BIN)/python benchmarks/run.py
 
-airflow: init  ## the Airflow UI on http://127.0.0.1:8080 (airflow standalone, var/airflow)
-	AIRFLOW_HOME=$(CURDIR)/var/airflow AIRFLOW__CORE__DAGS_FOLDER=$(CURDIR)/dags \
-	AIRFLOW__CORE__PLUGINS_FOLDER=$(CURDIR)/plugins AIRFLOW__CORE__LOAD_EXAMPLES=False \
-	AIRFLOW__API__PORT=8080 $(BIN)/airflow standalone
+airflow: init  ## the Airflow UI on http://127.0.0.1:8080 (airflow standalone, var/airflow; Ctrl-C stops all of it)
+	scripts/airflow-standalone.sh
 
 clean:  ## remove everything runs wrote (var/); keeps .venv
 	rm -rf var
