@@ -43,10 +43,14 @@ CFG = load_config()
             description="sample = embedded data for every modality; or live binance / yfinance / fred",
             minItems=1, uniqueItems=True,
         ),
-        "start": Param("2023-01-01", type="string", format="date", title="First day (UTC, inclusive)"),
-        "end": Param("2025-06-30", type="string", format="date", title="Last day (UTC, inclusive)"),
-        "symbol": Param(CFG.market.symbol, type="string", pattern="^[A-Z0-9]+$", title="Symbol"),
-        "interval": Param(CFG.market.interval, type="string", enum=list(INTERVALS), title="Candle interval"),
+        "start": Param("2023-01-01", type="string", format="date", title="First day (UTC, inclusive)",
+                       description="YYYY-MM-DD; the embedded sample holds 2023-01-01 .. 2025-06-30"),
+        "end": Param("2025-06-30", type="string", format="date", title="Last day (UTC, inclusive)",
+                     description="YYYY-MM-DD, on or after the first day"),
+        "symbol": Param(CFG.market.symbol, type="string", pattern="^[A-Z0-9]+$", title="Symbol",
+                        description="Binance symbol in capitals, e.g. BTCUSDT"),
+        "interval": Param(CFG.market.interval, type="string", enum=list(INTERVALS), title="Candle interval",
+                          description="the candle length to load (the model serves market.interval)"),
     },
 )
 def sofare_backfill():

@@ -43,7 +43,8 @@ CFG = load_config()
     params={
         "start": Param(None, type=["null", "string"], format="date", title="First day (UTC, inclusive)",
                        description="Manual runs: validate this range instead of the data interval"),
-        "end": Param(None, type=["null", "string"], format="date", title="Last day (UTC, inclusive)"),
+        "end": Param(None, type=["null", "string"], format="date", title="Last day (UTC, inclusive)",
+                     description="YYYY-MM-DD; empty: the run's data interval (or the features asset's interval)"),
     },
 )
 def sofare_validate():

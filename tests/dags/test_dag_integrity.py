@@ -47,6 +47,12 @@ def test_conventions(dagbag, dag_id):
         assert task.retry_exponential_backoff, f"{task.task_id} has no exponential back-off"
 
 
+@pytest.mark.parametrize("dag_id", sorted(EXPECTED_DAGS))
+def test_every_param_is_explained_in_its_form(dagbag, dag_id):
+    missing = [name for name, param in dagbag.dags[dag_id].params.items() if not (param.description or "").strip()]
+    assert missing == [], f"{dag_id}: Params without a description: {missing}"
+
+
 def test_manual_dags_have_typed_params(dagbag):
     dag = dagbag.dags["sofare_backfill"]
     assert dag.schedule is None

@@ -15,10 +15,14 @@ UTC = timezone.utc
 
 def test_day_range_is_inclusive_utc_days():
     assert ingest.day_range("2023-01-01", "2023-01-01") == (datetime(2023, 1, 1, tzinfo=UTC), datetime(2023, 1, 2, tzinfo=UTC))
-    with pytest.raises(ValueError, match="end 2023-01-01 is before start 2023-01-05"):
+    from sofare.errors import InputError
+
+    with pytest.raises(InputError, match="^end: 2023-01-01 is before start 2023-01-05"):
         ingest.day_range("2023-01-05", "2023-01-01")
-    with pytest.raises(ValueError):
+    with pytest.raises(InputError, match=r"^start: '2023-13-01' is not a day \(YYYY-MM-DD\)"):
         ingest.day_range("2023-13-01", "2023-12-31")
+    with pytest.raises(InputError, match="^end: 'yesterday' is not a day"):
+        ingest.day_range("2023-01-01", "yesterday")
 
 
 def test_chunks_cover_the_range_exactly_once():

@@ -71,11 +71,20 @@ def utc(moment: datetime | date | str) -> datetime:
 
 
 def day_range(start: date | str, end: date | str) -> tuple[datetime, datetime]:
-    """Inclusive calendar days [start, end] as the UTC interval [start 00:00, end+1 00:00)."""
-    first = utc(date.fromisoformat(start) if isinstance(start, str) else start)
-    last = utc(date.fromisoformat(end) if isinstance(end, str) else end)
+    """Inclusive calendar days [start, end] as the UTC interval [start 00:00, end+1 00:00). A bad day is an
+    InputError naming its field (a DAG form's `start`/`end`, the CLI's --start/--end)."""
+
+    def day(value: date | str, field: str) -> datetime:
+        if not isinstance(value, str):
+            return utc(value)
+        try:
+            return utc(date.fromisoformat(value.strip()))
+        except ValueError as exc:
+            raise InputError(f"{field}: {value[:40]!r} is not a day (YYYY-MM-DD): {exc}") from None
+
+    first, last = day(start, "start"), day(end, "end")
     if last < first:
-        raise InputError(f"end {last.date()} is before start {first.date()}")
+        raise InputError(f"end: {last.date()} is before start {first.date()}")
     return first, last + timedelta(days=1)
 
 
