@@ -2,23 +2,79 @@
 ranges, gaps per table) under /sofare/status, the Great Expectations Data Docs under
 /sofare/data-docs/, and the monitor (live accuracy, drift, serving health as charts) under
 /sofare/monitor with its Evidently reports under /sofare/reports/ and its gauges at
-/sofare/monitor/metrics for Prometheus. Imports nothing heavy until a page is opened."""
+/sofare/monitor/metrics for Prometheus. Imports nothing heavy until a page is opened.
+
+Every page and file needs an Airflow login (the API server's JWT: the UI's `_token` cookie or an
+`Authorization: Bearer` token); a browser without one is sent to the login page and back. Only the
+gauges stay open, for Prometheus (numbers the monitor already exports; no data rows)."""
 
 from __future__ import annotations
 
 import html
+from urllib.parse import quote
 
 from airflow.plugins_manager import AirflowPlugin
-from fastapi import FastAPI, Query
-from fastapi.responses import HTMLResponse, Response
+from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 
 from sofare.config import load_config
 
-app = FastAPI(title="SOFARE", description="SOFARE pages served by the Airflow API server")
-app.mount("/data-docs", StaticFiles(directory=str(load_config().var_dir / "data_docs"), html=True, check_dir=False),
+app = FastAPI(title="SOFARE", description="SOFARE pages served by the Airflow API server (Airflow login required)")
+OPEN_PATHS = ("/monitor/metrics",)  # Prometheus scrapes it without a login
+
+
+async def verify(token: str | None) -> None:
+    """The Airflow API server's own check of its JWT (HTTPException 401/403 when missing, expired or invalid)."""
+    from airflow.api_fastapi.core_api.security import resolve_user_from_token
+
+    await resolve_user_from_token(token)
+
+
+def login_url(next_url: str) -> str:
+    from airflow.api_fastapi.app import get_auth_manager
+
+    return get_auth_manager().get_url_login(next_url=next_url)
+
+
+@app.middleware("http")
+async def require_login(request: Request, call_next):  # noqa: ANN001, ANN201 - Starlette's middleware signature
+    """Before any route or static file: an Airflow login, or a redirect to it (browsers) / 401 (API clients)."""
+    path = request.url.path.removeprefix(request.scope.get("root_path", ""))
+    if path in OPEN_PATHS:
+        return await call_next(request)
+    header = request.headers.get("authorization", "")
+    token = header[7:].strip() if header.lower().startswith("bearer ") else request.cookies.get("_token")
+    try:
+        await verify(token)
+    except HTTPException as refused:
+        if request.method == "GET" and "text/html" in request.headers.get("accept", ""):
+            return RedirectResponse(login_url(quote(str(request.url), safe=":/?=&")), status_code=303)
+        return JSONResponse({"detail": f"{refused.detail}: log in to Airflow first (cookie or Bearer token)"},
+                            status_code=refused.status_code)
+    return await call_next(request)
+
+
+class Files(StaticFiles):
+    """Static files from a folder a later run creates: until it exists, a 404 that says what creates it (Starlette
+    answers a missing folder with a 500)."""
+
+    def __init__(self, directory: str, created_by: str, **kwargs: object) -> None:
+        super().__init__(directory=directory, check_dir=False, **kwargs)
+        self.created_by = created_by
+
+    async def __call__(self, scope: dict, receive: object, send: object) -> None:
+        from pathlib import Path
+
+        if not Path(str(self.directory)).is_dir():
+            missing = Response(f"not generated yet: {self.created_by} writes it", status_code=404, media_type="text/plain")
+            return await missing(scope, receive, send)
+        return await super().__call__(scope, receive, send)
+
+
+app.mount("/data-docs", Files(str(load_config().var_dir / "data_docs"), "`sofare validate` (Data Docs)", html=True),
           name="data-docs")
-app.mount("/reports", StaticFiles(directory=str(load_config().var_dir / "reports"), check_dir=False),
+app.mount("/reports", Files(str(load_config().var_dir / "reports"), "`sofare monitor` (Evidently reports)"),
           name="reports")  # the Evidently drift reports the monitor writes and its page links
 
 PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>SOFARE warehouse status</title>

@@ -188,3 +188,18 @@ def model_home(validated_db, tmp_path_factory) -> dict[str, Any]:
         verdict = gate.gate(cfg, result["version"])
         built = tasks.build_bento(cfg, result["version"])
     return {"cfg": cfg, "env": env, "version": result["version"], "verdict": verdict, "built": built}
+
+
+def logged_in(module: Any, token: str = "valid-token") -> Any:
+    """A client of the plugin app whose Airflow login check accepts exactly `token` (the real check needs a running
+    API server: tests/integration/test_airflow_standalone.py does that)."""
+    from fastapi import HTTPException
+    from fastapi.testclient import TestClient
+
+    async def verify(given: str | None) -> None:
+        if given != token:
+            raise HTTPException(401 if not given else 403, "Not authenticated" if not given else "Invalid JWT token")
+
+    module.verify = verify
+    module.login_url = lambda next_url: f"/auth/login?next_url={next_url}"
+    return TestClient(module.app, cookies={"_token": token})

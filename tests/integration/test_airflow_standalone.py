@@ -1,8 +1,10 @@
 """`make airflow` (scripts/airflow-standalone.sh): starts with a bare PATH (the venv's `airflow` is found by the
-script itself), serves the API on 127.0.0.1 only, and SIGTERM stops every process it started."""
+script itself), serves the API on 127.0.0.1 only, puts the SOFARE pages behind Airflow's login, and SIGTERM stops
+every process it started."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -44,6 +46,15 @@ def _started_by(home: Path) -> list[int]:
     return [p for p in found if p != os.getpid()]
 
 
+def _status(url: str, authorization: str | None = None) -> int:
+    request = urllib.request.Request(url, headers={"Authorization": authorization} if authorization else {})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            return answer.status
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
 def test_make_airflow_binds_loopback_and_stops_everything_it_started(tmp_path):
     home, port = tmp_path / "airflow", free_port(0)
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "AIRFLOW_HOME": str(home),
@@ -64,6 +75,19 @@ def test_make_airflow_binds_loopback_and_stops_everything_it_started(tmp_path):
             assert time.monotonic() < deadline, "the API server never answered"
             time.sleep(1)
         assert _listening(port) == {"0100007F"}, f"the API listens on {_listening(port)}, not only 127.0.0.1"
+        # the SOFARE pages behind the real API server's login (its own JWT check)
+        page = f"http://127.0.0.1:{port}/sofare/data-docs/no-such-page.html"
+        assert _status(page) == 401, "no login, no page"
+        assert _status(page, "Bearer forged") == 403
+        users = json.loads((home / "simple_auth_manager_passwords.json.generated").read_text())
+        user, password = next(iter(users.items()))
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/auth/token", method="POST",
+                                         data=json.dumps({"username": user, "password": password}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            token = json.loads(answer.read())["access_token"]
+        assert _status(page, f"Bearer {token}") == 404, "logged in: past the check, to a page that does not exist"
+        assert _status(f"http://127.0.0.1:{port}/sofare/monitor/metrics") == 200, "Prometheus needs no login"
         assert len(_started_by(home)) >= 3, "scheduler, API server, dag-processor … run"
         script.send_signal(signal.SIGTERM)
         script.wait(120)

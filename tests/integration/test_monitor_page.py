@@ -18,6 +18,8 @@ import pytest
 import sqlalchemy as sa
 import yaml
 from fastapi.testclient import TestClient
+
+from tests.conftest import logged_in
 from prometheus_client.parser import text_string_to_metric_families
 
 from sofare.contracts import Decision, DriftResult, Finding, LiveQuality, LiveScore, ServiceHealth
@@ -100,7 +102,7 @@ def runs(cfg: Any) -> Any:
 
 
 def test_monitor_page_shows_charts_and_the_latest_run(runs):
-    client = TestClient(_plugin(runs, "sofare_plugin_monitor").app)
+    client = logged_in(_plugin(runs, "sofare_plugin_monitor"))
     page = client.get("/monitor")
     assert page.status_code == 200 and "<title>SOFARE monitor</title>" in page.text
     text = page.text
@@ -124,7 +126,7 @@ def test_monitor_page_shows_charts_and_the_latest_run(runs):
 
 
 def test_metrics_are_the_latest_run_as_gauges(runs):
-    client = TestClient(_plugin(runs, "sofare_plugin_metrics").app)
+    client = TestClient(_plugin(runs, "sofare_plugin_metrics").app)  # no login: Prometheus scrapes it
     answer = client.get("/monitor/metrics")
     assert answer.status_code == 200 and answer.headers["content-type"].startswith("text/plain; version=0.0.4")
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
@@ -158,7 +160,7 @@ def test_metrics_are_the_latest_run_as_gauges(runs):
 def test_no_runs_yet_renders_a_page_that_says_so(cfg, schema):
     if schema:
         warehouse.metadata.create_all(warehouse.get_engine(cfg))
-    client = TestClient(_plugin(cfg, f"sofare_plugin_empty_{schema}").app)
+    client = logged_in(_plugin(cfg, f"sofare_plugin_empty_{schema}"))
     page = client.get("/monitor")
     assert page.status_code == 200 and "No monitor runs yet" in page.text and "<svg" not in page.text
     metrics = client.get("/monitor/metrics")

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
 from fastapi.testclient import TestClient
 
 from sofare import tasks
 from sofare.config import load_config
+from tests.conftest import logged_in
+
+
 
 
 def test_plugin_is_registered_with_airflow():
@@ -27,7 +31,7 @@ def test_status_page_shows_rows_and_gaps(cfg):
     spec = importlib.util.spec_from_file_location("sofare_plugin", cfg.root / "plugins" / "sofare_plugin.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    client = TestClient(module.app)
+    client = logged_in(module)
     page = client.get("/status")
     assert page.status_code == 200
     assert "BTCUSDT 1h" in page.text and "gap: 2023-03-24T13:00:00+00:00 (1 missing)" in page.text
@@ -43,7 +47,25 @@ def test_data_docs_are_served_under_the_plugin(cfg):
     spec = importlib.util.spec_from_file_location("sofare_plugin_docs", cfg.root / "plugins" / "sofare_plugin.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    client = TestClient(module.app)
+    client = logged_in(module)
     page = client.get("/data-docs/index.html")
     assert page.status_code == 200 and "SOFARE data docs: candles" in page.text
     assert client.get("/data-docs/missing.html").status_code == 404
+
+
+@pytest.mark.parametrize("path", ["/status", "/status.json", "/monitor", "/data-docs/index.html", "/reports/x.html"])
+def test_every_page_needs_an_airflow_login(cfg, path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("sofare_plugin_login", cfg.root / "plugins" / "sofare_plugin.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    logged_in(module)
+    anonymous = TestClient(module.app)
+    answer = anonymous.get(path)
+    assert answer.status_code == 401 and "log in to Airflow" in answer.json()["detail"]
+    browser = anonymous.get(path, headers={"Accept": "text/html"}, follow_redirects=False)
+    assert browser.status_code == 303 and browser.headers["location"].startswith("/auth/login?next_url=")
+    forged = anonymous.get(path, headers={"Authorization": "Bearer forged"})
+    assert forged.status_code == 403
+    assert anonymous.get("/monitor/metrics").status_code == 200, "Prometheus scrapes the gauges without a login"
