@@ -48,6 +48,15 @@ def test_each_modality_loads_exactly_its_interval(db_cfg, engine):
     assert set(bars["date"].astype(str)) == {"2024-02-20"}
     assert macro["known_at"].between(start, end, inclusive="left").all()
     assert "CPIAUCSL" not in set(macro["series_id"]), "January CPI is known on 02-21, not 02-20"
+    assert results["candles"].note == "" and results["candles"].to_dict()["note"] == ""
+
+
+def test_an_interval_with_no_data_says_why(db_cfg, engine):
+    """A daily sofare_ingest run after the embedded history ends goes green with 0 rows: it must say why."""
+    start, end = ingest.day_range("2030-01-02", "2030-01-02")
+    result = ingest.load_interval(db_cfg, engine, "sample", "candles", start, end)
+    assert result.rows == 0 and result.note.startswith("no rows: sample has no candles for this interval")
+    assert "embedded sample is a fixed history" in result.to_dict()["note"] and result.note in str(result)
 
 
 def test_malformed_source_data_rejects_the_interval_and_writes_nothing(db_cfg, engine, tmp_path, monkeypatch):

@@ -51,11 +51,24 @@ class LoadResult:
             "end": self.end.isoformat(),
             "rows": self.rows,
             "gaps": [g.to_dict() for g in self.gaps],
+            "note": self.note,
         }
+
+    @property
+    def note(self) -> str:
+        """Why an interval loaded nothing, in words (a green run with 0 rows must not look like success)."""
+        if self.rows:
+            return ""
+        why = (" — the embedded sample is a fixed history (include/sample_data/SOURCES.md): backfill inside it, or "
+               "configure a live source in ingest.sources") if self.source == "sample" else \
+            " — the source published nothing for it yet (weekend/holiday for daily markets, a release calendar for macro)"
+        return f"no rows: {self.source} has no {self.modality} for this interval{why}"
 
     def __str__(self) -> str:
         gaps = f", {len(self.gaps)} gap(s): " + "; ".join(map(str, self.gaps)) if self.gaps else ""
-        return f"{self.modality} from {self.source} [{self.start:%Y-%m-%d %H:%M} .. {self.end:%Y-%m-%d %H:%M}): {self.rows} rows{gaps}"
+        note = f" ({self.note})" if self.note else ""
+        return (f"{self.modality} from {self.source} [{self.start:%Y-%m-%d %H:%M} .. {self.end:%Y-%m-%d %H:%M}): "
+                f"{self.rows} rows{gaps}{note}")
 
 
 def utc(moment: datetime | date | str) -> datetime:
@@ -163,7 +176,7 @@ def load_interval(
     result = LoadResult(modality, src.name, start, end, written, gaps)
     for gap in gaps:
         log.warning("gap in %s %s %s: %s", symbol, interval, modality, gap)
-    log.info("loaded %s", result)
+    (log.warning if result.note else log.info)("loaded %s", result)
     return result
 
 
