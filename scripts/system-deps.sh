@@ -2,7 +2,8 @@
 # System packages the tests and benchmarks need:
 #   - PostgreSQL server binaries (initdb, pg_ctl): the throw-away database server of the tests;
 #   - nginx (Debian package nginx-light): the canary front door (sofare.deploy.frontdoor);
-#   - promtool (Debian package prometheus): checks docker/prometheus/prometheus.yml (no server is started).
+#   - promtool (Debian package prometheus): checks docker/prometheus/prometheus.yml (no server is started);
+#   - docker-compose 1.29 (Debian package docker-compose): `config -q` checks docker-compose.airflow.yml (no engine).
 # Installs the missing ones with apt-get (one `apt-get update` for all) when we are root; otherwise says what to
 # install and fails. To add one: a have_* check function and a "check package description" line in REQUIREMENTS.
 set -euo pipefail
@@ -10,12 +11,14 @@ set -euo pipefail
 have_postgresql() { compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || command -v initdb >/dev/null; }
 have_nginx() { command -v nginx >/dev/null || [ -x /usr/sbin/nginx ]; }
 have_promtool() { command -v promtool >/dev/null; }
+have_compose() { command -v docker-compose >/dev/null || docker compose version >/dev/null 2>&1; }
 
 # "check-function package description", one a line.
 REQUIREMENTS=(
   "have_postgresql postgresql PostgreSQL server binaries (initdb, pg_ctl)"
   "have_nginx nginx-light nginx (the canary front door)"
   "have_promtool prometheus promtool (the Prometheus config check)"
+  "have_compose docker-compose docker-compose (the compose file check)"
 )
 
 missing=()

@@ -65,7 +65,8 @@ def test_compose_file_is_valid_against_the_compose_spec(compose):
 
 def test_compose_config_accepts_the_file_when_a_compose_binary_exists(tmp_path):
     """`docker compose config -q` (the v2 plugin) or Debian's `docker-compose` 1.29, whichever is installed: both
-    interpolate and check more than the schema does. Neither is installed here; nothing is installed by a test."""
+    interpolate and check more than the schema does. scripts/system-deps.sh installs Debian's (the setup path of
+    `make test`); nothing is installed by a test, so a machine set up another way skips with the reason."""
     command = None
     docker = shutil.which("docker")
     if docker and subprocess.run([docker, "compose", "version"], capture_output=True, timeout=20,
