@@ -165,28 +165,21 @@ def gbm(train_x: np.ndarray, train_up: np.ndarray, train_ret: np.ndarray, test_x
 def backtest(prob_up: np.ndarray, realised: np.ndarray, horizon: int, threshold: float, fee_bps: float,
              bars_per_year: float) -> dict[str, Any]:
     """Long/flat on non-overlapping horizons: long when prob_up > threshold, paying fee_bps per side
-    on every position change. Log returns; Sharpe annualised; buy and hold over the same rows."""
-    step = slice(None, None, max(horizon, 1))
-    position = (prob_up[step] > threshold).astype(float)
-    ret = realised[step]
-    trades = np.abs(np.diff(np.concatenate([[0.0], position])))
-    fee = math.log(1 - fee_bps / 1e4)
-    strategy = position * ret + trades * fee
-    hold = ret.copy()
-    hold[0] += fee  # buy once
+    on every position change. Log returns; Sharpe annualised; buy and hold over the same rows. The same
+    simulation as the decision policy's (`training.decision`), with the direction threshold as the rule."""
+    from sofare.contracts import Policy
+    from sofare.training import decision
 
-    def summary(r: np.ndarray) -> dict[str, float]:
-        equity = np.exp(np.cumsum(r))
-        peak = np.maximum.accumulate(np.concatenate([[1.0], equity]))[1:]
-        periods = bars_per_year / max(horizon, 1)
-        sd = float(np.std(r))
-        return {"total_return": float(equity[-1] - 1) if len(r) else 0.0,
-                "sharpe": float(np.mean(r) / sd * math.sqrt(periods)) if sd > 0 else 0.0,
-                "max_drawdown": float(np.min(equity / peak - 1)) if len(r) else 0.0}
+    strategy, steps = decision.simulate(Policy.make(threshold, 1, fee_bps, 0.0), prob_up, realised, horizon,
+                                        bars_per_year)
+    hold, hold_steps = decision.buy_and_hold(realised, horizon, fee_bps, bars_per_year)
 
-    return {"strategy": summary(strategy), "buy_and_hold": summary(hold), "trades": int(trades.sum()),
-            "exposure": float(position.mean()) if len(position) else 0.0,
-            "equity": np.exp(np.cumsum(strategy)).tolist(), "equity_buy_and_hold": np.exp(np.cumsum(hold)).tolist()}
+    def side(r: Any) -> dict[str, float]:
+        return {"total_return": r.total_return, "sharpe": r.sharpe, "max_drawdown": r.max_drawdown}
+
+    return {"strategy": side(strategy), "buy_and_hold": side(hold), "trades": strategy.trades,
+            "exposure": strategy.exposure, "equity": np.exp(np.cumsum(steps[0])).tolist(),
+            "equity_buy_and_hold": np.exp(np.cumsum(hold_steps[0])).tolist()}
 
 
 # --- plots -----------------------------------------------------------------------------------------
