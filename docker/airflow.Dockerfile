@@ -1,15 +1,13 @@
-# SOFARE Airflow image: the same lock as the embedded runtime, CPU-only torch, plus what the compose runtime adds:
-# the Celery provider (CeleryExecutor, Redis broker) and statsd (Airflow metrics -> statsd-exporter -> Prometheus).
-# Those are not in requirements.txt because the embedded runtime does not use them; they are installed against the
-# lock (-c requirements.txt), so nothing the lock pins moves.
+# SOFARE Airflow image: the lock (requirements.txt, which holds the Celery provider, Celery and the Redis client the
+# e2e tier also runs), CPU-only torch, plus statsd (Airflow metrics -> statsd-exporter -> Prometheus), installed
+# against the lock (-c requirements.txt) so nothing the lock pins moves.
 FROM python:3.11-slim-bookworm
 ENV PIP_NO_CACHE_DIR=1 PYTHONUNBUFFERED=1 AIRFLOW_HOME=/opt/airflow
 WORKDIR /opt/sofare
 COPY requirements.txt pyproject.toml README.md ./
-# torch==2.13.0 must come from the CPU index (2.13.0+cpu), not PyPI's CUDA build.
+# torch==2.13.0+cpu (requirements-overrides.txt) comes from the CPU index, not PyPI's CUDA build.
 RUN pip install --extra-index-url https://download.pytorch.org/whl/cpu -r requirements.txt
-RUN pip install -c requirements.txt apache-airflow-providers-celery==3.26.0 celery==5.7.0 kombu==5.7.0 redis==8.2.0 \
-    statsd==4.0.1
+RUN pip install -c requirements.txt statsd==4.0.1
 COPY include ./include
 RUN pip install --no-deps -e .
 COPY dags ./dags

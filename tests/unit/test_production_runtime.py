@@ -129,7 +129,9 @@ def test_compose_file_wires_celery_postgres_and_the_warehouse_connection(service
     assert worker["deploy"]["replicas"] >= 2
     assert "--scale airflow-worker=" in COMPOSE_FILE.read_text()
     dockerfile = (ROOT / worker["build"]["dockerfile"]).read_text()
-    assert "apache-airflow-providers-celery==" in dockerfile, "CeleryExecutor needs the Celery provider in the image"
+    assert "-r requirements.txt" in dockerfile, "the image installs the lock"
+    lock = (ROOT / "requirements.txt").read_text()
+    assert "\napache-airflow-providers-celery==" in lock and "\nredis==" in lock, "CeleryExecutor + Redis in the lock"
     for name in AIRFLOW:
         assert services[name]["image"] == worker["image"] and services[name]["environment"]["FRED_API_KEY"]
     assert "sofare init" in " ".join(services["airflow-init"]["command"])
