@@ -30,7 +30,8 @@ from sofare.data import warehouse
 from sofare.data.features import TARGET_COLUMNS, feature_spec
 from sofare.data.visibility import period_end
 from sofare.errors import InputError, PermanentError
-from sofare.validation import SUITES
+from sofare.validation import SUITES, data_docs
+from sofare.validation.data_docs import safe_name
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -363,6 +364,11 @@ def _failures(suite: str, result: Any, days: list[date]) -> list[Failure]:
     return failures
 
 
+def run_name(scope: str, start: datetime, run_id: str) -> str:
+    """The GX run name, which names its Data Docs folder: `BTCUSDT-1h_2023-03-20_2e825ed3`, `all_2023-03-20_…`."""
+    return safe_name(f"{scope}_{start:%Y-%m-%d}_{run_id[:8]}")
+
+
 def check_frame(
     cfg: Config, suite: str, frame: pd.DataFrame, start: datetime, end: datetime, scope: str, run_id: str,
 ) -> tuple[bool, dict[str, Any], list[Failure]]:
@@ -375,14 +381,13 @@ def check_frame(
         batch = next((b for b in asset.batch_definitions if b.name == "interval"), None) \
             or asset.add_batch_definition_whole_dataframe("interval")
         definition = ctx.validation_definitions.add_or_update(
-            gx.ValidationDefinition(name=f"{suite}-{scope}".replace(" ", "-").replace("*", "all"), data=batch,
-                                    suite=ctx.suites.get(suite))
+            gx.ValidationDefinition(name=safe_name(f"{suite}-{scope}"), data=batch, suite=ctx.suites.get(suite))
         )
         result = definition.run(
             batch_parameters={"dataframe": frame},
             expectation_parameters=suite_parameters(cfg, suite, frame, start, end),
             result_format={"result_format": "COMPLETE", "unexpected_index_column_names": INDEX_COLUMNS[suite]},
-            run_id=gx.core.run_identifier.RunIdentifier(run_name=f"{scope} {start:%Y-%m-%d} {run_id[:8]}"),
+            run_id=gx.core.run_identifier.RunIdentifier(run_name=run_name(scope, start, run_id)),
         )
     return bool(result.success), dict(result.statistics), _failures(suite, result, days_of(start, end))
 
@@ -403,7 +408,7 @@ def run_suite(
     failed_days = sorted({d for f in failures for d in f.days})
     gaps = [{"first": g.first.isoformat(), "last": g.last.isoformat(), "reason": g.reason}
             for g in _known_gaps(cfg, symbol, interval, start, end)] if suite == "candles" else []
-    outcome = SuiteResult(suite, scope, start, end, run_id, success, int(len(frame)), statistics, failures,
+    outcome = SuiteResult(suite, scope, start, end, run_id, success, len(frame), statistics, failures,
                           [str(d) for d in days if str(d) not in failed_days], failed_days, gaps)
     _record(engine, cfg, outcome, days)
     log.log(logging.INFO if outcome.success else logging.ERROR, "%s", outcome.summary())
@@ -431,9 +436,14 @@ def _record(engine: Engine, cfg: Config, outcome: SuiteResult, days: list[date])
 
 
 def build_data_docs(cfg: Config) -> Path:
-    """Render Data Docs (suites and every stored validation result) into var/data_docs."""
+    """Render Data Docs (suites and every stored validation result) into var/data_docs, working offline: the pages
+    load their stylesheets, scripts and fonts from the site's static/vendor/ (see sofare.validation.data_docs), and
+    every file and folder is named from [A-Za-z0-9._-] (results of older runs named with `*` or spaces are renamed)."""
     with gx_context(cfg) as ctx:
+        data_docs.rename_unsafe(gx_root(cfg) / "gx" / "uncommitted" / "validations")
+        data_docs.remove_unsafe(data_docs_dir(cfg))
         ctx.build_data_docs()
+        data_docs.make_offline(data_docs_dir(cfg))
     return data_docs_index(cfg)
 
 
