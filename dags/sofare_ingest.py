@@ -1,22 +1,28 @@
 """
 ### sofare_ingest — load one data interval of every modality, then its features
 
-Time-scheduled (`ingest.schedule`, daily by default) with real data intervals, so each run loads
-**exactly** `[data_interval_start, data_interval_end)`:
+Time-scheduled (`ingest.schedule`, daily by default) with real data intervals. Each run is
+self-contained: its loads fetch `[data_interval_start, data_interval_end)` **plus the context its
+features read** (`sofare.data.ingest.feature_inputs`), so its features never wait for another run and
+runs of any intervals give the same rows in any order or at once (`max_active_runs` = 4):
 
-| task | loads | rows selected by |
-|---|---|---|
-| `load_candles` | BTC/USDT klines (`ingest.sources.candles`: sample or binance) | candle open time |
-| `load_safe_haven` | daily safe-haven bars (sample or yfinance) | exchange trading date |
-| `load_macro` | FRED observations (sample or fred) | instant the value became known |
-| `build_features` | the features table for the interval (and the previous `horizon` rows' targets) | candle open time |
+| task | loads | rows selected by | context fetched with it |
+|---|---|---|---|
+| `load_candles` | BTC/USDT klines (`ingest.sources.candles`: sample or binance) | candle open time | 2 × `features.warmup_bars` candles before the interval |
+| `load_safe_haven` | daily safe-haven bars (sample or yfinance) | exchange trading date | `features.daily_context_days` before those candles |
+| `load_macro` | FRED observations (sample or fred) | instant the value became known | `features.macro_context_days` before them, and what is known at the interval's end |
+| `build_features` | the features table for the interval (and the previous `horizon` rows' targets) | candle open time | |
 
 Every load validates before it writes and writes in one transaction: a failed run leaves nothing
-half-written and a repeated run leaves identical rows. Gaps are reported in the task log and in the
-returned summary. Backfill with `airflow backfill create --dag-id sofare_ingest --from-date … --to-date …`
-or the UI's *Backfill* button; for long ranges in parallel chunks use `sofare_backfill`.
-Emits the `sofare_*` Assets; the features event carries the interval, which `sofare_validate`
-then validates.
+half-written and a repeated run leaves identical rows. Context rows are written only where the
+warehouse lacks them. Each task's summary (XCom, log) describes the run's own interval: its rows, its
+gaps and, when it has none, a `note` saying why; the context is reported apart (`context`: window,
+rows fetched, rows new). The last `horizon` rows get their targets when the next interval's candles
+exist (that run's `build_features` fills them; a known target is never set back to NULL).
+Backfill with `airflow backfill create --dag-id sofare_ingest --from-date … --to-date …` or the UI's
+*Backfill* button, any reprocess behaviour, forwards or backwards; for long ranges in parallel chunks use
+`sofare_backfill`. Emits the `sofare_*` Assets; the features event carries the interval, which
+`sofare_validate` then validates.
 """
 
 from __future__ import annotations
@@ -45,22 +51,23 @@ def sofare_ingest():
     def load_candles(data_interval_start=None, data_interval_end=None) -> dict:
         from sofare import tasks
 
-        return run(tasks.load, "candles", data_interval_start, data_interval_end)
+        return run(tasks.load, "candles", data_interval_start, data_interval_end, context=True)
 
     @task(outlets=[SAFE_HAVEN])
     def load_safe_haven(data_interval_start=None, data_interval_end=None) -> dict:
         from sofare import tasks
 
-        return run(tasks.load, "safe_haven", data_interval_start, data_interval_end)
+        return run(tasks.load, "safe_haven", data_interval_start, data_interval_end, context=True)
 
     @task(outlets=[MACRO])
     def load_macro(data_interval_start=None, data_interval_end=None) -> dict:
         from sofare import tasks
 
-        return run(tasks.load, "macro", data_interval_start, data_interval_end)
+        return run(tasks.load, "macro", data_interval_start, data_interval_end, context=True)
 
-    # Features need the previous interval's candles as warm-up: runs build them in order.
-    @task(outlets=[FEATURES], depends_on_past=True)
+    # Reads only what this run's loads fetched (their context included): no depends_on_past, so the
+    # UI's Backfill dialog works with its default reprocess behaviour.
+    @task(outlets=[FEATURES])
     def build_features(data_interval_start=None, data_interval_end=None, outlet_events=None) -> dict:
         from sofare import tasks
 

@@ -31,11 +31,13 @@ def _engine(cfg: Config) -> Any:
 
 
 def load(cfg: Config, modality: str, start: datetime | str, end: datetime | str, source: str | None = None,
-         symbol: str | None = None, interval: str | None = None) -> dict[str, Any]:
-    """Load one modality for one interval (the ingest DAG's sources come from the config)."""
+         symbol: str | None = None, interval: str | None = None, context: bool = False) -> dict[str, Any]:
+    """Load one modality for one interval (the ingest DAG's sources come from the config). `context`: also what
+    the interval's features read (sofare_ingest's runs, so that each is self-contained; see
+    `ingest.load_interval`)."""
     source = source or getattr(cfg.ingest.sources, modality)
     result = ingest.load_interval(cfg, _engine(cfg), source, modality, ingest.utc(start), ingest.utc(end), symbol,
-                                  interval)
+                                  interval, context=context)
     return result.to_dict()
 
 

@@ -74,6 +74,27 @@ def test_ingest_dag_has_real_data_intervals(dagbag):
         assert interval == DataInterval(pendulum.datetime(2024, 1, 4, tz="UTC"), pendulum.datetime(2024, 1, 5, tz="UTC"))
 
 
+def test_ingest_backfills_with_the_ui_defaults(dagbag):
+    """The UI's Backfill dialog posts reprocess_behavior "none" unless changed (POST /api/v2/backfills and its
+    dry run): Airflow answers 422 for a DAG with a depends_on_past task, and refuses running it backwards.
+    sofare_ingest's runs are self-contained (tests/integration/test_ingest_order.py), so it needs neither."""
+    import pendulum
+    from airflow.api_fastapi.core_api.datamodels.backfills import BackfillPostBody
+    from airflow.models.backfill import ReprocessBehavior, _validate_backfill_params
+    from airflow.serialization.serialized_objects import DagSerialization
+
+    dag = dagbag.dags["sofare_ingest"]
+    assert [t.task_id for t in dag.tasks if t.depends_on_past] == []
+    assert dag.max_active_runs == 4
+    served = DagSerialization.from_dict(DagSerialization.to_dict(dag))  # what the API server validates
+    default = BackfillPostBody.model_fields["reprocess_behavior"].default
+    assert default == ReprocessBehavior.NONE
+    for reverse in (False, True):
+        for behaviour in (default, None, ReprocessBehavior.COMPLETED):
+            _validate_backfill_params(served, reverse, pendulum.datetime(2024, 3, 1, tz="UTC"),
+                                      pendulum.datetime(2024, 3, 4, tz="UTC"), behaviour)
+
+
 def test_validation_runs_on_the_features_asset(dagbag):
     from sofare.orchestration import FEATURES
 

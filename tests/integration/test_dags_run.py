@@ -12,7 +12,7 @@ import pytest
 
 from sofare import runtime
 from sofare.config import load_config
-from sofare.data import report, warehouse
+from sofare.data import ingest, report, warehouse
 from sofare.data.features import feature_spec
 
 UTC = timezone.utc
@@ -41,19 +41,27 @@ def _ingest_day(cfg, day: str, logfile) -> None:
 
 @pytest.mark.parametrize("via_connection", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)],
                          indirect=True)
-def test_ingest_dag_loads_exactly_each_days_interval(via_connection, tmp_path):
+def test_ingest_dag_runs_are_self_contained_in_any_order(via_connection, tmp_path):
+    """Each run loads its day and what that day's features read (no depends_on_past): out of order, every
+    feature row is complete and every target known but the last (its next candle is not loaded)."""
     cfg = via_connection
     log = tmp_path / "dag.log"
-    for day in ("2024-03-08", "2024-03-09", "2024-03-10"):
+    for day in ("2024-03-10", "2024-03-08", "2024-03-09"):
         _ingest_day(cfg, day, log)
     engine = warehouse.get_engine(cfg)
     status = report.warehouse_status(cfg, engine)
+    first = ingest.feature_inputs(cfg, "candles", datetime(2024, 3, 8, tzinfo=UTC), datetime(2024, 3, 9, tzinfo=UTC),
+                                  "1h")[0]
     candles = status["candles"][0]
-    assert (candles["rows"], candles["first"], candles["last"]) == (72, "2024-03-08T00:00:00+00:00",
-                                                                    "2024-03-10T23:00:00+00:00")
-    assert {e["key"]: e["rows"] for e in status["safe_haven_bars"]} == {t: 1 for t in cfg.safe_haven.tickers}, \
-        "Friday's bars only: the weekend has none"
-    assert status["features"][0]["rows"] == 72 and status["features"][0]["rows_with_target"] == 71
+    assert (candles["first"], candles["last"]) == (first.isoformat(), "2024-03-10T23:00:00+00:00")
+    assert candles["rows"] == 72 + 2 * cfg.features.warmup_bars and candles["gaps"] == []
+    with engine.connect() as conn:
+        assert max(warehouse.read_safe_haven(conn)["date"]).isoformat() == "2024-03-08", \
+            "Friday's bars last: the weekend has none, and no run loads a day after its own"
+    feats = status["features"][0]
+    assert (feats["rows"], feats["first"], feats["last"]) == (72, "2024-03-08T00:00:00+00:00",
+                                                             "2024-03-10T23:00:00+00:00")
+    assert (feats["complete_rows"], feats["rows_with_target"]) == (72, 71)
     sums = report.table_checksums(engine, feature_spec(cfg).columns)
     _ingest_day(cfg, "2024-03-09", log)  # a rerun of a middle day changes nothing
     assert report.table_checksums(engine, feature_spec(cfg).columns) == sums
@@ -110,7 +118,8 @@ def test_backfill_dag_rejects_bad_params(via_connection, tmp_path):
 
 
 def test_airflow_backfill_create_plans_one_run_per_day(airflow_db):
-    """The time-scheduled ingest DAG is backfillable with Airflow's own CLI (and so the UI)."""
+    """The time-scheduled ingest DAG is backfillable with Airflow's own CLI (and so the UI) with its defaults:
+    reprocess behaviour "none" (what the UI's dialog sends unless changed), forwards or backwards."""
     import os
     import subprocess
     import sys
@@ -119,8 +128,8 @@ def test_airflow_backfill_create_plans_one_run_per_day(airflow_db):
     subprocess.run([sys.executable, "-m", "airflow", "dags", "reserialize"], env=env, capture_output=True, check=True)
     done = subprocess.run(
         [sys.executable, "-m", "airflow", "backfill", "create", "--dag-id", "sofare_ingest", "--from-date", "2024-03-01",
-         "--to-date", "2024-03-04", "--dry-run", "--reprocess-behavior", "completed"],
+         "--to-date", "2024-03-04", "--dry-run", "--run-backwards"],
         env=env, capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     planned = [line for line in done.stdout.splitlines() if line.startswith("| 2024-03-0")]
-    assert [line.split()[1] for line in planned] == ["2024-03-01", "2024-03-02", "2024-03-03", "2024-03-04"]
+    assert sorted(line.split()[1] for line in planned) == ["2024-03-01", "2024-03-02", "2024-03-03", "2024-03-04"]

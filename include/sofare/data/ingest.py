@@ -4,6 +4,10 @@ Each call loads exactly one modality over one half-open UTC interval, validates 
 writing, and writes in ONE transaction: a failed interval leaves nothing behind, a repeated one
 leaves the same rows. Interval membership: candles by open_time, daily bars by trading date,
 macro observations by the instant they became known (so a daily run replays history as it was).
+
+A sofare_ingest run loads its interval *with context*: also what `materialize_features` reads for it
+(`feature_inputs`: the warm-up candles before it, daily and macro history before those), so its features
+read only rows it loaded itself and runs of any intervals give the same rows in any order or at once.
 """
 
 from __future__ import annotations
@@ -30,6 +34,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 MODALITIES = ("candles", "safe_haven", "macro")
+# Warm-up candles are looked for this many `warmup_bars` spans back, so that a row keeps its full warm-up
+# across gaps of up to `warmup_bars` missing candles before its interval.
+WARMUP_REACH = 2
 
 
 @dataclass
@@ -40,8 +47,9 @@ class LoadResult:
     source: str
     start: datetime
     end: datetime
-    rows: int
-    gaps: list[quality.Gap] = field(default_factory=list)
+    rows: int  # rows of the interval itself
+    gaps: list[quality.Gap] = field(default_factory=list)  # inside the interval
+    context: Context | None = None  # what else features read, when loaded with it
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -52,6 +60,7 @@ class LoadResult:
             "rows": self.rows,
             "gaps": [g.to_dict() for g in self.gaps],
             "note": self.note,
+            "context": self.context.to_dict() if self.context else None,
         }
 
     @property
@@ -67,8 +76,30 @@ class LoadResult:
     def __str__(self) -> str:
         gaps = f", {len(self.gaps)} gap(s): " + "; ".join(map(str, self.gaps)) if self.gaps else ""
         note = f" ({self.note})" if self.note else ""
+        context = f"; {self.context}" if self.context else ""
         return (f"{self.modality} from {self.source} [{self.start:%Y-%m-%d %H:%M} .. {self.end:%Y-%m-%d %H:%M}): "
-                f"{self.rows} rows{gaps}{note}")
+                f"{self.rows} rows{gaps}{note}{context}")
+
+
+@dataclass
+class Context:
+    """The rows a load fetched around its interval for the interval's features: the fetch covered [start, end),
+    the interval included; `rows` counts those outside the interval.
+    They are validated like the interval's, and written only where the warehouse lacks them (`written`): a
+    stored row stays as its own interval's load wrote it."""
+
+    start: datetime
+    end: datetime
+    rows: int
+    written: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"start": self.start.isoformat(), "end": self.end.isoformat(), "rows": self.rows,
+                "written": self.written}
+
+    def __str__(self) -> str:
+        return (f"fetched with its context [{self.start:%Y-%m-%d %H:%M} .. {self.end:%Y-%m-%d %H:%M}): {self.rows} "
+                f"rows around the interval, {self.written} of them new")
 
 
 def utc(moment: datetime | date | str) -> datetime:
@@ -138,6 +169,48 @@ def _prepare_macro(raw: pd.DataFrame, req: FetchRequest, source: str, cfg: Confi
     return rows.assign(source=source).drop(columns="realtime_start")
 
 
+def feature_inputs(cfg: Config, modality: str, start: datetime, end: datetime,
+                   interval: str) -> tuple[datetime, datetime]:
+    """[lo, hi): the rows of `modality` that `materialize_features` may read for the interval [start, end), in
+    the modality's own time (candle open time, trading date at UTC midnight, macro known_at):
+
+    - candles: the `features.warmup_bars` before `start`, looked for `WARMUP_REACH` warm-ups back;
+    - safe_haven: trading dates from `features.daily_context_days` before the first of those candles;
+    - macro: known from `features.macro_context_days` before it, to the close of the interval's last
+      candle included (a value known at that instant is visible to it: hi = end + one interval).
+
+    sofare_ingest loads these with its interval (`load_interval(context=True)`), so its features read
+    nothing another run loaded."""
+    delta = interval_delta(interval)
+    warm = start - delta * cfg.features.warmup_bars * WARMUP_REACH
+    if modality == "candles":
+        return warm, end
+    if modality == "safe_haven":
+        first = (warm - timedelta(days=cfg.features.daily_context_days)).date()
+        return datetime(first.year, first.month, first.day, tzinfo=timezone.utc), end
+    if modality == "macro":
+        return warm - timedelta(days=cfg.features.macro_context_days), end + delta
+    raise InputError(f"unknown modality {modality!r}; expected one of {', '.join(MODALITIES)}")
+
+
+def _inside(modality: str, rows: pd.DataFrame, start: datetime, end: datetime) -> Any:
+    """Which rows belong to the interval [start, end) itself (each modality by its own time)."""
+    if modality == "candles":
+        return ((rows["open_time"] >= start) & (rows["open_time"] < end)).to_numpy(dtype=bool)
+    if modality == "safe_haven":
+        first, last = trading_dates(start, end)
+        return ((rows["date"] >= first) & (rows["date"] < last)).to_numpy(dtype=bool)
+    return ((rows["known_at"] >= start) & (rows["known_at"] < end)).to_numpy(dtype=bool)
+
+
+def _times(modality: str, rows: pd.DataFrame) -> Any:
+    """The instants rows are validated by (what `warehouse.invalidate` takes): open time, date, known_at."""
+    import pandas as pd
+
+    column = {"candles": "open_time", "safe_haven": "date", "macro": "known_at"}[modality]
+    return pd.to_datetime(rows[column], utc=True)
+
+
 def load_interval(
     cfg: Config,
     engine: Engine,
@@ -147,14 +220,24 @@ def load_interval(
     end: datetime,
     symbol: str | None = None,
     interval: str | None = None,
+    context: bool = False,
 ) -> LoadResult:
-    """Fetch one modality for [start, end), validate it, and upsert it in one transaction."""
+    """Fetch one modality for [start, end), validate it, and upsert it in one transaction.
+
+    With `context`, the fetch also covers `feature_inputs` (what the interval's features read): all of it is
+    validated before anything is written; rows outside the interval are written only where the warehouse
+    lacks them (their days' validation marks are dropped then), and are reported apart from the interval's
+    own rows, gaps and note."""
     src = get_source(source, cfg) if isinstance(source, str) else source
     symbol = (symbol or cfg.market.symbol).upper()
     interval = interval or cfg.market.interval
     start, end = utc(start), utc(end)
+    lo, hi = start, end
+    if context:
+        around = feature_inputs(cfg, modality, start, end, interval)
+        lo, hi = min(start, around[0]), max(end, around[1])
     req = FetchRequest(
-        modality, start, end, symbol=symbol, interval=interval,
+        modality, lo, hi, symbol=symbol, interval=interval,
         tickers=tuple(cfg.safe_haven.tickers), series=tuple(cfg.macro.series),
     )
     raw = src.fetch(req)  # raises on a source failure: nothing has been written
@@ -165,19 +248,35 @@ def load_interval(
         rows = _prepare_safe_haven(raw, req, src.name, cfg)
     else:
         rows = _prepare_macro(raw, req, src.name, cfg)
+    inside = _inside(modality, rows, start, end)
+    own, others = rows[inside], rows[~inside]
     suite = table.name  # the validation suite of this table
+    scope = warehouse.scope_of(suite, symbol, interval)
     with warehouse.transaction(engine) as conn:
-        written = warehouse.upsert(conn, table, rows)
-        warehouse.invalidate(conn, suite, warehouse.scope_of(suite, symbol, interval), start, end)
+        written = warehouse.upsert(conn, table, own)
+        warehouse.invalidate(conn, suite, scope, start, end)
+        if context:
+            new = warehouse.missing_rows(conn, table, others)
+            warehouse.upsert(conn, table, new)
+            if len(new):
+                times = _times(modality, new)
+                warehouse.invalidate(conn, suite, scope, times.min().to_pydatetime(),
+                                     times.max().to_pydatetime() + timedelta(microseconds=1))
     gaps: list[quality.Gap] = []
     if modality == "candles":
         horizon = min(end, datetime.now(timezone.utc).replace(second=0, microsecond=0))
-        gaps = quality.candle_gaps(rows["open_time"], interval_delta(interval), start, horizon)
-    result = LoadResult(modality, src.name, start, end, written, gaps)
+        gaps = quality.candle_gaps(own["open_time"], interval_delta(interval), start, horizon)
+    result = LoadResult(modality, src.name, start, end, written, gaps,
+                        Context(lo, hi, len(others), len(new)) if context else None)
     for gap in gaps:
         log.warning("gap in %s %s %s: %s", symbol, interval, modality, gap)
     (log.warning if result.note else log.info)("loaded %s", result)
     return result
+
+
+def features_lock(symbol: str, interval: str) -> str:
+    """The lock `materialize_features` holds for a symbol and interval (`warehouse.locked_transaction`)."""
+    return f"features {symbol} {interval}"
 
 
 def materialize_features(
@@ -191,8 +290,11 @@ def materialize_features(
     """Compute the features of candles in [start, end) and upsert them in one transaction.
 
     Each row is computed by the interval that holds it, from exactly `warmup_bars` candles before
-    the interval's start, so reruns are bit-identical in any task order. The targets of the
-    `horizon` candles before `start` are refreshed too: their future may be in this interval.
+    the interval's start (found within `feature_inputs`, as is every daily and macro row it reads),
+    so reruns are bit-identical in any task order. The targets of the `horizon` candles before
+    `start` are refreshed too: their future may be in this interval. A target is never set back to
+    NULL (the upsert keeps a known one); reads and writes hold one lock per symbol and interval, so
+    of two concurrent neighbours one reads the other's candles or refreshes the other's rows.
     """
     import pandas as pd
 
@@ -204,8 +306,10 @@ def materialize_features(
     spec = feature_spec(cfg)
     delta = interval_delta(interval)
     lookahead = delta * cfg.features.horizon
-    with engine.connect() as conn:
-        history = warehouse.read_candles_before(conn, symbol, interval, start, cfg.features.warmup_bars)
+    since = feature_inputs(cfg, "candles", start, end, interval)[0]
+    table = warehouse.features_table(spec.columns)
+    with warehouse.locked_transaction(engine, features_lock(symbol, interval)) as conn:
+        history = warehouse.read_candles_before(conn, symbol, interval, start, cfg.features.warmup_bars, since)
         body = warehouse.read_candles(conn, symbol, interval, start - lookahead, end + lookahead)
         if body.empty:
             return 0
@@ -213,20 +317,18 @@ def materialize_features(
         if not parts:
             return 0
         candles = pd.concat(parts, ignore_index=True)
-        first = candles["open_time"].iloc[0]
+        first = candles["open_time"].iloc[0]  # not before feature_inputs' start: what it gives covers these
         bars = warehouse.read_safe_haven(conn, (first - timedelta(days=cfg.features.daily_context_days)).date(),
                                          end + delta)
         macro = warehouse.read_macro(conn, first - timedelta(days=cfg.features.macro_context_days), end + delta)
-    feats = compute_features(candles, bars, macro, cfg, interval)
-    feats = feats[(feats["open_time"] >= start) & (feats["open_time"] < end)].copy()
-    feats.insert(0, "symbol", symbol)
-    feats.insert(1, "interval", interval)
-    feats.insert(3, "feature_set_version", spec.version)
-    earlier = body[body["open_time"] < end + lookahead].reset_index(drop=True)
-    refreshed = pd.concat([earlier[["open_time"]], targets(earlier, delta, cfg.features.horizon)], axis=1)
-    refreshed = refreshed[refreshed["open_time"] < start]
-    table = warehouse.features_table(spec.columns)
-    with warehouse.transaction(engine) as conn:
+        feats = compute_features(candles, bars, macro, cfg, interval)
+        feats = feats[(feats["open_time"] >= start) & (feats["open_time"] < end)].copy()
+        feats.insert(0, "symbol", symbol)
+        feats.insert(1, "interval", interval)
+        feats.insert(3, "feature_set_version", spec.version)
+        earlier = body[body["open_time"] < end + lookahead].reset_index(drop=True)
+        refreshed = pd.concat([earlier[["open_time"]], targets(earlier, delta, cfg.features.horizon)], axis=1)
+        refreshed = refreshed[refreshed["open_time"] < start]
         written = warehouse.upsert(conn, table, feats)
         warehouse.update_targets(conn, table, symbol, interval, refreshed)
         warehouse.invalidate(conn, "features", warehouse.scope_of("features", symbol, interval),

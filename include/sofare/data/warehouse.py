@@ -232,6 +232,8 @@ RAW_TABLES: dict[str, tuple[sa.Table, str]] = {
 }
 
 FEATURE_KEY_COLUMNS = ("symbol", "interval", "open_time")
+# Column.info flag: an upsert never replaces this column's known value with NULL (COALESCE(new, old)).
+KEEP_KNOWN = "keep_known"
 
 
 @functools.cache
@@ -245,8 +247,9 @@ def features_table(feature_columns: tuple[str, ...]) -> sa.Table:
         sa.Column("open_time", UTCDateTime, primary_key=True),
         sa.Column("feature_set_version", sa.String(40), nullable=False),
         *(sa.Column(name, sa.Double) for name in feature_columns),
-        sa.Column("target_return", sa.Double),
-        sa.Column("target_up", sa.SmallInteger),
+        # targets are a function of the candles: NULL means "not known yet", never "unknown again"
+        sa.Column("target_return", sa.Double, info={KEEP_KNOWN: True}),
+        sa.Column("target_up", sa.SmallInteger, info={KEEP_KNOWN: True}),
     )
 
 
@@ -403,7 +406,9 @@ def _column_values(frame: pd.DataFrame, column: sa.Column[Any]) -> list[Any]:
 
 
 def _upsert_statement(conn: Connection, table: sa.Table, columns: list[str], source: Any = None) -> Any:
-    """INSERT … ON CONFLICT (primary key) DO UPDATE, from VALUES or from a SELECT."""
+    """INSERT … ON CONFLICT (primary key) DO UPDATE, from VALUES or from a SELECT (every write path: executemany
+    on SQLite, the COPY staging table and executemany on PostgreSQL). A column flagged `KEEP_KNOWN` in its
+    Column.info keeps its stored value where the new one is NULL."""
     if conn.dialect.name == "sqlite":
         from sqlalchemy.dialects.sqlite import insert
     elif conn.dialect.name == "postgresql":
@@ -413,7 +418,8 @@ def _upsert_statement(conn: Connection, table: sa.Table, columns: list[str], sou
     stmt = insert(table)
     stmt = stmt.from_select(columns, source) if source is not None else stmt.values({c: sa.bindparam(c) for c in columns})
     keys = [c.name for c in table.primary_key.columns]
-    updates = {c: stmt.excluded[c] for c in columns if c not in keys}
+    updates = {c: sa.func.coalesce(stmt.excluded[c], table.c[c]) if table.c[c].info.get(KEEP_KNOWN)
+               else stmt.excluded[c] for c in columns if c not in keys}
     return stmt.on_conflict_do_update(index_elements=keys, set_=updates) if updates else stmt.on_conflict_do_nothing()
 
 
@@ -566,14 +572,48 @@ def _python_rows(frame: pd.DataFrame, table: sa.Table, columns: list[str]) -> li
     return rows
 
 
+def _key_values(frame: pd.DataFrame, table: sa.Table) -> list[tuple[Any, ...]]:
+    """The primary key of each row, normalised so that a frame's keys and the database's compare equal."""
+    import pandas as pd
+
+    parts = []
+    for column in table.primary_key.columns:
+        values = frame[column.name]
+        if isinstance(column.type, UTCDateTime):
+            parts.append(pd.to_datetime(values, utc=True).dt.strftime("%Y-%m-%d %H:%M:%S.%f").tolist())
+        elif isinstance(column.type, sa.Date):
+            parts.append(pd.to_datetime(values).dt.strftime("%Y-%m-%d").tolist())
+        else:
+            parts.append(values.astype(str).tolist())
+    return list(zip(*parts))
+
+
+def missing_rows(conn: Connection, table: sa.Table, frame: pd.DataFrame) -> pd.DataFrame:
+    """The rows of `frame` whose primary key `table` does not hold yet (read in the caller's transaction)."""
+    if frame.empty:
+        return frame
+    query = sa.select(*table.primary_key.columns)
+    for column in table.primary_key.columns:
+        values = frame[column.name]
+        if isinstance(column.type, (UTCDateTime, sa.Date)):
+            query = query.where(column.between(values.min(), values.max()))
+        else:
+            query = query.where(column.in_(sorted(set(values.astype(str)))))
+    stored = set(_key_values(query_frame(conn, query), table))
+    return frame[[key not in stored for key in _key_values(frame, table)]]
+
+
 def update_targets(conn: Connection, table: sa.Table, symbol: str, interval: str, frame: pd.DataFrame) -> int:
-    """Set target_return/target_up of existing feature rows (open_time, target_return, target_up)."""
+    """Set target_return/target_up of existing feature rows (open_time, target_return, target_up); a NULL
+    leaves a known target as it is (as the upsert does)."""
     if frame.empty:
         return 0
     stmt = (
         table.update()
         .where(table.c.symbol == symbol, table.c.interval == interval, table.c.open_time == sa.bindparam("b_time"))
-        .values(target_return=sa.bindparam("b_return"), target_up=sa.bindparam("b_up"))
+        .values(target_return=sa.func.coalesce(sa.bindparam("b_return", type_=table.c.target_return.type),
+                                               table.c.target_return),
+                target_up=sa.func.coalesce(sa.bindparam("b_up", type_=table.c.target_up.type), table.c.target_up))
     )
     rows = [
         {"b_time": t.to_pydatetime(), "b_return": None if r != r else float(r), "b_up": None if u != u else int(u)}
@@ -587,6 +627,27 @@ def update_targets(conn: Connection, table: sa.Table, symbol: str, interval: str
 def transaction(engine: Engine) -> Iterator[Connection]:
     """One atomic unit of work: everything inside commits together or not at all."""
     with engine.begin() as conn:
+        yield conn
+
+
+def lock_key(name: str) -> int:
+    """The signed 64-bit PostgreSQL advisory lock key of a lock name (stable across processes)."""
+    import hashlib
+
+    return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "big", signed=True)
+
+
+@contextmanager
+def locked_transaction(engine: Engine, name: str) -> Iterator[Connection]:
+    """A transaction that holds the lock `name` from its first statement, its reads included, to its end, so
+    transactions taking the same lock see each other whole: one reads what the other committed, never half of
+    it, and neither writes over what it has not read. PostgreSQL: a transaction-level advisory lock on
+    `lock_key(name)`; SQLite: BEGIN IMMEDIATE (the database's one write lock: other writers wait, readers don't)."""
+    with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": lock_key(name)})
+        else:  # pysqlite has begun nothing yet (its implicit BEGIN comes before the first INSERT/UPDATE/DELETE)
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
         yield conn
 
 
@@ -620,14 +681,17 @@ def read_candles(
     return query_frame(conn, query.order_by(candles.c.open_time))
 
 
-def read_candles_before(conn: Connection, symbol: str, interval: str, before: datetime, limit: int) -> pd.DataFrame:
-    """The last `limit` candles that open before `before`, in time order."""
+def read_candles_before(conn: Connection, symbol: str, interval: str, before: datetime, limit: int,
+                        since: datetime | None = None) -> pd.DataFrame:
+    """The last `limit` candles that open before `before` (and not before `since`), in time order."""
     query = (
         sa.select(candles)
         .where(candles.c.symbol == symbol, candles.c.interval == interval, candles.c.open_time < before)
         .order_by(candles.c.open_time.desc())
         .limit(limit)
     )
+    if since is not None:
+        query = query.where(candles.c.open_time >= since)
     return query_frame(conn, query).iloc[::-1].reset_index(drop=True)
 
 
