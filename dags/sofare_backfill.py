@@ -11,7 +11,8 @@ and optionally **symbol** and **interval**. The range is cut into `ingest.chunk_
    (features need their neighbours' candles as warm-up and targets);
 4. `summarize` — rows, ranges and gaps per table (also in the task log).
 
-Each features chunk emits `sofare_features` with its interval, so `sofare_validate` validates it.
+Each features chunk emits `sofare_features` with its interval (from the previous day when the chunk refreshed the
+targets of that day's last hours), so `sofare_validate` validates it.
 Sources: `sample` (embedded real data, all modalities), `binance` (candles), `yfinance`
 (safe-haven bars), `fred` (macro). Repeating a backfill gives identical rows.
 """
@@ -25,6 +26,8 @@ from sofare.config import INTERVALS, load_config
 from sofare.orchestration import CANDLES, FEATURES, MACRO, SAFE_HAVEN, default_args, interval_extra, run
 
 CFG = load_config()
+SOURCES = {"sample": "sample (embedded data, every modality)", "binance": "binance (candles, live)",
+           "yfinance": "yfinance (safe-haven bars, live)", "fred": "fred (macro, live)"}
 
 
 @dag(
@@ -39,7 +42,8 @@ CFG = load_config()
     params={
         "sources": Param(
             ["sample"], type="array", title="Sources",
-            items={"type": "string", "enum": ["sample", "binance", "yfinance", "fred"]},
+            items={"type": "string", "enum": list(SOURCES)},
+            examples=list(SOURCES), values_display=SOURCES,  # `examples`: the form shows a multi-select of them
             description="sample = embedded data for every modality; or live binance / yfinance / fred",
             minItems=1, uniqueItems=True,
         ),
@@ -80,7 +84,7 @@ def sofare_backfill():
         from sofare import tasks
 
         result = run(tasks.features_chunk, chunk)
-        outlet_events[FEATURES].extra = interval_extra(chunk["start"], chunk["end"])
+        outlet_events[FEATURES].extra = interval_extra(result["validate_from"], chunk["end"])
         return result
 
     @task

@@ -21,8 +21,9 @@ rows fetched, rows new). The last `horizon` rows get their targets when the next
 exist (that run's `build_features` fills them; a known target is never set back to NULL).
 Backfill with `airflow backfill create --dag-id sofare_ingest --from-date … --to-date …` or the UI's
 *Backfill* button, any reprocess behaviour, forwards or backwards; for long ranges in parallel chunks use
-`sofare_backfill`. Emits the `sofare_*` Assets; the features event carries the interval, which
-`sofare_validate` then validates.
+`sofare_backfill`. Emits the `sofare_*` Assets; the features event carries the interval to validate
+(from the start of the previous day when this run refreshed that day's last targets), which `sofare_validate`
+then validates.
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ def sofare_ingest():
         from sofare import tasks
 
         result = run(tasks.build_features, data_interval_start, data_interval_end)
-        outlet_events[FEATURES].extra = interval_extra(data_interval_start, data_interval_end)
+        outlet_events[FEATURES].extra = interval_extra(result["validate_from"], data_interval_end)
         return result
 
     [load_candles(), load_safe_haven(), load_macro()] >> build_features()

@@ -43,9 +43,12 @@ def load(cfg: Config, modality: str, start: datetime | str, end: datetime | str,
 
 def build_features(cfg: Config, start: datetime | str, end: datetime | str, symbol: str | None = None,
                    interval: str | None = None) -> dict[str, Any]:
-    rows = ingest.materialize_features(cfg, _engine(cfg), ingest.utc(start), ingest.utc(end), symbol, interval)
+    """Features of [start, end); `validate_from` is where validation must start (the refreshed targets' day)."""
+    engine = _engine(cfg)
+    rows = ingest.materialize_features(cfg, engine, ingest.utc(start), ingest.utc(end), symbol, interval)
     return {"start": ingest.utc(start).isoformat(), "end": ingest.utc(end).isoformat(), "rows": rows,
-            "feature_set": feature_spec(cfg).version}
+            "feature_set": feature_spec(cfg).version,
+            "validate_from": ingest.revalidate_from(cfg, engine, ingest.utc(start), symbol, interval).isoformat()}
 
 
 def plan_backfill(cfg: Config, sources: list[str], start: str, end: str, symbol: str | None = None,

@@ -58,6 +58,10 @@ def test_manual_dags_have_typed_params(dagbag):
     assert dag.schedule is None
     schema = {name: param.schema for name, param in dag.params.items()}
     assert schema["sources"]["type"] == "array"
+    # Airflow's form renders an array as a multi-select only with top-level `examples` (else a free-text box)
+    assert set(schema["sources"]["examples"]) == set(schema["sources"]["items"]["enum"]) == {
+        "sample", "binance", "yfinance", "fred"}
+    assert set(schema["sources"]["values_display"]) == set(schema["sources"]["examples"])
     assert schema["start"]["format"] == "date" and schema["end"]["format"] == "date"
     assert "enum" in schema["interval"]
 

@@ -75,6 +75,24 @@ def test_runs_in_reverse_order_give_the_rows_of_runs_in_order(ingest_dag, two_ur
     assert forward["target_return"].isna().tolist() == [False] * 71 + [True]  # the last waits for 03-11's candle
 
 
+def test_features_event_makes_validation_cover_the_day_whose_targets_changed(ingest_dag, two_urls, monkeypatch,
+                                                                             tmp_path):
+    """Day 2's run sets the target of day 1's last hour, which clears day 1's validation: the features event must
+    send sofare_validate back to day 1 (else the validated span, and the default training window, breaks there)."""
+    monkeypatch.setenv("SOFARE_PATHS__VAR", str(tmp_path / "var"))
+    monkeypatch.setenv("SOFARE_WAREHOUSE__URL", two_urls[0])
+    events = []
+    for day in DAYS[:2]:
+        interval = {"data_interval_start": day, "data_interval_end": day + timedelta(days=1)}
+        for task_id in ("load_candles", "load_safe_haven", "load_macro"):
+            ingest_dag.get_task(task_id).python_callable(**interval)
+        outlet = defaultdict(SimpleNamespace)
+        ingest_dag.get_task("build_features").python_callable(**interval, outlet_events=outlet)
+        events.append(next(iter(outlet.values())).extra)
+    assert events[0] == {"start": DAYS[0].isoformat(), "end": DAYS[1].isoformat()}, "nothing before day 1"
+    assert events[1] == {"start": DAYS[0].isoformat(), "end": DAYS[2].isoformat()}, "day 1 again, then day 2"
+
+
 # --- targets: known is never replaced by NULL ---------------------------------------------------------------
 
 

@@ -279,6 +279,28 @@ def features_lock(symbol: str, interval: str) -> str:
     return f"features {symbol} {interval}"
 
 
+def revalidate_from(cfg: Config, engine: Engine, start: datetime, symbol: str | None = None,
+                    interval: str | None = None) -> datetime:
+    """Where the validation of a features run must start: `materialize_features` also refreshes the targets of the
+    `horizon` rows before `start` (which clears their day's validation), so when such rows exist it is the start
+    of their day, else `start`. The features asset event carries this, so `sofare_validate` revalidates that day."""
+    import sqlalchemy as sa
+
+    symbol = (symbol or cfg.market.symbol).upper()
+    interval = interval or cfg.market.interval
+    start = utc(start)
+    table = warehouse.features_table(feature_spec(cfg).columns)
+    with engine.connect() as conn:
+        first = conn.execute(sa.select(sa.func.min(table.c.open_time)).where(
+            table.c.symbol == symbol, table.c.interval == interval,
+            table.c.open_time >= start - interval_delta(interval) * cfg.features.horizon,
+            table.c.open_time < start)).scalar()
+    if first is None:
+        return start
+    first = utc(first)
+    return min(start, first.replace(hour=0, minute=0, second=0, microsecond=0))
+
+
 def materialize_features(
     cfg: Config,
     engine: Engine,
