@@ -5,7 +5,8 @@ Trigger with the form (typed Params): which **sources**, the inclusive **start**
 and optionally **symbol** and **interval**. The range is cut into `ingest.chunk_days` chunks:
 
 1. `plan_loads` — one load per (source, modality, chunk); daily and macro data start
-   `ingest.context_days` earlier so as-of features have history from the first candle;
+   `ingest.context_days` earlier as history chunks that only fill what the warehouse lacks (as-of features need
+   it from the first candle; validated history before the range stays validated);
 2. `load_chunk` — dynamically mapped, one transaction per chunk (retried with back-off);
 3. `plan_features` → `features_chunk` — mapped over the same chunks once every load is in
    (features need their neighbours' candles as warm-up and targets);

@@ -12,10 +12,12 @@ manually with **start/end** Params. For each of the four tables it runs the suit
   failed expectation and how many rows break it, and an alert fires.
 - `data_docs` — rebuilds the Data Docs site (`var/data_docs/index.html`, linked from the SOFARE menu),
   also after a failure, so the failed results can be read there.
+- `publish` — when every suite passed: emits `sofare_validated_features` once for the run (its extra
+  holds the validated windows), so `sofare_train` starts after all four suites, not after the first.
 - `verdict` — runs only when a validation failed, and fails the DAG run (Data Docs alone would
   otherwise make a failed validation look like a successful run).
 
-Training reads only days that passed every suite. Emits `sofare_validated_features`.
+Training reads only days that passed every suite.
 """
 
 from __future__ import annotations
@@ -55,11 +57,16 @@ def sofare_validate():
         extras = [event.extra for events in (triggering_asset_events or {}).values() for event in events]
         return fail_fast(tasks.validation_windows, params, data_interval_start, data_interval_end, extras)
 
-    @task(outlets=[VALIDATED_FEATURES], map_index_template="{{ task.op_kwargs['suite'] }}")
+    @task(map_index_template="{{ task.op_kwargs['suite'] }}")
     def validate(suite: str, windows: list) -> dict:
         from sofare import tasks
 
         return run(tasks.validate, suite, windows)
+
+    @task(outlets=[VALIDATED_FEATURES])  # all_success: one event when every suite passed, not one per suite
+    def publish(results: list, windows: list, outlet_events=None) -> dict:
+        outlet_events[VALIDATED_FEATURES].extra = {"windows": windows}
+        return {"suites": [r["suite"] for r in results], "windows": windows}
 
     @task(trigger_rule="all_done")
     def data_docs() -> str:
@@ -73,9 +80,11 @@ def sofare_validate():
 
         raise AirflowFailException("validation failed: see the failed validate task(s) and the Data Docs")
 
-    checks = validate.partial(windows=windows()).expand(suite=list(SUITES))
+    spans = windows()
+    checks = validate.partial(windows=spans).expand(suite=list(SUITES))
     docs = data_docs()
     checks >> docs
+    publish(checks, spans)
     [checks, docs] >> verdict()
 
 

@@ -31,13 +31,14 @@ def _engine(cfg: Config) -> Any:
 
 
 def load(cfg: Config, modality: str, start: datetime | str, end: datetime | str, source: str | None = None,
-         symbol: str | None = None, interval: str | None = None, context: bool = False) -> dict[str, Any]:
+         symbol: str | None = None, interval: str | None = None, context: bool = False,
+         history: bool = False) -> dict[str, Any]:
     """Load one modality for one interval (the ingest DAG's sources come from the config). `context`: also what
     the interval's features read (sofare_ingest's runs, so that each is self-contained; see
     `ingest.load_interval`)."""
     source = source or getattr(cfg.ingest.sources, modality)
     result = ingest.load_interval(cfg, _engine(cfg), source, modality, ingest.utc(start), ingest.utc(end), symbol,
-                                  interval, context=context)
+                                  interval, context=context, history=history)
     return result.to_dict()
 
 
@@ -68,7 +69,7 @@ def plan_feature_chunks(cfg: Config, start: str, end: str, symbol: str | None = 
 
 def load_chunk(cfg: Config, chunk: dict[str, Any]) -> dict[str, Any]:
     return load(cfg, chunk["modality"], chunk["start"], chunk["end"], chunk["source"], chunk.get("symbol"),
-                chunk.get("interval"))
+                chunk.get("interval"), history=bool(chunk.get("history")))
 
 
 def features_chunk(cfg: Config, chunk: dict[str, Any]) -> dict[str, Any]:

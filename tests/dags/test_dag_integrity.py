@@ -123,7 +123,9 @@ def test_training_runs_weekly_and_on_validated_features_with_typed_params(dagbag
     assert [o.name for o in dag.get_task("finalize").outlets] == [MODEL_CANDIDATE.name]
     producers = [t.task_id for t in dagbag.dags["sofare_validate"].tasks
                  if any(getattr(o, "name", None) == VALIDATED_FEATURES.name for o in t.outlets)]
-    assert producers == ["validate"]
+    assert producers == ["publish"], "one event per validate run, after every suite (not one per suite)"
+    publish = dagbag.dags["sofare_validate"].get_task("publish")
+    assert publish.trigger_rule == "all_success" and "validate" in publish.upstream_task_ids
 
 
 PROBE = """

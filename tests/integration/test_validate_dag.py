@@ -115,3 +115,34 @@ def test_a_scheduled_run_validates_its_data_interval(loaded, tmp_path):
                     logfile=tmp_path / "dag.log")
     marks = _marks(warehouse.get_engine(cfg))
     assert sorted(marks) == sorted((suite, "2023-03-21") for suite in suites.SUITES)
+
+
+def test_backfilling_the_next_week_keeps_the_validated_history_and_the_training_window(monkeypatch, tmp_path):
+    """Found by the Celery e2e tier: a backfill's daily/macro history chunks reloaded (and un-validated) the
+    `ingest.context_days` before it, so after backfilling one new week no day passed every suite and sofare_train
+    had no window. History chunks now only fill gaps; the features refresh of the last day before the week is
+    revalidated through the features event's interval."""
+    monkeypatch.setenv("SOFARE_PATHS__VAR", str(tmp_path / "var"))
+    monkeypatch.setenv("SOFARE_WAREHOUSE__URL", f"sqlite:///{tmp_path / 'wh.db'}")
+    monkeypatch.setenv("SOFARE_INGEST__CONTEXT_DAYS", "40")
+    cfg = load_config()
+    tasks.backfill(cfg, ["sample"], "2023-02-01", "2023-02-28")
+    tasks.validate_range(cfg, "2023-02-01", "2023-02-28")
+    engine = warehouse.get_engine(cfg)
+    before = _marks(engine)
+    plan = tasks.plan_backfill(cfg, ["sample"], "2023-03-01", "2023-03-07")
+    history = [c for c in plan if c["history"]]
+    assert history and all(c["modality"] != "candles" for c in history)
+    results = [tasks.load_chunk(cfg, c) for c in plan]
+    assert all(r["note"] == "" for r in results if r["history"]), "history chunks are not 'no rows' failures"
+    features = [tasks.features_chunk(cfg, c) for c in tasks.plan_feature_chunks(cfg, "2023-03-01", "2023-03-07")]
+    after = _marks(engine)
+    lost = sorted(key for key in before if key not in after)
+    assert lost == [("features", "2023-02-28")], "only the day whose last targets the week's features set"
+    assert features[0]["validate_from"].startswith("2023-02-28T00:00"), "... which the features event revalidates"
+    windows = tasks.validation_windows(None, None, None, [{"start": features[0]["validate_from"],
+                                                           "end": features[-1]["end"]}])
+    for suite in suites.SUITES:
+        tasks.validate(cfg, suite, windows)
+    with engine.connect() as conn:
+        assert dataset.validated_span(conn, cfg) == (pd.Timestamp("2023-02-01").date(), pd.Timestamp("2023-03-07").date())

@@ -40,6 +40,11 @@ def test_plan_loads_every_modality_of_sample_with_context_for_daily_data():
     assert by_modality["candles"][0]["start"] == start.isoformat()
     context = (start - timedelta(days=CFG.ingest.context_days)).isoformat()
     assert by_modality["macro"][0]["start"] == context and by_modality["safe_haven"][0]["start"] == context
+    for modality, chunks in by_modality.items():  # history before the range only fills gaps; the range is loaded
+        assert all(c["history"] == (c["start"] < start.isoformat()) for c in chunks), modality
+        assert [c["start"] for c in chunks if not c["history"]][0] == start.isoformat()
+        assert chunks[-1]["end"] == end.isoformat()
+    assert not any(c["history"] for c in by_modality["candles"])
     assert {p["symbol"] for p in plan} == {"BTCUSDT"} and {p["interval"] for p in plan} == {"1h"}
 
 

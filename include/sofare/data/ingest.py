@@ -50,6 +50,7 @@ class LoadResult:
     rows: int  # rows of the interval itself
     gaps: list[quality.Gap] = field(default_factory=list)  # inside the interval
     context: Context | None = None  # what else features read, when loaded with it
+    history: bool = False  # a backfill's history before its range: only rows the warehouse lacks were written
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -61,12 +62,13 @@ class LoadResult:
             "gaps": [g.to_dict() for g in self.gaps],
             "note": self.note,
             "context": self.context.to_dict() if self.context else None,
+            "history": self.history,
         }
 
     @property
     def note(self) -> str:
         """Why an interval loaded nothing, in words (a green run with 0 rows must not look like success)."""
-        if self.rows:
+        if self.rows or self.history:
             return ""
         why = (" — the embedded sample is a fixed history (include/sample_data/SOURCES.md): backfill inside it, or "
                "configure a live source in ingest.sources") if self.source == "sample" else \
@@ -221,13 +223,18 @@ def load_interval(
     symbol: str | None = None,
     interval: str | None = None,
     context: bool = False,
+    history: bool = False,
 ) -> LoadResult:
     """Fetch one modality for [start, end), validate it, and upsert it in one transaction.
 
     With `context`, the fetch also covers `feature_inputs` (what the interval's features read): all of it is
     validated before anything is written; rows outside the interval are written only where the warehouse
     lacks them (their days' validation marks are dropped then), and are reported apart from the interval's
-    own rows, gaps and note."""
+    own rows, gaps and note.
+
+    With `history`, [start, end) is history a backfill's range needs before it (as-of context), not the range:
+    all its rows are context, written only where the warehouse lacks them, so a backfill of a new week leaves the
+    validated history before it as it was."""
     src = get_source(source, cfg) if isinstance(source, str) else source
     symbol = (symbol or cfg.market.symbol).upper()
     interval = interval or cfg.market.interval
@@ -248,14 +255,15 @@ def load_interval(
         rows = _prepare_safe_haven(raw, req, src.name, cfg)
     else:
         rows = _prepare_macro(raw, req, src.name, cfg)
-    inside = _inside(modality, rows, start, end)
+    inside = _inside(modality, rows, start, end) & (not history)
     own, others = rows[inside], rows[~inside]
     suite = table.name  # the validation suite of this table
     scope = warehouse.scope_of(suite, symbol, interval)
     with warehouse.transaction(engine) as conn:
         written = warehouse.upsert(conn, table, own)
-        warehouse.invalidate(conn, suite, scope, start, end)
-        if context:
+        if not history:
+            warehouse.invalidate(conn, suite, scope, start, end)
+        if context or history:
             new = warehouse.missing_rows(conn, table, others)
             warehouse.upsert(conn, table, new)
             if len(new):
@@ -263,11 +271,11 @@ def load_interval(
                 warehouse.invalidate(conn, suite, scope, times.min().to_pydatetime(),
                                      times.max().to_pydatetime() + timedelta(microseconds=1))
     gaps: list[quality.Gap] = []
-    if modality == "candles":
+    if modality == "candles" and not history:
         horizon = min(end, datetime.now(timezone.utc).replace(second=0, microsecond=0))
         gaps = quality.candle_gaps(own["open_time"], interval_delta(interval), start, horizon)
     result = LoadResult(modality, src.name, start, end, written, gaps,
-                        Context(lo, hi, len(others), len(new)) if context else None)
+                        Context(lo, hi, len(others), len(new)) if context or history else None, history)
     for gap in gaps:
         log.warning("gap in %s %s %s: %s", symbol, interval, modality, gap)
     (log.warning if result.note else log.info)("loaded %s", result)
@@ -378,8 +386,9 @@ def plan_backfill(
     symbol: str | None = None,
     interval: str | None = None,
 ) -> list[dict[str, Any]]:
-    """The load tasks of a backfill: one per (source, modality, chunk). Daily and macro data start
-    `ingest.context_days` earlier so that as-of features have history from the first candle."""
+    """The load tasks of a backfill: one per (source, modality, chunk). Daily and macro data also load the
+    `ingest.context_days` before `start` as `history` chunks (as-of features need them from the first candle),
+    which only fill what the warehouse lacks."""
     if not sources:
         raise InputError("choose at least one source")
     unknown = [s for s in sources if s not in SOURCE_MODALITIES]
@@ -395,10 +404,12 @@ def plan_backfill(
             if modality in seen:
                 raise InputError(f"both {seen[modality]!r} and {source!r} provide {modality}; choose one")
             seen[modality] = source
-            first = start if modality == "candles" else start - timedelta(days=cfg.ingest.context_days)
-            for lo, hi in plan_chunks(first, end, cfg.ingest.chunk_days):
-                tasks.append({"source": source, "modality": modality, "start": lo.isoformat(),
-                              "end": hi.isoformat(), "symbol": symbol, "interval": interval})
+            before = start - timedelta(days=cfg.ingest.context_days)
+            spans = [(before, start, True)] if modality != "candles" and before < start else []
+            for lo, hi, history in [*spans, (start, end, False)]:
+                for a, b in plan_chunks(lo, hi, cfg.ingest.chunk_days):
+                    tasks.append({"source": source, "modality": modality, "start": a.isoformat(),
+                                  "end": b.isoformat(), "symbol": symbol, "interval": interval, "history": history})
     return tasks
 
 
