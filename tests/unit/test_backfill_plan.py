@@ -45,6 +45,7 @@ def test_plan_loads_every_modality_of_sample_with_context_for_daily_data():
         assert [c["start"] for c in chunks if not c["history"]][0] == start.isoformat()
         assert chunks[-1]["end"] == end.isoformat()
     assert not any(c["history"] for c in by_modality["candles"])
+    assert [sum(c["history"] for c in by_modality[m]) for m in ("safe_haven", "macro")] == [1, 1], "one load each"
     assert {p["symbol"] for p in plan} == {"BTCUSDT"} and {p["interval"] for p in plan} == {"1h"}
 
 

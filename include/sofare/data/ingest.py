@@ -407,7 +407,9 @@ def plan_backfill(
             before = start - timedelta(days=cfg.ingest.context_days)
             spans = [(before, start, True)] if modality != "candles" and before < start else []
             for lo, hi, history in [*spans, (start, end, False)]:
-                for a, b in plan_chunks(lo, hi, cfg.ingest.chunk_days):
+                # history is one load (a few hundred daily rows; it writes only what is missing): chunking it
+                # would add a mapped task per month for nothing
+                for a, b in [(lo, hi)] if history else plan_chunks(lo, hi, cfg.ingest.chunk_days):
                     tasks.append({"source": source, "modality": modality, "start": a.isoformat(),
                                   "end": b.isoformat(), "symbol": symbol, "interval": interval, "history": history})
     return tasks
