@@ -32,8 +32,13 @@ def test_train_dag_registers_a_version_with_honest_metrics_and_reproduces_them(t
     monkeypatch.setenv("SOFARE_EVALUATION__ABLATIONS", "true")
     from sofare.config import load_config
 
+    import mlflow
+
     cfg = load_config()
+    before = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
     runtime.run_dag(cfg, "sofare_train", conf=_conf(), logfile=tmp_path / "dag.log")
+    assert (mlflow.get_tracking_uri(), mlflow.get_registry_uri()) == before, \
+        "training leaves MLflow's process-wide URIs as it found them (dag.test runs the tasks in this process)"
     c = versions.client(cfg)
     [v1] = c.search_model_versions("name = 'sofare-m3'")
     tags = v1.tags
@@ -82,7 +87,10 @@ def test_train_dag_registers_a_version_with_honest_metrics_and_reproduces_them(t
     for plot in ("walk_forward", "reliability", "policy_equity"):
         assert (cfg.var_dir / "reports" / "model_card_plots" / f"{plot}.png").stat().st_size > 1000
 
-    model = mlflow.pyfunc.load_model(f"models:/sofare-m3/{v1.version}")
+    from sofare.training import tracking
+
+    with tracking.scoped(cfg):
+        model = mlflow.pyfunc.load_model(f"models:/sofare-m3/{v1.version}")
     example = np.asarray(model.input_example, dtype=np.float32)
     out = model.predict(example)
     assert list(out.columns) == ["prob_up", "expected_return"] and 0 <= out["prob_up"].iloc[0] <= 1

@@ -120,8 +120,7 @@ def sabotaged_canary(cfg: Config, actor: str) -> str:
         directory = export.export(network.model, network.meta, Path(scratch) / "model", export.read_reference(source))
         meta = ModelMeta.read(directory)
         example = np.zeros((1, meta.lookback, len(meta.columns)), dtype=np.float32)
-        versions.setup(cfg)
-        with mlflow.start_run(run_id=base.tags.get("training_run_id") or base.run_id):
+        with versions.scoped(cfg), mlflow.start_run(run_id=base.tags.get("training_run_id") or base.run_id):
             info = versions._log_model(cfg, directory, example, meta.feature_set_version)
         version = str(info.registered_model_version)
         model_tag = bento.import_model(cfg, directory, {"model_version": version, "semver": "sabotaged",

@@ -18,7 +18,7 @@ from mlflow.exceptions import MlflowException
 
 from sofare.contracts import EvaluationReport, RegisteredVersion, model_dir
 from sofare.errors import NotFoundError
-from sofare.training.tracking import client, setup
+from sofare.training.tracking import client, scoped
 
 if TYPE_CHECKING:
     from mlflow.entities.model_registry import ModelVersion
@@ -98,8 +98,8 @@ def registered(cfg: Config, ref: str | int | None = None) -> RegisteredVersion:
 
 def download(cfg: Config, version: str) -> Path:
     """A version's model directory (meta.json, weights, ONNX and TorchScript files), downloaded."""
-    setup(cfg)
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{cfg.mlflow.model_name}/{version}"))
+    with scoped(cfg):
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{cfg.mlflow.model_name}/{version}"))
     return model_dir(local)
 
 
@@ -147,7 +147,7 @@ def register(cfg: Config, trained: Trained) -> RegisteredVersion:
     rep = trained.report
     metric = rep.primary_metric
     try:
-        with mlflow.start_run(run_id=trained.run_id):
+        with scoped(cfg), mlflow.start_run(run_id=trained.run_id):
             info = _log_model(cfg, trained.directory, trained.example, rep.feature_set_version)
             version = str(info.registered_model_version)
             semver = next_semver(previous_tags(cfg, below=int(version)), rep.architecture, rep.feature_set_version,
@@ -161,7 +161,7 @@ def register(cfg: Config, trained: Trained) -> RegisteredVersion:
     finally:
         shutil.rmtree(trained.directory, ignore_errors=True)
     card = model_card.write(cfg, version)
-    mlflow.log_artifact(str(card), run_id=trained.run_id)
+    client(cfg).log_artifact(trained.run_id, str(card))
     log.info("registered %s version %s (%s): test %s = %.4f", cfg.mlflow.model_name, version, semver, metric,
              rep.metric())
     return registered(cfg, version)

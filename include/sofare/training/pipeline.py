@@ -128,7 +128,7 @@ def plan(cfg: Config, n_trials: int | None = None, timeout: int | None = None, m
     name = (f"{cfg.training.study_name}-{cfg.market.symbol}-{cfg.market.interval}-{window.start}-{window.end}-"
             f"{spec.version}-s{cfg.training.seed}")
     study = tuning.create_study(cfg, name)
-    run = tracking.client(cfg).create_run(tracking.setup(cfg), run_name=run_name or f"train {window.label}", tags={
+    run = tracking.client(cfg).create_run(tracking.experiment_id(cfg), run_name=run_name or f"train {window.label}", tags={
         "sofare.kind": "training", "study": name, "data_window": window.label,
         "feature_set_version": spec.version, "git_commit": tracking.git_commit(cfg)})
     out = TrainingPlan(window=window, study=name, parent_run_id=run.info.run_id, rows=len(data.frame),
@@ -145,16 +145,15 @@ def plan(cfg: Config, n_trials: int | None = None, timeout: int | None = None, m
 
 def objective(cfg: Config, data: Data, trial: optuna.trial.Trial, max_epochs: int, parent_run_id: str) -> float:
     """Fit one trial's parameters on train, early-stopped and pruned on validation loss."""
-    import mlflow
     import optuna
     from optuna_integration import PyTorchLightningPruningCallback
 
-    from sofare.training import tuning
+    from sofare.training import tracking, tuning
 
     hyper = tuning.suggest(cfg, trial)
     train, _ = data.windows(data.parts["train"], data.parts["train"], hyper["lookback"])
     val, _ = data.windows(data.parts["validation"], data.parts["train"], hyper["lookback"])
-    c = mlflow.MlflowClient()
+    c = tracking.client(cfg)
     run = c.create_run(c.get_run(parent_run_id).info.experiment_id, run_name=f"trial {trial.number}",
                        tags={"mlflow.parentRunId": parent_run_id, "sofare.kind": "trial", "optuna.trial": str(trial.number)})
     run_id = run.info.run_id
@@ -190,9 +189,8 @@ def objective(cfg: Config, data: Data, trial: optuna.trial.Trial, max_epochs: in
 
 def tune(cfg: Config, the_plan: TrainingPlan, worker: int) -> dict[str, Any]:
     """One worker's share: trials on the shared study until it holds n_trials finished ones."""
-    from sofare.training import tracking, tuning
+    from sofare.training import tuning
 
-    tracking.setup(cfg)
     data = load_data(cfg, the_plan.window.start, the_plan.window.end)
     study = tuning.load_study(cfg, the_plan.study, worker)
     began = time.monotonic()
@@ -463,7 +461,6 @@ def finalize(cfg: Config, the_plan: TrainingPlan) -> Trained:
     from sofare.training import export, tracking, tuning
     from sofare.training.model import ARCHITECTURE
 
-    tracking.setup(cfg)
     window = the_plan.window
     data = load_data(cfg, window.start, window.end)
     study = tuning.load_study(cfg, the_plan.study, 0)
@@ -500,7 +497,8 @@ def finalize(cfg: Config, the_plan: TrainingPlan) -> Trained:
         interval=cfg.market.interval, horizon=cfg.features.horizon, threshold=e.decision_threshold,
         bootstrap_samples=e.bootstrap_samples, bootstrap_block_bars=e.bootstrap_block_bars)
     run_id = the_plan.parent_run_id
-    with mlflow.start_run(run_id=run_id), tempfile.TemporaryDirectory(prefix="sofare-plots-") as scratch:
+    with tracking.scoped(cfg), mlflow.start_run(run_id=run_id), \
+            tempfile.TemporaryDirectory(prefix="sofare-plots-") as scratch:
         mlflow.log_params({**{f"hp_{k}": v for k, v in hyper.items()}, "epochs": epochs, "seed": cfg.training.seed,
                            "data_window": window.label, "test_window": report.test_window,
                            "feature_set_version": spec.version, "architecture": ARCHITECTURE})

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import mlflow
@@ -17,21 +19,35 @@ if TYPE_CHECKING:
     from sofare.contracts import WalkForward
 
 
-def setup(cfg: Config) -> str:
-    """Point MLflow at the configured tracking store; the experiment's id (created on first use)."""
+def client(cfg: Config) -> mlflow.MlflowClient:
+    """A client of the configured tracking store and registry (both given: nothing process-wide is read or set)."""
     logging.getLogger("alembic").setLevel(logging.WARNING)
-    mlflow.set_tracking_uri(cfg.mlflow_tracking_uri)
-    mlflow.set_registry_uri(cfg.mlflow_tracking_uri)
-    experiment = mlflow.get_experiment_by_name(cfg.mlflow.experiment)
+    return mlflow.MlflowClient(tracking_uri=cfg.mlflow_tracking_uri, registry_uri=cfg.mlflow_tracking_uri)
+
+
+def experiment_id(cfg: Config) -> str:
+    """The experiment's id (created on first use, with its artifacts under var/mlartifacts)."""
+    c = client(cfg)
+    experiment = c.get_experiment_by_name(cfg.mlflow.experiment)
     if experiment is not None:
         return experiment.experiment_id
     cfg.mlflow_artifacts.mkdir(parents=True, exist_ok=True)
-    return mlflow.create_experiment(cfg.mlflow.experiment, artifact_location=cfg.mlflow_artifacts.as_uri())
+    return c.create_experiment(cfg.mlflow.experiment, artifact_location=cfg.mlflow_artifacts.as_uri())
 
 
-def client(cfg: Config) -> mlflow.MlflowClient:
-    setup(cfg)
-    return mlflow.MlflowClient()
+@contextmanager
+def scoped(cfg: Config) -> Iterator[None]:
+    """For MLflow's fluent API (start_run, log_*, pyfunc.log_model, models:/ downloads), which reads process-wide
+    URIs: they point at the configured store inside this block only, and what was there is put back after, so a
+    caller's own MLflow settings survive a training run (library code leaves process state as it found it)."""
+    before = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    mlflow.set_tracking_uri(cfg.mlflow_tracking_uri)
+    mlflow.set_registry_uri(cfg.mlflow_tracking_uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(before[0])
+        mlflow.set_registry_uri(before[1])
 
 
 def git_commit(cfg: Config) -> str:
