@@ -203,3 +203,16 @@ def logged_in(module: Any, token: str = "valid-token") -> Any:
     module.verify = verify
     module.login_url = lambda next_url: f"/auth/login?next_url={next_url}"
     return TestClient(module.app, cookies={"_token": token})
+
+
+def processes_with_env(name: str, value: str) -> list[int]:
+    """Processes (other than this one) whose environment holds NAME=value: what a test started, however deep,
+    since every descendant inherits it."""
+    found, needle = [], f"{name}={value}".encode()
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if needle in environ.read_bytes().split(b"\0"):
+                found.append(int(environ.parent.name))
+        except OSError:
+            continue
+    return [pid for pid in found if pid != os.getpid()]

@@ -31,7 +31,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import ROOT, SMALL_TRAINING
+from tests.conftest import ROOT, SMALL_TRAINING, processes_with_env
 
 BIN = Path(sys.executable).parent
 HISTORY = ("2024-01-01", "2024-02-29")  # loaded and validated through the CLI: the past
@@ -57,14 +57,7 @@ def free_port(pair: bool = False) -> int:
 
 def marked(marker: str) -> list[int]:
     """Processes whose environment carries this stack's marker (everything it started, however deep)."""
-    found, needle = [], f"SOFARE_E2E_STACK={marker}".encode()
-    for environ in Path("/proc").glob("[0-9]*/environ"):
-        try:
-            if needle in environ.read_bytes().split(b"\0"):
-                found.append(int(environ.parent.name))
-        except OSError:
-            continue
-    return [pid for pid in found if pid != os.getpid()]
+    return processes_with_env("SOFARE_E2E_STACK", marker)
 
 
 @dataclass

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from sofare.serving.bento import free_port
+from tests.conftest import processes_with_env
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -35,15 +36,7 @@ def _listening(port: int) -> set[str]:
 
 def _started_by(home: Path) -> list[int]:
     """Processes whose environment names this Airflow home (what the script started, however deep)."""
-    found = []
-    needle = f"AIRFLOW_HOME={home}".encode()
-    for environ in Path("/proc").glob("[0-9]*/environ"):
-        try:
-            if needle in environ.read_bytes().split(b"\0"):
-                found.append(int(environ.parent.name))
-        except OSError:
-            continue
-    return [p for p in found if p != os.getpid()]
+    return processes_with_env("AIRFLOW_HOME", str(home))
 
 
 def _status(url: str, authorization: str | None = None) -> int:

@@ -32,8 +32,6 @@ def test_train_dag_registers_a_version_with_honest_metrics_and_reproduces_them(t
     monkeypatch.setenv("SOFARE_EVALUATION__ABLATIONS", "true")
     from sofare.config import load_config
 
-    import mlflow
-
     cfg = load_config()
     before = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
     runtime.run_dag(cfg, "sofare_train", conf=_conf(), logfile=tmp_path / "dag.log")
