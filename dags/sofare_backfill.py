@@ -20,11 +20,19 @@ Sources: `sample` (embedded real data, all modalities), `binance` (candles), `yf
 
 from __future__ import annotations
 
-import pendulum
 from airflow.sdk import Param, dag, task
 
 from sofare.config import INTERVALS, load_config
-from sofare.orchestration import CANDLES, FEATURES, MACRO, SAFE_HAVEN, default_args, interval_extra, run
+from sofare.orchestration import (
+    CANDLES,
+    FEATURES,
+    MACRO,
+    SAFE_HAVEN,
+    UNSCHEDULED_START,
+    default_args,
+    interval_extra,
+    run,
+)
 
 CFG = load_config()
 SOURCES = {"sample": "sample (embedded data, every modality)", "binance": "binance (candles, live)",
@@ -34,7 +42,7 @@ SOURCES = {"sample": "sample (embedded data, every modality)", "binance": "binan
 @dag(
     dag_id="sofare_backfill",
     schedule=None,
-    start_date=pendulum.datetime(2023, 1, 1, tz="UTC"),
+    start_date=UNSCHEDULED_START,
     catchup=False,
     max_active_runs=1,
     default_args=default_args(CFG),

@@ -20,11 +20,10 @@ back is `sofare_rollback`.
 
 from __future__ import annotations
 
-import pendulum
 from airflow.sdk import Param, dag, task
 
 from sofare.config import load_config
-from sofare.orchestration import BENTO, CHAMPION, default_args, run
+from sofare.orchestration import BENTO, CHAMPION, UNSCHEDULED_START, default_args, run
 
 CFG = load_config()
 ACTOR = "airflow:sofare_deploy"
@@ -33,7 +32,7 @@ ACTOR = "airflow:sofare_deploy"
 @dag(
     dag_id="sofare_deploy",
     schedule=BENTO,
-    start_date=pendulum.parse(CFG.ingest.start_date, tz="UTC"),
+    start_date=UNSCHEDULED_START,
     catchup=False,
     max_active_runs=1,
     default_args={**default_args(CFG), "retries": 0},

@@ -20,11 +20,10 @@ Emits `sofare_bento` (extra: version and bento tag) for the deployment stage.
 
 from __future__ import annotations
 
-import pendulum
 from airflow.sdk import Param, dag, task
 
 from sofare.config import load_config
-from sofare.orchestration import BENTO, MODEL_CANDIDATE, default_args, run
+from sofare.orchestration import BENTO, MODEL_CANDIDATE, UNSCHEDULED_START, default_args, run
 
 CFG = load_config()
 
@@ -32,7 +31,7 @@ CFG = load_config()
 @dag(
     dag_id="sofare_promote",
     schedule=MODEL_CANDIDATE,
-    start_date=pendulum.parse(CFG.ingest.start_date, tz="UTC"),
+    start_date=UNSCHEDULED_START,
     catchup=False,
     max_active_runs=1,
     default_args=default_args(CFG),

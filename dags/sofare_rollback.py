@@ -17,11 +17,10 @@ shows the seconds from trigger to verified (goal: under 60 s).
 
 from __future__ import annotations
 
-import pendulum
 from airflow.sdk import Param, dag, task
 
 from sofare.config import load_config
-from sofare.orchestration import CHAMPION, default_args, run
+from sofare.orchestration import CHAMPION, UNSCHEDULED_START, default_args, run
 
 CFG = load_config()
 REASONS = {"incident": "Incident (errors, outage)", "bad-predictions": "Bad predictions",
@@ -31,7 +30,7 @@ REASONS = {"incident": "Incident (errors, outage)", "bad-predictions": "Bad pred
 @dag(
     dag_id="sofare_rollback",
     schedule=None,
-    start_date=pendulum.parse(CFG.ingest.start_date, tz="UTC"),
+    start_date=UNSCHEDULED_START,
     catchup=False,
     max_active_runs=1,
     default_args={**default_args(CFG), "retries": 0},

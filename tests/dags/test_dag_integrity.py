@@ -176,3 +176,16 @@ def test_monitor_runs_hourly_and_on_new_candles_and_routes_every_action(dagbag):
     assert dag.get_task("trigger_rollback").trigger_dag_id == "sofare_rollback"
     assert set(dag.get_task("route").downstream_task_ids) == {"alert", "request_retrain", "trigger_rollback", "done"}
     assert {dag.params.get_param(k).schema["format"] for k in ("at", "start")} == {"date-time"}
+
+
+def test_unscheduled_dags_accept_form_runs_whatever_the_ingest_start_date(dagbag):
+    """Airflow creates no task instance for a run whose logical date precedes the task's start_date, and a run from
+    the trigger form has one (now). DAGs no clock schedules must not inherit ingest.start_date: a future value
+    would make the on-call rollback form start runs that succeed with no task (found by the browser tier)."""
+    from sofare.orchestration import UNSCHEDULED_START
+
+    for dag_id in ("sofare_backfill", "sofare_rollback", "sofare_promote", "sofare_deploy"):
+        dag = dagbag.dags[dag_id]
+        assert dag.start_date == UNSCHEDULED_START, dag_id
+        assert all(t.start_date == UNSCHEDULED_START for t in dag.tasks), dag_id
+    assert UNSCHEDULED_START.year <= 2023

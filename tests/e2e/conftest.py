@@ -210,7 +210,7 @@ def wait_for(what: str, check, stack: Stack | None = None) -> Any:
         time.sleep(1)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")  # stopped when the e2e tests are done, not idling through the other tiers
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     with running_stack(tmp_path_factory.mktemp("e2e")) as started:
         yield started
@@ -358,7 +358,7 @@ def task_states(stack: Stack, dag_id: str, run_id: str) -> dict[str, list[str]]:
     return states
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def pipeline(stack: Stack) -> dict[str, Any]:
     """Run the whole pipeline once; the tests below assert on what it left."""
     if stack.results:

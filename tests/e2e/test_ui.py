@@ -144,6 +144,9 @@ def test_backfill_from_its_form(stack, browser):
     assert run["conf"]["start"] == "2024-03-08" and run["conf"]["end"] == "2024-03-09", run["conf"]
     assert run["conf"]["sources"] == ["sample"], run["conf"]
     stack.wait_run("sofare_backfill", run["dag_run_id"])
+    states = {ti["task_id"]: ti["state"] for ti in stack.tasks("sofare_backfill", run["dag_run_id"])}
+    assert set(states) == {"plan_loads", "load_chunk", "plan_features", "features_chunk", "summarize"}, states
+    assert set(states.values()) == {"success"}, states
     b.driver.get(f"{stack.api}/dags/sofare_backfill/runs/{run['dag_run_id']}")
     b.until("the run shown as success", lambda: "success" in b.driver.page_source.lower())
     b.shot("03-backfill-run-succeeded")
@@ -161,6 +164,8 @@ def test_rollback_from_its_form(stack, browser):
     run = newest_run(stack, "sofare_rollback", known)
     assert run["conf"]["reason"] == "incident" and run["conf"]["details"] == "browser tier: the on-call form"
     stack.wait_run("sofare_rollback", run["dag_run_id"])
+    states = {ti["task_id"]: ti["state"] for ti in stack.tasks("sofare_rollback", run["dag_run_id"])}
+    assert states == {"rollback": "success"}, f"the form's run did the rollback (not an empty run): {states}"
     b.driver.get(f"{stack.api}/dags/sofare_rollback/runs/{run['dag_run_id']}")
     b.until("the run shown as success", lambda: "success" in b.driver.page_source.lower())
     b.shot("05-rollback-run-succeeded")
@@ -214,6 +219,8 @@ def test_swagger_try_predict_latest(stack, browser):
     assert answer.text.strip().startswith("200"), answer.text
     assert '"direction"' in b.driver.find_element(By.CSS_SELECTOR, ".live-responses-table").text
     assert not b.failed_resources(), b.failed_resources()
+    b.driver.execute_script("arguments[0].scrollIntoView({block: 'center'})",
+                            b.driver.find_element(By.CSS_SELECTOR, ".live-responses-table"))
     b.shot("09-swagger-predict-latest")
 
 
