@@ -16,6 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from selenium import webdriver
+from selenium.common.exceptions import WebDriverException
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.remote.webelement import WebElement
 
 from tests.conftest import ROOT
 from tests.e2e.conftest import BIN, Stack, free_port, wait_for
@@ -24,12 +29,6 @@ pytestmark = pytest.mark.slow
 SHOTS = ROOT / "var" / "screenshots"
 BOUND_S = 300
 
-selenium = pytest.importorskip("selenium")
-from selenium import webdriver
-from selenium.common.exceptions import WebDriverException
-from selenium.webdriver.chrome.service import Service
-from selenium.webdriver.common.by import By
-from selenium.webdriver.remote.webelement import WebElement
 
 
 class Browser:
