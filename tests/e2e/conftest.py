@@ -244,8 +244,9 @@ def running_stack(root: Path) -> Iterator[Stack]:
         "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port()),
         "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(free_port()),
         "AIRFLOW__SCHEDULER__MIN_FILE_PROCESS_INTERVAL": "3600",  # parsed at start; the DAG files do not change
-        # the time schedules start in 2099: runs here come from the REST API and from asset events only (a daily
-        # sofare_validate or weekly sofare_train of today would join the pipeline this test follows)
+        # the clock schedules start in 2099: runs here come from the REST API, the forms and asset events only (a
+        # daily sofare_validate or weekly sofare_train of today would join the pipeline this test follows); the
+        # manual and asset-triggered DAGs start at orchestration.UNSCHEDULED_START, so their form runs get tasks
         "SOFARE_INGEST__START_DATE": "'2099-01-01'",  # YAML: a string, not a date
         # SOFARE: the warehouse on PostgreSQL (the Airflow connection, as in production), a tiny training
         "AIRFLOW_CONN_SOFARE_WAREHOUSE": warehouse.replace("postgresql+psycopg2://", "postgresql://"),
