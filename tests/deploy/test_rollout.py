@@ -107,7 +107,10 @@ def home(model_home, tmp_path_factory, airflow_db):
         cfg = load_config()
         c = versions.client(cfg)
         v1 = versions.resolve(cfg, model_home["version"])
-        v2 = c.create_model_version(cfg.mlflow.model_name, source=v1.source, run_id=v1.run_id)
+        from sofare.training import tracking
+
+        with tracking.scoped(cfg):  # MLflow resolves a models:/m-… source through the process-wide tracking URI
+            v2 = c.create_model_version(cfg.mlflow.model_name, source=v1.source, run_id=v1.run_id)
         for key in ("semver", "feature_set_version", "data_window"):
             c.set_model_version_tag(cfg.mlflow.model_name, v2.version, key, v1.tags.get(key, "?"))
         tasks.build_bento(cfg, str(v2.version))
