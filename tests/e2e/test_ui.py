@@ -193,9 +193,16 @@ def test_data_docs_styled_with_no_network(stack, browser):
     assert b.driver.execute_script("return typeof window.jQuery") == "function", "the scripts ran"
     assert not b.failed_resources(), b.failed_resources()
     b.shot("07-data-docs-index")
-    row = b.until("a validation result row", lambda: next(
-        (r for r in b.driver.find_elements(By.CSS_SELECTOR, "table tbody tr") if "features" in r.text), None))
-    row.find_elements(By.TAG_NAME, "td")[2].click()  # the table's rows link to their result page
+    def open_features_result() -> bool:
+        """Click a features result row (the table's rows link to their pages); bootstrap-table may re-render the
+        rows under us, and a stale row raises, which `until` retries."""
+        row = next((r for r in b.driver.find_elements(By.CSS_SELECTOR, "table tbody tr") if "features" in r.text), None)
+        if row is None:
+            return False
+        row.find_elements(By.TAG_NAME, "td")[2].click()
+        return True
+
+    b.until("a features validation result to click", open_features_result)
     b.until("a validation result page", lambda: "/validations/" in b.driver.current_url
             and "Overview" in b.driver.page_source)
     assert not b.failed_resources(), b.failed_resources()
