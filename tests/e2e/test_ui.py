@@ -111,8 +111,10 @@ def trigger_dialog(b: Browser, stack: Stack, dag_id: str) -> WebElement:
 
 
 def submit(b: Browser, dialog: WebElement) -> None:
+    """Click the form's Trigger button (looked up afresh: the dialog may have re-rendered since it opened)."""
     button = b.until("an enabled Trigger button in the form", lambda: next(
-        (x for x in dialog.find_elements(By.TAG_NAME, "button") if x.text.strip() == "Trigger" and x.is_enabled()), None))
+        (x for x in b.driver.find_elements(By.CSS_SELECTOR, "[role=dialog] button")
+         if x.text.strip() == "Trigger" and x.is_enabled()), None))
     b.driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", button)
     button.click()
 
@@ -132,11 +134,11 @@ def newest_run(stack: Stack, dag_id: str, known: int) -> dict[str, Any]:
 def test_backfill_from_its_form(stack, browser):
     b, known = browser, len(stack.runs("sofare_backfill"))
     dialog = trigger_dialog(b, stack, "sofare_backfill")
-    sources = b.until("the Sources field", lambda: dialog.find_element(By.CSS_SELECTOR, "[id=element_sources]"))
+    sources = b.until("the Sources field", lambda: b.driver.find_element(By.CSS_SELECTOR, "[role=dialog] [id=element_sources]"))
     assert sources.tag_name != "textarea", "sources is a multi-select of the known sources, not free text"
-    assert "sample (embedded data, every modality)" in dialog.text, "the chosen source shows with its label"
-    type_date(b, dialog.find_element(By.NAME, "element_start"), "2024-03-08")
-    type_date(b, dialog.find_element(By.NAME, "element_end"), "2024-03-09")
+    assert "sample (embedded data, every modality)" in b.visible("[role=dialog]").text, "the source shows its label"
+    type_date(b, b.driver.find_element(By.NAME, "element_start"), "2024-03-08")
+    type_date(b, b.driver.find_element(By.NAME, "element_end"), "2024-03-09")
     b.shot("02-backfill-form")
     submit(b, dialog)
     run = newest_run(stack, "sofare_backfill", known)
@@ -154,8 +156,8 @@ def test_backfill_from_its_form(stack, browser):
 def test_rollback_from_its_form(stack, browser):
     b, known = browser, len(stack.runs("sofare_rollback"))
     dialog = trigger_dialog(b, stack, "sofare_rollback")
-    assert "Incident (errors, outage)" in dialog.text, "the reason is a drop-down with readable choices"
-    details = b.until("the Details field", lambda: dialog.find_element(By.NAME, "element_details"))
+    details = b.until("the Details field", lambda: b.driver.find_element(By.NAME, "element_details"))
+    assert "Incident (errors, outage)" in b.visible("[role=dialog]").text, "the reason is a drop-down with labels"
     b.driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", details)
     details.send_keys("browser tier: the on-call form")
     b.shot("04-rollback-form")
