@@ -105,8 +105,10 @@ def run() -> str:
         goal = ""
         if special:
             goal = f"≤ {GOAL_SECONDS:.0f} s: **{'met' if total <= GOAL_SECONDS else 'MISSED'}** ({total:.1f} s)"
-        lines.append(f"| {label} | {backend} | {r['rows']:,} | {r['candles']:.1f} | {r['daily+macro']:.1f} | "
-                     f"{r['features']:.1f} | {total:.1f} | {r['rows'] / core:,.0f} | {goal} |")
+        lines.append(
+            f"| {label} | {backend} | {r['rows']:,} | {r['candles']:.1f} | {r['daily+macro']:.1f} | "
+            f"{r['features']:.1f} | {total:.1f} | {r['rows'] / core:,.0f} | {goal} |"
+        )
     return "\n".join(lines)
 
 

@@ -51,8 +51,9 @@ def _setup(cfg: Config, tasks: ModuleType) -> tuple[str, str]:
     runtime.init(cfg)
     tasks.backfill(cfg, ["sample"], *WINDOW)
     tasks.validate_range(cfg, *WINDOW)
-    v1 = versions.resolve(cfg, tasks.train(cfg, n_trials=1, max_epochs=1, start=TRAIN_WINDOW[0],
-                                           end=TRAIN_WINDOW[1])["version"])
+    v1 = versions.resolve(
+        cfg, tasks.train(cfg, n_trials=1, max_epochs=1, start=TRAIN_WINDOW[0], end=TRAIN_WINDOW[1])["version"]
+    )
     client = versions.client(cfg)
     v2 = client.create_model_version(cfg.mlflow.model_name, source=v1.source, run_id=v1.run_id)
     for key in ("semver", "feature_set_version", "data_window"):
@@ -123,8 +124,13 @@ def run() -> str:
             conf = {"reason": "incident", "details": "bench", "target_version": target}
             wall = _timed(run_dag, cfg, "sofare_rollback", conf=conf, logfile=logfile)[0]
             logged = LOG_LINE.findall(logfile.read_text())
-            runs["C"].append({"task": _checked(_last_rollback(cfg), target, "done")["seconds"], "wall": wall,
-                              "log": float(logged[-1]) if logged else float("nan")})
+            runs["C"].append(
+                {
+                    "task": _checked(_last_rollback(cfg), target, "done")["seconds"],
+                    "wall": wall,
+                    "log": float(logged[-1]) if logged else float("nan"),
+                }
+            )
 
         print("  the same rollback a second time (a no-op), by the task and from the form …", flush=True)
         noop["task"], result = _timed(tasks.rollback, cfg, "incident", "bench: again", target, actor="bench")
@@ -143,38 +149,60 @@ def run() -> str:
         return f"| {label} | {lo:.2f} | {mid:.2f} | {hi:.2f} | {verdict(hi)} |"
 
     head = ["| measured (s) | min | p50 | max | goal ≤ 60 s (on the max) |", "|---|---:|---:|---:|---|"]
-    titles = {"A": "A, from a live canary (`sofare rollback`, the task; no new process)",
-              "B": "B, to the previous champion (the task; a new `bentoml serve` starts)",
-              "C": "C, from the Airflow form (`sofare_rollback` via `dag.test()`; a new `bentoml serve` starts)"}
-    lines = ["## Rollback (deploy)", "",
-             f"Machine: {machine()}. nginx, the `bentoml serve` processes and the benchmark share these cores.",
-             (f"Each rollback is verified by {verify_requests} live `/model_info` requests through the front door "
-              "(distinct client ids), all of which must be answered by the target as stable. Task seconds: the "
-              "rollback's own clock, trigger to verified (what the DAG's task log shows); wall clock: around the "
-              "whole call (plus the event, audit and alert writes; for C, DAG parsing and the task run)."), ""]
+    titles = {
+        "A": "A, from a live canary (`sofare rollback`, the task; no new process)",
+        "B": "B, to the previous champion (the task; a new `bentoml serve` starts)",
+        "C": "C, from the Airflow form (`sofare_rollback` via `dag.test()`; a new `bentoml serve` starts)",
+    }
+    lines = [
+        "## Rollback (deploy)",
+        "",
+        f"Machine: {machine()}. nginx, the `bentoml serve` processes and the benchmark share these cores.",
+        (
+            f"Each rollback is verified by {verify_requests} live `/model_info` requests through the front door "
+            "(distinct client ids), all of which must be answered by the target as stable. Task seconds: the "
+            "rollback's own clock, trigger to verified (what the DAG's task log shows); wall clock: around the "
+            "whole call (plus the event, audit and alert writes; for C, DAG parsing and the task run)."
+        ),
+        "",
+    ]
     for key, title in titles.items():
         tasks_s = [r["task"] for r in runs[key]]
         walls = [r["wall"] for r in runs[key]]
-        lines += [f"**{title}**, {len(runs[key])} runs:", "", *head, row("task seconds, trigger → verified", tasks_s),
-                  row("wall clock around the call", walls), ""]
+        lines += [
+            f"**{title}**, {len(runs[key])} runs:",
+            "",
+            *head,
+            row("task seconds, trigger → verified", tasks_s),
+            row("wall clock around the call", walls),
+            "",
+        ]
         lines.append("Runs (task / wall s): " + ", ".join(f"{t:.2f} / {w:.2f}" for t, w in zip(tasks_s, walls)) + ".")
         if key == "C":
             logged = [r["log"] for r in runs[key]]
-            lines.append("The first run is this process's first `dag.test()` (Airflow's one-time set-up included). "
-                         "The task log's line (\"verified through … in N s\") read "
-                         + ", ".join("missing" if math.isnan(v) else f"{v:.1f} s" for v in logged) + ".")
+            lines.append(
+                "The first run is this process's first `dag.test()` (Airflow's one-time set-up included). "
+                'The task log\'s line ("verified through … in N s") read '
+                + ", ".join("missing" if math.isnan(v) else f"{v:.1f} s" for v in logged)
+                + "."
+            )
         lines.append("")
     a_mid, b_mid = statistics.median(r["task"] for r in runs["A"]), statistics.median(r["task"] for r in runs["B"])
     lo, mid, hi = _stats(starts)
     lines += [
-        (f"**Idempotent second run** (the target already serves: only verified): by the task {noop['task']:.2f} s "
-         f"wall clock ({noop['task_seconds']:.2f} s its own clock); from the form {noop['dag']:.2f} s wall clock "
-         f"({noop['dag_seconds']:.2f} s its own clock)."), "",
-        (f"What dominates: B's median ({b_mid:.2f} s) exceeds A's ({a_mid:.2f} s) by the start of a new "
-         f"`bentoml serve` to `/readyz` (for reference, deploying a canary, a start plus an nginx reload, took "
-         f"{lo:.2f} / {mid:.2f} / {hi:.2f} s min / p50 / max over {len(starts)} runs); A only reloads nginx, waits "
-         "for the old workers and stops the canary. Both stop the replaced process before verifying. C adds "
-         "`dag.test()`'s overhead (parsing the DAG file, creating the run, running the task in process) to B's work."),
+        (
+            f"**Idempotent second run** (the target already serves: only verified): by the task {noop['task']:.2f} s "
+            f"wall clock ({noop['task_seconds']:.2f} s its own clock); from the form {noop['dag']:.2f} s wall clock "
+            f"({noop['dag_seconds']:.2f} s its own clock)."
+        ),
+        "",
+        (
+            f"What dominates: B's median ({b_mid:.2f} s) exceeds A's ({a_mid:.2f} s) by the start of a new "
+            f"`bentoml serve` to `/readyz` (for reference, deploying a canary, a start plus an nginx reload, took "
+            f"{lo:.2f} / {mid:.2f} / {hi:.2f} s min / p50 / max over {len(starts)} runs); A only reloads nginx, waits "
+            "for the old workers and stops the canary. Both stop the replaced process before verifying. C adds "
+            "`dag.test()`'s overhead (parsing the DAG file, creating the run, running the task in process) to B's work."
+        ),
         "",
         f"Processes left after `sofare` stopped the deployment: {len(left) or 'none'}.",
     ]

@@ -44,26 +44,39 @@ def run() -> str:
     hours = summary["hours"]
     verdict = "**met**" if wall <= GOAL_SECONDS else "**MISSED**"
     steps = summary["timings"]
-    lines = ["## Replay (monitoring)", "",
-             f"Machine: {machine()}; {cores} cores shared by the replay, nginx and the `bentoml serve` stable "
-             f"({workers} workers).", "",
-             f"`sofare replay --start {REPLAY[0]} --end {REPLAY[1]}`: {hours} hours, each ingested (the ingest "
-             "function on the embedded data), predicted through the front door, monitored (outcomes, live quality "
-             "with 500-sample bootstrap CIs per window, Evidently drift of the served inputs over 7 days, severity "
-             "-> action) and acted on; the Evidently HTML is written every 24 hours.", "",
-             "| measured | value | goal |", "|---|---:|---|",
-             f"| {hours} hours, end to end | {wall:.0f} s ({wall / max(hours, 1) * 1000:.0f} ms per hour) | "
-             f"≤ 600 s: {verdict} |"]
+    lines = [
+        "## Replay (monitoring)",
+        "",
+        f"Machine: {machine()}; {cores} cores shared by the replay, nginx and the `bentoml serve` stable "
+        f"({workers} workers).",
+        "",
+        f"`sofare replay --start {REPLAY[0]} --end {REPLAY[1]}`: {hours} hours, each ingested (the ingest "
+        "function on the embedded data), predicted through the front door, monitored (outcomes, live quality "
+        "with 500-sample bootstrap CIs per window, Evidently drift of the served inputs over 7 days, severity "
+        "-> action) and acted on; the Evidently HTML is written every 24 hours.",
+        "",
+        "| measured | value | goal |",
+        "|---|---:|---|",
+        f"| {hours} hours, end to end | {wall:.0f} s ({wall / max(hours, 1) * 1000:.0f} ms per hour) | "
+        f"≤ 600 s: {verdict} |",
+    ]
     for step in ("ingest", "predict", "monitor", "act"):
         if step in steps:
-            lines.append(f"| of which {step} | {steps[step]:.0f} s ({steps[step] / max(hours, 1) * 1000:.0f} ms per hour) | |")
-    lines += ["", f"Predictions: {summary['predictions']}; refused: {summary['refused']}; actions taken: "
-                  f"{len(summary['actions'])} ({', '.join(sorted({a['action'] for a in summary['actions']})) or 'none'}); "
-                  f"drift events (medium or worse): {len(summary['drift_events'])}."]
+            lines.append(
+                f"| of which {step} | {steps[step]:.0f} s ({steps[step] / max(hours, 1) * 1000:.0f} ms per hour) | |"
+            )
+    lines += [
+        "",
+        f"Predictions: {summary['predictions']}; refused: {summary['refused']}; actions taken: "
+        f"{len(summary['actions'])} ({', '.join(sorted({a['action'] for a in summary['actions']})) or 'none'}); "
+        f"drift events (medium or worse): {len(summary['drift_events'])}.",
+    ]
     for q in summary["quality"]:
         if q.get("accuracy"):
             a, p = q["accuracy"], q["persistence_accuracy"]
-            lines.append(f"Live accuracy of the tiny model over the month: {a['value']:.1%} [{a['ci_low']:.1%}, "
-                         f"{a['ci_high']:.1%}] on {q['n']} hours, persistence {p['value']:.1%} (a 1-epoch model: "
-                         "the figure shows the loop works, not a good model).")
+            lines.append(
+                f"Live accuracy of the tiny model over the month: {a['value']:.1%} [{a['ci_low']:.1%}, "
+                f"{a['ci_high']:.1%}] on {q['n']} hours, persistence {p['value']:.1%} (a 1-epoch model: "
+                "the figure shows the loop works, not a good model)."
+            )
     return "\n".join(lines)

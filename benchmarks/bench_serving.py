@@ -49,8 +49,14 @@ BATCH_CLIENTS = (1, 2, 4)
 BATCH_SECONDS = 5
 OVERSIZE = 100 * 1024 * 1024
 KEEP_TOLERANCE = 1.5  # "answered requests keep their p99" at 2x capacity: within this factor of p99 at capacity
-GOALS = {"p50_at_200": 5.0, "p99_at_200": 20.0, "batch_per_s": 2000.0, "latest_p99": 10.0, "http_overhead": 2.0,
-         "p99_503": 10.0}
+GOALS = {
+    "p50_at_200": 5.0,
+    "p99_at_200": 20.0,
+    "batch_per_s": 2000.0,
+    "latest_p99": 10.0,
+    "http_overhead": 2.0,
+    "p99_503": 10.0,
+}
 
 
 def _port() -> int:
@@ -109,8 +115,9 @@ class Others:
         tick = os.sysconf("SC_CLK_TCK")
         delta = [a - b for a, b in zip(_cpu_times(), self.stat, strict=False)]
         own, tree = os.times(), self._tree()
-        ours = sum(getattr(own, k) - getattr(self.own, k) for k in ("user", "system", "children_user",
-                                                                      "children_system"))
+        ours = sum(
+            getattr(own, k) - getattr(self.own, k) for k in ("user", "system", "children_user", "children_system")
+        )
         ours += sum(seconds - self.tree.get(pid, 0.0) for pid, seconds in tree.items())
         total = sum(delta[:8]) / tick
         return max(sum(delta[:3]) / tick - ours, 0.0) / total if total else math.nan
@@ -141,8 +148,12 @@ def _setup(cfg: Any, scratch: Path) -> dict[str, Any]:
     version = tasks.train(cfg, n_trials=1, max_epochs=1, start="2024-01-12", end="2024-06-30")["version"]
     built = tasks.build_bento(cfg, version)
     bundle_dir = versions.download(cfg, version)
-    setup = {"version": version, "bento": built["bento"], "bundle_dir": str(bundle_dir),
-             "lookback": json.loads((bundle_dir / "meta.json").read_text())["lookback"]}
+    setup = {
+        "version": version,
+        "bento": built["bento"],
+        "bundle_dir": str(bundle_dir),
+        "lookback": json.loads((bundle_dir / "meta.json").read_text())["lookback"],
+    }
     cached.write_text(json.dumps(setup))
     return setup
 
@@ -161,8 +172,9 @@ def _floors(cfg: Any, setup: dict[str, Any], bodies: list[bytes]) -> tuple[dict[
     meta: dict[str, dict[str, Any]] = {}
     for runtime, threads in (("onnx", 1), ("onnx", 2), ("torch", None)):
         serving = cfg.serving.model_copy(update={"runtime": runtime, "model_threads": threads or 1})
-        p = predictor.Predictor.from_directory(cfg.model_copy(update={"serving": serving}),
-                                               Path(setup["bundle_dir"]), setup["version"])
+        p = predictor.Predictor.from_directory(
+            cfg.model_copy(update={"serving": serving}), Path(setup["bundle_dir"]), setup["version"]
+        )
         p.context.refresh()
         p.context.managed = True  # as in the service: the refresher thread keeps it, no request reads the DB
         if runtime == "torch":
@@ -194,13 +206,22 @@ def _floors(cfg: Any, setup: dict[str, Any], bodies: list[bytes]) -> tuple[dict[
             for n, raw in raws.items():
                 t.setdefault(f"model{n}", []).extend(_timed(p.predict_raw, [raw] * 4))
             t.setdefault("features", []).extend(_timed(lambda w, p=p: p.prepare_all([w]), windows * 2))
-            t.setdefault("whole", []).extend(_timed(lambda b, p=p: p.predict(schemas.decode(b, schemas.Window)),
-                                                    bodies * 2))
+            t.setdefault("whole", []).extend(
+                _timed(lambda b, p=p: p.predict(schemas.decode(b, schemas.Window)), bodies * 2)
+            )
             t.setdefault("batch", []).extend(_timed(batch_path, [batch]))
-    floor = {name: {**meta[name], "model1": _pct(t["model1"]), "features": _pct(t["features"]), "decode": _pct(decode),
-                    "whole": _pct(t["whole"]), "model_n": {n: float(np.median(t[f"model{n}"])) for n in BATCH_SIZES},
-                    "batch_per_s": 256 / float(np.median(t["batch"])) * 1000}
-             for name, t in times.items()}
+    floor = {
+        name: {
+            **meta[name],
+            "model1": _pct(t["model1"]),
+            "features": _pct(t["features"]),
+            "decode": _pct(decode),
+            "whole": _pct(t["whole"]),
+            "model_n": {n: float(np.median(t[f"model{n}"])) for n in BATCH_SIZES},
+            "batch_per_s": 256 / float(np.median(t["batch"])) * 1000,
+        }
+        for name, t in times.items()
+    }
     return floor, local
 
 
@@ -314,9 +335,14 @@ def _overlaps(row: tuple[float, int, float], window: tuple[float, float]) -> boo
 def _gc_stats(rows: list[tuple[float, int, float]]) -> dict[str, Any]:
     full = sorted(ms for _, gen, ms in rows if gen == 2)
     long = [ms for _, _, ms in rows if ms >= GC_LONG_MS]
-    return {"full": len(full), "full_p50": float(np.median(full)) if full else math.nan,
-            "full_max": max(full, default=math.nan), "long": len(long), "long_max": max(long, default=math.nan),
-            "max": max((ms for _, _, ms in rows), default=math.nan)}
+    return {
+        "full": len(full),
+        "full_p50": float(np.median(full)) if full else math.nan,
+        "full_max": max(full, default=math.nan),
+        "long": len(long),
+        "long_max": max(long, default=math.nan),
+        "max": max((ms for _, _, ms in rows), default=math.nan),
+    }
 
 
 class Served:
@@ -356,8 +382,7 @@ class Served:
         if measured:
             self.measured.append(result)
 
-    def _run(self, job: dict[str, Any], keep_ms: bool = False, measured: bool = True,
-             **label: Any) -> dict[str, Any]:
+    def _run(self, job: dict[str, Any], keep_ms: bool = False, measured: bool = True, **label: Any) -> dict[str, Any]:
         before = self.cpu()
         queue: list[int] = []
         stop = threading.Event()
@@ -389,8 +414,15 @@ class Served:
         job = {"kind": "open", "path": path, "bodies": bodies, "rate": rate, "seconds": seconds, **extra}
         return self._run(job, rate=rate)
 
-    def closed(self, path: str, bodies: list[bytes] | None, clients: int = 1, keep_ms: bool = False,
-               measured: bool = True, **extra: Any) -> dict[str, Any]:
+    def closed(
+        self,
+        path: str,
+        bodies: list[bytes] | None,
+        clients: int = 1,
+        keep_ms: bool = False,
+        measured: bool = True,
+        **extra: Any,
+    ) -> dict[str, Any]:
         job = {"kind": "closed", "path": path, "bodies": bodies, "clients": clients, **extra}
         return self._run(job, keep_ms, measured, clients=clients)
 
@@ -410,8 +442,13 @@ class Served:
             result["gc"] = _gc_stats([row for row in serving if _overlaps(row, result["window"])])
         load = [row for row in serving if any(_overlaps(row, r["window"]) for r in self.measured)]
         other = [row for row in serving if row not in load]
-        return {"startup": _gc_stats(startup), "load": _gc_stats(load), "other": _gc_stats(other),
-                "workers": len(self.pids), "frozen": sum(1 for pid in self.pids if log.get(pid, {}).get("frozen"))}
+        return {
+            "startup": _gc_stats(startup),
+            "load": _gc_stats(load),
+            "other": _gc_stats(other),
+            "workers": len(self.pids),
+            "frozen": sum(1 for pid in self.pids if log.get(pid, {}).get("frozen")),
+        }
 
 
 def _passes(r: dict[str, Any]) -> bool:
@@ -423,8 +460,9 @@ def _saturated(r: dict[str, Any]) -> bool:
     return r["achieved"] < 0.95 * r["rate"] or r["p50"] > CAP_P99_MS or r["ok"] == 0
 
 
-def _capacity(served: Served, body: list[bytes], known: dict[int, dict[str, Any]], start: int | None = None,
-              max_steps: int = 6) -> tuple[int | None, list[dict[str, Any]]]:
+def _capacity(
+    served: Served, body: list[bytes], known: dict[int, dict[str, Any]], start: int | None = None, max_steps: int = 6
+) -> tuple[int | None, list[dict[str, Any]]]:
     """The highest rate that passes: upward in steps of 200 (or x1.25 past 1,000) from the best known pass,
     then bisection between the last pass and the first failure, to within ~10 %."""
     steps: list[dict[str, Any]] = []
@@ -459,8 +497,10 @@ def _capacity(served: Served, body: list[bytes], known: dict[int, dict[str, Any]
 def _oversized(url: str, tries: int = 20) -> dict[str, Any]:
     """POST /predict declaring a 100 MB body, headers only: time to the complete 413 answer."""
     host, port = url.removeprefix("http://").split(":")
-    head = (f"POST /predict HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {OVERSIZE}\r\n\r\n").encode()
+    head = (
+        f"POST /predict HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {OVERSIZE}\r\n\r\n"
+    ).encode()
     ms, statuses = [], []
     for _ in range(tries):
         with socket.create_connection((host, int(port)), timeout=10) as s:
@@ -473,8 +513,14 @@ def _oversized(url: str, tries: int = 20) -> dict[str, Any]:
                     break
                 data += chunk
             header, _, rest = data.partition(b"\r\n\r\n")
-            length = next((int(line.split(b":")[1]) for line in header.split(b"\r\n")
-                           if line.lower().startswith(b"content-length:")), 0)
+            length = next(
+                (
+                    int(line.split(b":")[1])
+                    for line in header.split(b"\r\n")
+                    if line.lower().startswith(b"content-length:")
+                ),
+                0,
+            )
             while len(rest) < length:
                 chunk = s.recv(65536)
                 if not chunk:
@@ -499,13 +545,23 @@ def _sequential(served: Served, bodies: list[bytes], in_process: Any) -> tuple[d
         http_ms += r.pop("ms_all")
         cpu += r["cpu_ms"] / 5
         local_ms += _timed(lambda b: in_process.predict(schemas.decode(b, schemas.Window)), some)
-    return ({"p50": float(np.median(http_ms)), "p99": float(np.percentile(http_ms, 99)), "cpu_ms": cpu,
-             "n": len(http_ms)},
-            {"p50": float(np.median(local_ms)), "p99": float(np.percentile(local_ms, 99))})
+    return (
+        {"p50": float(np.median(http_ms)), "p99": float(np.percentile(http_ms, 99)), "cpu_ms": cpu, "n": len(http_ms)},
+        {"p50": float(np.median(local_ms)), "p99": float(np.percentile(local_ms, 99))},
+    )
 
 
-def _serve(cfg: Any, setup: dict[str, Any], scratch: Path, workers: int, bodies: list[bytes],
-           batch_bodies: dict[int, bytes], latest: bytes, in_process: Any, full: bool) -> dict[str, Any]:
+def _serve(
+    cfg: Any,
+    setup: dict[str, Any],
+    scratch: Path,
+    workers: int,
+    bodies: list[bytes],
+    batch_bodies: dict[int, bytes],
+    latest: bytes,
+    in_process: Any,
+    full: bool,
+) -> dict[str, Any]:
     """One `bentoml serve` with SOFARE_SERVING__WORKERS=`workers`. `full`: everything the goals need; else the
     comparison only (sequential, 200 and 400 req/s, capacity, 256-window batches)."""
     from sofare.serving import bento
@@ -515,16 +571,17 @@ def _serve(cfg: Any, setup: dict[str, Any], scratch: Path, workers: int, bodies:
     gc_env = _gc_env(scratch, f"w{workers}")
     log = gc_env["SOFARE_BENCH_GC_LOG"]
     began = time.monotonic()
-    with bento.Server(cfg, setup["bento"], _port(), "stable", SOFARE_SERVING__WORKERS=str(workers),
-                      **gc_env) as server:
+    with bento.Server(cfg, setup["bento"], _port(), "stable", SOFARE_SERVING__WORKERS=str(workers), **gc_env) as server:
         out["frozen_at_start"] = _wait_frozen(log, workers)  # every worker started (readyz answers with the first)
         served = Served(server)
         others = Others(server)
         out["workers"], out["rss_idle"] = _workers(server)
         out["tree"] = [p["cmd"] for p in _tree(server).values()]
-        print(f"  HTTP, SOFARE_SERVING__WORKERS={workers}: {out['workers']} worker process(es) counted in /proc, "
-              f"{out['frozen_at_start']} past gc.freeze(), {time.monotonic() - began:.0f} s after the start …",
-              flush=True)
+        print(
+            f"  HTTP, SOFARE_SERVING__WORKERS={workers}: {out['workers']} worker process(es) counted in /proc, "
+            f"{out['frozen_at_start']} past gc.freeze(), {time.monotonic() - began:.0f} s after the start …",
+            flush=True,
+        )
         if out["workers"] != workers and not full:
             return out
         served.closed("/predict", bodies, clients=2 * workers, seconds=3, measured=False)  # warm-up
@@ -567,10 +624,19 @@ def _serve(cfg: Any, setup: dict[str, Any], scratch: Path, workers: int, bodies:
         if full:
             print("    /livez idle and under a 16-window batch loop …", flush=True)
             out["livez_idle"] = served.open("/livez", None, 50, 3)
-            both = loadgen.run(served.url, [{"kind": "closed", "path": "/predict_batch", "bodies": [batch_bodies[16]],
-                                             "clients": 1, "seconds": 6},
-                                            {"kind": "open", "path": "/livez", "bodies": None, "rate": 50,
-                                             "seconds": 5, "delay": 0.5}])
+            both = loadgen.run(
+                served.url,
+                [
+                    {
+                        "kind": "closed",
+                        "path": "/predict_batch",
+                        "bodies": [batch_bodies[16]],
+                        "clients": 1,
+                        "seconds": 6,
+                    },
+                    {"kind": "open", "path": "/livez", "bodies": None, "rate": 50, "seconds": 5, "delay": 0.5},
+                ],
+            )
             out["livez_busy"] = {**loadgen.summary(both[1]), "batch": loadgen.summary(both[0])}
             served.record(out["livez_busy"])
             served.record(out["livez_busy"]["batch"])
@@ -598,10 +664,12 @@ def _verdict(ok: bool | None, none: str = "not measured") -> str:
     return none if ok is None else ("**met**" if ok else "**MISSED**")
 
 
-HEAD = ("| offered req/s | achieved req/s | 200 | 503 | other errors | p50 ms | p95 ms | p99 ms | 503 p99 ms "
-        "| worker CPU ms/answer | generator lag p99 ms | connections | max accept queue "
-        f"| GC in the run: full / ≥ {GC_LONG_MS:.0f} ms (longest ms) |\n"
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+HEAD = (
+    "| offered req/s | achieved req/s | 200 | 503 | other errors | p50 ms | p95 ms | p99 ms | 503 p99 ms "
+    "| worker CPU ms/answer | generator lag p99 ms | connections | max accept queue "
+    f"| GC in the run: full / ≥ {GC_LONG_MS:.0f} ms (longest ms) |\n"
+    "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+)
 KINDS = {"-1": "unanswered", "0": "connection error"}
 
 
@@ -626,9 +694,11 @@ def _gc_cell(r: dict[str, Any]) -> str:
 
 
 def _row(label: str, r: dict[str, Any]) -> str:
-    return (f"| {label} | {_f(r['achieved'], 0)} | {r['ok']} | {r['n503']} | {_errors(r)} | {_f(r['p50'])} | "
-            f"{_f(r['p95'])} | {_f(r['p99'])} | {_f(r['p99_503'])} | {_f(r['cpu_ms'], 2)} | {_f(r['lag_p99'])} | "
-            f"{r['connections']} | {r.get('accept_queue', '—')} | {_gc_cell(r)} |")
+    return (
+        f"| {label} | {_f(r['achieved'], 0)} | {r['ok']} | {r['n503']} | {_errors(r)} | {_f(r['p50'])} | "
+        f"{_f(r['p95'])} | {_f(r['p99'])} | {_f(r['p99_503'])} | {_f(r['cpu_ms'], 2)} | {_f(r['lag_p99'])} | "
+        f"{r['connections']} | {r.get('accept_queue', '—')} | {_gc_cell(r)} |"
+    )
 
 
 def _batch_cell(b: dict[str, Any] | None) -> str:
@@ -651,17 +721,23 @@ def _overload_rows(name: str, over: dict[str, Any], at_cap: dict[str, Any]) -> t
     """The two overload goals on one run: answered p99 kept (within KEEP_TOLERANCE of p99 at capacity) and the
     rest refused with 503 in < 10 ms. Nothing refused at all means nothing was shed: that goal is not exercised."""
     kept = over["ok"] > 0 and over["p99"] <= KEEP_TOLERANCE * at_cap["p99"]
-    keep = (f"| {name}: the answered keep their p99 (within {KEEP_TOLERANCE}× of {at_cap['p99']:.1f} ms at capacity) "
-            f"| {over['ok']} answered, p99 {over['p99']:.1f} ms ({over['p99'] / at_cap['p99']:.2f}×), "
-            f"{over['achieved']:.0f} req/s achieved | {_verdict(kept)} |")
+    keep = (
+        f"| {name}: the answered keep their p99 (within {KEEP_TOLERANCE}× of {at_cap['p99']:.1f} ms at capacity) "
+        f"| {over['ok']} answered, p99 {over['p99']:.1f} ms ({over['p99'] / at_cap['p99']:.2f}×), "
+        f"{over['achieved']:.0f} req/s achieved | {_verdict(kept)} |"
+    )
     if over["n503"] == 0:
-        shed = (f"| {name}: the rest get 503 in < {GOALS['p99_503']:.0f} ms | no 503 at all, {over['errors']} other "
-                f"errors | not exercised (nothing shed) |")
+        shed = (
+            f"| {name}: the rest get 503 in < {GOALS['p99_503']:.0f} ms | no 503 at all, {over['errors']} other "
+            f"errors | not exercised (nothing shed) |"
+        )
     else:
         ok = over["p99_503"] < GOALS["p99_503"] and over["errors"] == 0
-        shed = (f"| {name}: the rest get 503 in < {GOALS['p99_503']:.0f} ms (p99 of the 503s) | {over['n503']} × 503, "
-                f"p50 {over['p50_503']:.2f} ms, p99 {over['p99_503']:.2f} ms; {over['errors']} other errors | "
-                f"{_verdict(ok)} |")
+        shed = (
+            f"| {name}: the rest get 503 in < {GOALS['p99_503']:.0f} ms (p99 of the 503s) | {over['n503']} × 503, "
+            f"p50 {over['p50_503']:.2f} ms, p99 {over['p99_503']:.2f} ms; {over['errors']} other errors | "
+            f"{_verdict(ok)} |"
+        )
     return keep, shed
 
 
@@ -673,15 +749,23 @@ BUSY_OTHERS = 0.05  # other processes above this share of the machine's CPU: the
 
 
 def _contended(steal: dict[str, float], n: int, a: int) -> str:
-    busy = [(name, steal[key]) for name, key in (("the in-process measurement", "others_floor"),
-                                                 (f"the {_run_of(n)}", "others_main"),
-                                                 (f"the {_run_of(a)}", "others_alt"))
-            if steal.get(key, 0) > BUSY_OTHERS]
+    busy = [
+        (name, steal[key])
+        for name, key in (
+            ("the in-process measurement", "others_floor"),
+            (f"the {_run_of(n)}", "others_main"),
+            (f"the {_run_of(a)}", "others_alt"),
+        )
+        if steal.get(key, 0) > BUSY_OTHERS
+    ]
     if not busy:
         return ""
-    return (" **Other processes competed for the cores during " + " and ".join(
-        f"{name} ({share:.0%} of the machine)" for name, share in busy) + ": those figures are not from a quiet "
-            "machine.**")
+    return (
+        " **Other processes competed for the cores during "
+        + " and ".join(f"{name} ({share:.0%} of the machine)" for name, share in busy)
+        + ": those figures are not from a quiet "
+        "machine.**"
+    )
 
 
 def _why_workers(main: dict[str, Any], alt: dict[str, Any]) -> str:
@@ -691,9 +775,15 @@ def _why_workers(main: dict[str, Any], alt: dict[str, Any]) -> str:
     head = f"*Workers.* The service runs {_wk(n)} (`serving.workers` = {n})"
     if not (_measured_as_set(main) and _measured_as_set(alt)):
         wrong = [r for r in (main, alt) if not _measured_as_set(r)]
-        return (head + "; " + ", ".join(f"SOFARE_SERVING__WORKERS={r['workers_set']} started {r.get('workers')} "
-                                        "worker process(es)" for r in wrong)
-                + ", so this run cannot compare the two counts.")
+        return (
+            head
+            + "; "
+            + ", ".join(
+                f"SOFARE_SERVING__WORKERS={r['workers_set']} started {r.get('workers')} worker process(es)"
+                for r in wrong
+            )
+            + ", so this run cannot compare the two counts."
+        )
     pros: list[str] = []
     cons: list[str] = []
     same: list[str] = []
@@ -727,47 +817,71 @@ def _why_workers(main: dict[str, Any], alt: dict[str, Any]) -> str:
     bn = max((b for b in main["batch"] if b["windows"] == 256), key=lambda b: b["per_s"], default=None)
     ba = max((b for b in alt["batch"] if b["windows"] == 256), key=lambda b: b["per_s"], default=None)
     if bn and ba:
-        judge(f"256-window batches {bn['per_s']:,.0f} windows/s ({_wk(a)}: {ba['per_s']:,.0f})", bn["per_s"],
-              ba["per_s"], True, 1.15)
+        judge(
+            f"256-window batches {bn['per_s']:,.0f} windows/s ({_wk(a)}: {ba['per_s']:,.0f})",
+            bn["per_s"],
+            ba["per_s"],
+            True,
+            1.15,
+        )
     sn, sa = main["sequential"]["p50"], alt["sequential"]["p50"]
     judge(f"sequential p50 {sn:.2f} ms ({_wk(a)}: {sa:.2f})", sn, sa, False, 1.15)
     memory = main["rss_end"] - alt["rss_end"]
-    cost = (f"{_wk(n)} hold {memory:,.0f} MiB more resident memory after the run ({main['rss_end']:,.0f} against "
-            f"{alt['rss_end']:,.0f} MiB)" if memory > 0 else
-            f"{_wk(n)} hold {-memory:,.0f} MiB less resident memory after the run")
+    cost = (
+        f"{_wk(n)} hold {memory:,.0f} MiB more resident memory after the run ({main['rss_end']:,.0f} against "
+        f"{alt['rss_end']:,.0f} MiB)"
+        if memory > 0
+        else f"{_wk(n)} hold {-memory:,.0f} MiB less resident memory after the run"
+    )
     alike = f"; alike within this benchmark's noise: {', '.join(same)}" if same else ""
     if pros and not cons:
-        text = (f"{head} because in this run {_wk(n)} measured better: {', '.join(pros)}{alike}. The cost: {cost}.")
+        text = f"{head} because in this run {_wk(n)} measured better: {', '.join(pros)}{alike}. The cost: {cost}."
     elif cons and not pros:
-        text = (f"{head}, but the numbers of this run argue against that: {_wk(n)} measured worse on "
-                f"{', '.join(cons)}{alike}; {cost}.")
+        text = (
+            f"{head}, but the numbers of this run argue against that: {_wk(n)} measured worse on "
+            f"{', '.join(cons)}{alike}; {cost}."
+        )
     elif pros and cons:
-        text = (f"{head}; the numbers of this run are mixed: {_wk(n)} measured better on {', '.join(pros)} and "
-                f"worse on {', '.join(cons)}{alike}; {cost}.")
+        text = (
+            f"{head}; the numbers of this run are mixed: {_wk(n)} measured better on {', '.join(pros)} and "
+            f"worse on {', '.join(cons)}{alike}; {cost}."
+        )
     else:
-        text = (f"{head}, but in this run {_wk(n)} and {_wk(a)} measured alike within this benchmark's noise "
-                f"({', '.join(same)}), so these numbers do not argue for {n}; {cost}.")
+        text = (
+            f"{head}, but in this run {_wk(n)} and {_wk(a)} measured alike within this benchmark's noise "
+            f"({', '.join(same)}), so these numbers do not argue for {n}; {cost}."
+        )
     goal = GOALS["p99_at_200"]
     if rn and ra:
+
         def meets(r: dict[str, Any]) -> str:
             return "met" if r["p99"] <= goal and r["n503"] + r["errors"] == 0 else "missed"
 
-        text += (f" The p99 ≤ {goal:.0f} ms goal at 200 req/s is {meets(rn)} with both." if meets(rn) == meets(ra)
-                 else f" The p99 ≤ {goal:.0f} ms goal at 200 req/s is {meets(rn)} with {_wk(n)}, {meets(ra)} with "
-                 f"{_wk(a)}.")
+        text += (
+            f" The p99 ≤ {goal:.0f} ms goal at 200 req/s is {meets(rn)} with both."
+            if meets(rn) == meets(ra)
+            else f" The p99 ≤ {goal:.0f} ms goal at 200 req/s is {meets(rn)} with {_wk(n)}, {meets(ra)} with {_wk(a)}."
+        )
     busy = [r for r in (main, alt) if r.get("others_cpu", 0) > BUSY_OTHERS]
     if busy:
-        text += (" Caution: other processes used " + " and ".join(
-            f"{r['others_cpu']:.0%} of the machine during the {_run_of(r['workers_set'])}" for r in busy)
-            + ", so this comparison is not from a quiet machine.")
+        text += (
+            " Caution: other processes used "
+            + " and ".join(f"{r['others_cpu']:.0%} of the machine during the {_run_of(r['workers_set'])}" for r in busy)
+            + ", so this comparison is not from a quiet machine."
+        )
     multi = max((main, alt), key=lambda r: r["workers_set"])
     split = max(multi["batch"], key=lambda b: b["clients"])
-    text += (f" A worker computes a batch on one thread and the kernel hands each connection to one worker (with "
-             f"{split['clients']} clients the {multi['workers_set']} workers used "
-             f"{' / '.join(f'{x:.0%}' for x in split['cpu_split'])} of their CPU); the load generator shares the "
-             f"machine's {os.cpu_count()} cores with them. Resident memory per worker after the run: "
-             + ", ".join(f"~{r['rss_end'] / r['workers']:,.0f} MiB with {_wk(r['workers'])}"
-                         for r in sorted((main, alt), key=lambda r: r["workers_set"])) + ".")
+    text += (
+        f" A worker computes a batch on one thread and the kernel hands each connection to one worker (with "
+        f"{split['clients']} clients the {multi['workers_set']} workers used "
+        f"{' / '.join(f'{x:.0%}' for x in split['cpu_split'])} of their CPU); the load generator shares the "
+        f"machine's {os.cpu_count()} cores with them. Resident memory per worker after the run: "
+        + ", ".join(
+            f"~{r['rss_end'] / r['workers']:,.0f} MiB with {_wk(r['workers'])}"
+            for r in sorted((main, alt), key=lambda r: r["workers_set"])
+        )
+        + "."
+    )
     return text
 
 
@@ -776,46 +890,71 @@ def _gc_finding(main: dict[str, Any], max_pending: int) -> str:
     windows; start-up collections (before gc.freeze()) are reported apart."""
     g, n = main["gc"], max(main["workers_set"], 1)
     load, start, other = g["load"], g["startup"], g["other"]
-    runs = [*main["sweep"], *main["steps"],
-            *(main[k] for k in ("at_capacity", "overload", "overload_saturated") if main.get(k))]
+    runs = [
+        *main["sweep"],
+        *main["steps"],
+        *(main[k] for k in ("at_capacity", "overload", "overload_saturated") if main.get(k)),
+    ]
     hits = [r for r in runs if r.get("gc") and r["gc"]["long"]]
     if not load["full"] and not load["long"]:
-        text = (f"*Garbage collection.* No collection, full or ≥ {GC_LONG_MS:.0f} ms, fell inside a measured load "
-                f"window of the {_run_of(n)}, so garbage collection sets none of its p99 figures.")
+        text = (
+            f"*Garbage collection.* No collection, full or ≥ {GC_LONG_MS:.0f} ms, fell inside a measured load "
+            f"window of the {_run_of(n)}, so garbage collection sets none of its p99 figures."
+        )
     elif hits:
         worst = max(hits, key=lambda r: r["gc"]["long_max"])
         held = worst["rate"] / n * worst["gc"]["long_max"] / 1000
         quiet = [r for r in main["sweep"] if r.get("gc") and not r["gc"]["long"] and not _saturated(r)]
-        text = (f"*Garbage collection.* During the measured load the {_run_of(n)} logged {load['full']} full "
-                f"collections (max {_f(load['full_max'])} ms) and {load['long']} collections ≥ {GC_LONG_MS:.0f} ms "
-                "of any generation. Each stops one worker's event loop, and the requests due to that worker wait: "
-                + "; ".join(f"{r['rate']} req/s: p99 {_f(r['p99'])} ms with a {_f(r['gc']['long_max'], 0)} ms "
-                            "collection in the run" for r in sorted(hits, key=lambda r: r["rate"]))
-                + (f" (at {worst['rate']} req/s a {worst['gc']['long_max']:.0f} ms pause holds ~{held:.0f} requests "
-                   "in one worker" + (f", past `serving.max_pending` ({max_pending}): the rest get 503" if
-                                      held > max_pending else "") + ")")
-                + ("; unsaturated sweep runs without one: " + ", ".join(f"{r['rate']} req/s p99 {_f(r['p99'])} ms"
-                                                               for r in sorted(quiet, key=lambda r: r["rate"]))
-                   if quiet else "") + ".")
+        text = (
+            f"*Garbage collection.* During the measured load the {_run_of(n)} logged {load['full']} full "
+            f"collections (max {_f(load['full_max'])} ms) and {load['long']} collections ≥ {GC_LONG_MS:.0f} ms "
+            "of any generation. Each stops one worker's event loop, and the requests due to that worker wait: "
+            + "; ".join(
+                f"{r['rate']} req/s: p99 {_f(r['p99'])} ms with a {_f(r['gc']['long_max'], 0)} ms collection in the run"
+                for r in sorted(hits, key=lambda r: r["rate"])
+            )
+            + (
+                f" (at {worst['rate']} req/s a {worst['gc']['long_max']:.0f} ms pause holds ~{held:.0f} requests "
+                "in one worker"
+                + (f", past `serving.max_pending` ({max_pending}): the rest get 503" if held > max_pending else "")
+                + ")"
+            )
+            + (
+                "; unsaturated sweep runs without one: "
+                + ", ".join(f"{r['rate']} req/s p99 {_f(r['p99'])} ms" for r in sorted(quiet, key=lambda r: r["rate"]))
+                if quiet
+                else ""
+            )
+            + "."
+        )
     else:
-        text = (f"*Garbage collection.* Inside the measured load windows of the {_run_of(n)} fell {load['full']} full "
-                f"collections (longest {_f(load['full_max'], 2)} ms) and {load['long']} of any generation ≥ "
-                f"{GC_LONG_MS:.0f} ms, none of those in a /predict open-loop run: garbage collection does not set the "
-                "/predict p99 figures above.")
+        text = (
+            f"*Garbage collection.* Inside the measured load windows of the {_run_of(n)} fell {load['full']} full "
+            f"collections (longest {_f(load['full_max'], 2)} ms) and {load['long']} of any generation ≥ "
+            f"{GC_LONG_MS:.0f} ms, none of those in a /predict open-loop run: garbage collection does not set the "
+            "/predict p99 figures above."
+        )
     if start["full"] or start["long"]:
-        text += (f" At start-up, before gc.freeze(), the workers logged {start['full']} full collections (up to "
-                 f"{_f(start['full_max'], 0)} ms): before the first request, not serving pauses.")
+        text += (
+            f" At start-up, before gc.freeze(), the workers logged {start['full']} full collections (up to "
+            f"{_f(start['full_max'], 0)} ms): before the first request, not serving pauses."
+        )
     if g["frozen"] < g["workers"]:
-        text += (f" Only {g['frozen']} of {g['workers']} workers logged gc.freeze(); for the others start-up counts "
-                 "up to the first request.")
+        text += (
+            f" Only {g['frozen']} of {g['workers']} workers logged gc.freeze(); for the others start-up counts "
+            "up to the first request."
+        )
     if other["full"] or other["long"]:
-        text += (f" Outside the measured windows (warm-ups, idle time between runs): {other['full']} full, "
-                 f"{other['long']} ≥ {GC_LONG_MS:.0f} ms (longest {_f(other['max'], 0)} ms).")
+        text += (
+            f" Outside the measured windows (warm-ups, idle time between runs): {other['full']} full, "
+            f"{other['long']} ≥ {GC_LONG_MS:.0f} ms (longest {_f(other['max'], 0)} ms)."
+        )
     return text
 
 
-def _findings(floor: dict[str, Any], served: str, main: dict[str, Any], alt: dict[str, Any],
-              max_pending: int) -> list[str]:
+def _findings(
+    floor: dict[str, Any], served: str, main: dict[str, Any], alt: dict[str, Any], max_pending: int
+) -> list[str]:
     """Why the threads and workers are what they are, and what limited the service: from this run's numbers."""
     cores = os.cpu_count()
     lab = _wk(main["workers_set"])
@@ -831,16 +970,25 @@ def _findings(floor: dict[str, Any], served: str, main: dict[str, Any], alt: dic
             f"{m1:.2f} ms with 1 ({single}). The model is {m1 / t1['whole'][0]:.0%} of the whole in-process /predict "
             f"path ({t1['whole'][0]:.2f} ms p50; decode {t1['decode'][0]:.2f} ms and features {t1['features'][0]:.2f} "
             f"ms are most of the rest). On 256 windows 2 threads take {b2:.1f} ms against {b1:.1f} ms "
-            + (f"({b1 / b2:.2f}×), which moves a whole 256-window batch ({batch_ms:.0f} ms in process, features "
-               f"included) by {(b1 - b2) / batch_ms:.0%} at most, while a second thread competes with the event loop "
-               f"and the load for the same {cores} cores." if b2 < b1 else
-               f"with 1: slower there too in this run (the second thread competes for the same {cores} cores)."))
+            + (
+                f"({b1 / b2:.2f}×), which moves a whole 256-window batch ({batch_ms:.0f} ms in process, features "
+                f"included) by {(b1 - b2) / batch_ms:.0%} at most, while a second thread competes with the event loop "
+                f"and the load for the same {cores} cores."
+                if b2 < b1
+                else f"with 1: slower there too in this run (the second thread competes for the same {cores} cores)."
+            )
+        )
         best = min(floor, key=lambda k: floor[k]["whole"][0])
         gap = floor[served]["whole"][0] / floor[best]["whole"][0] - 1
-        lines.append(f"Fastest whole in-process path in this run: {best} ({floor[best]['whole'][0]:.2f} ms p50); the "
-                     f"service runs {served} (`serving.runtime`, `serving.model_threads`)"
-                     + ("." if best == served else
-                        f", {gap:.0%} slower in process" + (", within this machine's noise." if gap < 0.05 else ".")))
+        lines.append(
+            f"Fastest whole in-process path in this run: {best} ({floor[best]['whole'][0]:.2f} ms p50); the "
+            f"service runs {served} (`serving.runtime`, `serving.model_threads`)"
+            + (
+                "."
+                if best == served
+                else f", {gap:.0%} slower in process" + (", within this machine's noise." if gap < 0.05 else ".")
+            )
+        )
     lines.append(_why_workers(main, alt))
     lines.append(_gc_finding(main, max_pending))
     sat = main.get("saturation")
@@ -853,13 +1001,20 @@ def _findings(floor: dict[str, Any], served: str, main: dict[str, Any], alt: dic
             f"({_f(sat['cpu_ms'], 2)} ms of worker CPU per answer) with p50 {sat['p50']:.0f} ms and p99 "
             f"{sat['p99']:.0f} ms; {sat['n503']} requests ({shed:.1%}) got 503 and the generator had "
             f"{sat['connections']} connections open."
-            + (f" Up to {sat['accept_queue']} connections (each with its request already sent) waited in the kernel's "
-               f"accept queue of the listening socket (`bentoml serve` passes the workers --backlog {backlog}): the "
-               "backlog grew where the gateway's in-flight count (`serving.max_pending`) cannot see it, so the bounded "
-               "queue did not bound latency."
-               if sat["p99"] > 1000 and shed < 0.05 and (sat.get("accept_queue") or 0) > max_pending else "")
-            + (" The backlog grew outside the gateway's in-flight count, so the bounded queue did not bound latency."
-               if sat["p99"] > 1000 and shed < 0.05 and (sat.get("accept_queue") or 0) <= max_pending else ""))
+            + (
+                f" Up to {sat['accept_queue']} connections (each with its request already sent) waited in the kernel's "
+                f"accept queue of the listening socket (`bentoml serve` passes the workers --backlog {backlog}): the "
+                "backlog grew where the gateway's in-flight count (`serving.max_pending`) cannot see it, so the bounded "
+                "queue did not bound latency."
+                if sat["p99"] > 1000 and shed < 0.05 and (sat.get("accept_queue") or 0) > max_pending
+                else ""
+            )
+            + (
+                " The backlog grew outside the gateway's in-flight count, so the bounded queue did not bound latency."
+                if sat["p99"] > 1000 and shed < 0.05 and (sat.get("accept_queue") or 0) <= max_pending
+                else ""
+            )
+        )
     extra = ("at_capacity", "overload", "overload_saturated")
     runs = [*main["sweep"], *main["steps"], *(main[k] for k in extra if k in main)]
     full = [r for r in runs if backlog.isdigit() and (r.get("accept_queue") or 0) >= int(backlog)]
@@ -869,19 +1024,30 @@ def _findings(floor: dict[str, Any], served: str, main: dict[str, Any], alt: dic
         lines.append(
             f"*Listen backlog full, {lab}.* At {r['rate']} req/s offered the accept queue reached {r['accept_queue']} "
             f"(the backlog is {backlog}): the kernel then drops new connection attempts, the client's TCP retries them "
-            f"a second or more later, and {lost} requests were still unanswered 10 s after the last one was due.")
+            f"a second or more later, and {lost} requests were still unanswered 10 s after the last one was due."
+        )
     low = main["sweep"][0]
     seq = main["sequential"]
     if low["cpu_ms"] > 1.5 * seq["cpu_ms"]:
-        lines.append(f"*Isolated requests cost more.* With {lab} at {low['rate']} req/s a request takes "
-                     f"{low['cpu_ms']:.2f} ms of worker CPU (p50 {low['p50']:.1f} ms) against {seq['cpu_ms']:.2f} ms "
-                     f"back to back (sequential p50 {seq['p50']:.2f} ms): the workers spend more per request when "
-                     "requests arrive one by one (cold caches and wake-ups, most likely; not measured further).")
+        lines.append(
+            f"*Isolated requests cost more.* With {lab} at {low['rate']} req/s a request takes "
+            f"{low['cpu_ms']:.2f} ms of worker CPU (p50 {low['p50']:.1f} ms) against {seq['cpu_ms']:.2f} ms "
+            f"back to back (sequential p50 {seq['p50']:.2f} ms): the workers spend more per request when "
+            "requests arrive one by one (cold caches and wake-ups, most likely; not measured further)."
+        )
     return lines
 
 
-def _report(setup: dict[str, Any], candles: int, floor: dict[str, Any], served: str, main: dict[str, Any],
-            alt: dict[str, Any], steal: dict[str, float], max_pending: int) -> str:
+def _report(
+    setup: dict[str, Any],
+    candles: int,
+    floor: dict[str, Any],
+    served: str,
+    main: dict[str, Any],
+    alt: dict[str, Any],
+    steal: dict[str, float],
+    max_pending: int,
+) -> str:
     n, a = main["workers_set"], alt["workers_set"]
     lab = _wk(n)
     at200 = _at(main, 200)
@@ -897,9 +1063,12 @@ def _report(setup: dict[str, Any], candles: int, floor: dict[str, Any], served: 
     rss_growth = big["rss_after"] - big["rss_before"]
     cores = os.cpu_count()
     clean200 = at200["errors"] + at200["n503"] == 0
-    counted = ("" if _measured_as_set(main) else
-               f" **Note: SOFARE_SERVING__WORKERS={n} started {main.get('workers')} worker process(es) (counted in "
-               "/proc), so the figures below are not for the configured count.**")
+    counted = (
+        ""
+        if _measured_as_set(main)
+        else f" **Note: SOFARE_SERVING__WORKERS={n} started {main.get('workers')} worker process(es) (counted in "
+        "/proc), so the figures below are not for the configured count.**"
+    )
 
     rows = [_row(f"{r['rate']}", r) for r in main["sweep"]]
     rows += [_row(f"{r['rate']} (capacity search)", r) for r in main["steps"]]
@@ -908,77 +1077,104 @@ def _report(setup: dict[str, Any], candles: int, floor: dict[str, Any], served: 
     if over_sat:
         rows += [_row(f"{over_sat['rate']} (2× saturated throughput)", over_sat)]
     sat = main.get("saturation")
-    capacity_text = (f"Capacity, {lab}: **{cap:,} req/s** (p99 ≤ {CAP_P99_MS:.0f} ms, no error or 503)." if cap else
-                     f"Capacity, {lab}: none of the rates tried kept p99 ≤ {CAP_P99_MS:.0f} ms without errors.")
+    capacity_text = (
+        f"Capacity, {lab}: **{cap:,} req/s** (p99 ≤ {CAP_P99_MS:.0f} ms, no error or 503)."
+        if cap
+        else f"Capacity, {lab}: none of the rates tried kept p99 ≤ {CAP_P99_MS:.0f} ms without errors."
+    )
     if at_cap and not _passes(at_cap):
         g = at_cap.get("gc") or {}
-        why = (f"a {_f(g['long_max'], 0)} ms garbage collection fell inside that run" if g.get("long") else
-               f"no collection ≥ {GC_LONG_MS:.0f} ms fell inside it: the rate itself sits at the edge of the "
-               "criterion")
-        capacity_text += (f" The re-run at {cap} req/s did not pass (p99 {at_cap['p99']:.1f} ms, "
-                          f"{at_cap['n503']} × 503, {at_cap['errors']} other errors): {why}, so this capacity varies "
-                          "from run to run.")
+        why = (
+            f"a {_f(g['long_max'], 0)} ms garbage collection fell inside that run"
+            if g.get("long")
+            else f"no collection ≥ {GC_LONG_MS:.0f} ms fell inside it: the rate itself sits at the edge of the "
+            "criterion"
+        )
+        capacity_text += (
+            f" The re-run at {cap} req/s did not pass (p99 {at_cap['p99']:.1f} ms, "
+            f"{at_cap['n503']} × 503, {at_cap['errors']} other errors): {why}, so this capacity varies "
+            "from run to run."
+        )
     if sat:
-        capacity_text += (f" Throughput: with {lab} the service first fell behind at {sat['rate']} req/s offered, "
-                          f"where it answered {sat['achieved']:.0f} req/s.")
+        capacity_text += (
+            f" Throughput: with {lab} the service first fell behind at {sat['rate']} req/s offered, "
+            f"where it answered {sat['achieved']:.0f} req/s."
+        )
     g = main["gc"]
     gl, gs, go = g["load"], g["startup"], g["other"]
+
     def longest(s: dict[str, Any], digits: int) -> str:
         return f" (longest {_f(s['full_max'], digits)} ms)" if s["full"] else ""
 
-    gc_text = (f"Garbage collection in the worker processes of the {_run_of(n)} (the table's last column: "
-               f"collections overlapping each run's load window): during the measured load {gl['full']} full "
-               f"collections{longest(gl, 1)} and {gl['long']} of any generation ≥ {GC_LONG_MS:.0f} ms; at start-up, "
-               f"before gc.freeze() ({g['frozen']} of {g['workers']} workers logged it), {gs['full']} full"
-               f"{longest(gs, 0)}; during warm-ups and idle time between runs {go['full']} full and {go['long']} ≥ "
-               f"{GC_LONG_MS:.0f} ms.")
+    gc_text = (
+        f"Garbage collection in the worker processes of the {_run_of(n)} (the table's last column: "
+        f"collections overlapping each run's load window): during the measured load {gl['full']} full "
+        f"collections{longest(gl, 1)} and {gl['long']} of any generation ≥ {GC_LONG_MS:.0f} ms; at start-up, "
+        f"before gc.freeze() ({g['frozen']} of {g['workers']} workers logged it), {gs['full']} full"
+        f"{longest(gs, 0)}; during warm-ups and idle time between runs {go['full']} full and {go['long']} ≥ "
+        f"{GC_LONG_MS:.0f} ms."
+    )
 
     lines = [
         "## Serving",
         "",
         f"Machine: {machine()}.",
-        (f"Model: SofareM3 from the configured search space (lookback {setup['lookback']}), served as `sofare build` "
-        f"builds it (`bentoml serve` with {lab}, `serving.workers` = {n} as configured; the `Gateway` ASGI layer; "
-        f"{served}); requests of {candles} real hourly candles (feature warm-up + lookback), safe-haven and macro "
-        "rows from the service's in-memory context."),
+        (
+            f"Model: SofareM3 from the configured search space (lookback {setup['lookback']}), served as `sofare build` "
+            f"builds it (`bentoml serve` with {lab}, `serving.workers` = {n} as configured; the `Gateway` ASGI layer; "
+            f"{served}); requests of {candles} real hourly candles (feature warm-up + lookback), safe-haven and macro "
+            "rows from the service's in-memory context."
+        ),
         "",
-        ("Method: an open-loop generator (`benchmarks/loadgen.py`: asyncio + uvloop, raw HTTP/1.1 keep-alive "
-        "connections, a new connection whenever none is idle) in a process of its own sends request *i* at "
-        "start + *i*/rate whatever happened before; latency counts from that due time, so a backlog shows. Loopback; "
-        f"the generator and the server share the machine's {cores} cores, so every figure includes the generator's "
-        f"CPU (its own lateness in writing requests, p99 up to {lag:.1f} ms in the {n}-worker sweep, is part of the "
-        f"latency). Requests rotate over 36 real windows. Capacity = the highest rate with p99 ≤ {CAP_P99_MS:.0f} ms "
-        f"and no error or 503 ({STEP_SECONDS} s per search step, {SWEEP_SECONDS} s for the sweep). Closed loops "
-        "(sequential, batches) send the next request when the answer came. Two servers of the same bento, each with "
-        f"its worker count set by `SOFARE_SERVING__WORKERS`: {n} (configured; every goal below) and {a} (the "
-        "comparison); worker processes counted in /proc. Worker CPU per answer is from /proc; garbage collections "
-        "and each worker's gc.freeze() are logged with wall-clock times by a `gc.callbacks` hook this benchmark puts "
-        "on the server's PYTHONPATH (instrumentation only), and a collection is counted against a run only when it "
-        "overlaps that run's load window. CPU steal (time the hypervisor gave to others, /proc/stat): "
-        f"{_f(steal['floor'] * 100)} % in process, {_f(steal['main'] * 100)} % during the {_run_of(n)}, "
-        f"{_f(steal['alt'] * 100)} % during the {_run_of(a)}. CPU used by other processes on the machine (/proc/stat "
-        "busy time less this benchmark's own processes, as a share of all cores): "
-        f"{_f(steal['others_floor'] * 100)} % in process, {_f(steal['others_main'] * 100)} % during the {_run_of(n)}, "
-        f"{_f(steal['others_alt'] * 100)} % during the {_run_of(a)}." + _contended(steal, n, a)),
+        (
+            "Method: an open-loop generator (`benchmarks/loadgen.py`: asyncio + uvloop, raw HTTP/1.1 keep-alive "
+            "connections, a new connection whenever none is idle) in a process of its own sends request *i* at "
+            "start + *i*/rate whatever happened before; latency counts from that due time, so a backlog shows. Loopback; "
+            f"the generator and the server share the machine's {cores} cores, so every figure includes the generator's "
+            f"CPU (its own lateness in writing requests, p99 up to {lag:.1f} ms in the {n}-worker sweep, is part of the "
+            f"latency). Requests rotate over 36 real windows. Capacity = the highest rate with p99 ≤ {CAP_P99_MS:.0f} ms "
+            f"and no error or 503 ({STEP_SECONDS} s per search step, {SWEEP_SECONDS} s for the sweep). Closed loops "
+            "(sequential, batches) send the next request when the answer came. Two servers of the same bento, each with "
+            f"its worker count set by `SOFARE_SERVING__WORKERS`: {n} (configured; every goal below) and {a} (the "
+            "comparison); worker processes counted in /proc. Worker CPU per answer is from /proc; garbage collections "
+            "and each worker's gc.freeze() are logged with wall-clock times by a `gc.callbacks` hook this benchmark puts "
+            "on the server's PYTHONPATH (instrumentation only), and a collection is counted against a run only when it "
+            "overlaps that run's load window. CPU steal (time the hypervisor gave to others, /proc/stat): "
+            f"{_f(steal['floor'] * 100)} % in process, {_f(steal['main'] * 100)} % during the {_run_of(n)}, "
+            f"{_f(steal['alt'] * 100)} % during the {_run_of(a)}. CPU used by other processes on the machine (/proc/stat "
+            "busy time less this benchmark's own processes, as a share of all cores): "
+            f"{_f(steal['others_floor'] * 100)} % in process, {_f(steal['others_main'] * 100)} % during the {_run_of(n)}, "
+            f"{_f(steal['others_alt'] * 100)} % during the {_run_of(a)}." + _contended(steal, n, a)
+        ),
         "",
-        ("**In process** (`Predictor`; decode = msgspec into `Window`; whole = decode + `Predictor.predict`; batch = "
-        "`prepare_all` of 256 windows + one forward pass):"),
+        (
+            "**In process** (`Predictor`; decode = msgspec into `Window`; whole = decode + `Predictor.predict`; batch = "
+            "`prepare_all` of 256 windows + one forward pass):"
+        ),
         "",
-        ("| runtime | decode p50 ms | features p50 / p99 ms | model, 1 window p50 / p99 ms "
-         "| model, 64 / 256 windows ms | whole /predict p50 / p99 ms | batch of 256, windows/s |"),
+        (
+            "| runtime | decode p50 ms | features p50 / p99 ms | model, 1 window p50 / p99 ms "
+            "| model, 64 / 256 windows ms | whole /predict p50 / p99 ms | batch of 256, windows/s |"
+        ),
         "|---|---:|---|---|---|---|---:|",
-        *[f"| {name}{' (served)' if name == served else ''} | {f['decode'][0]:.2f} | {f['features'][0]:.2f} / "
-          f"{f['features'][2]:.2f} | {f['model1'][0]:.2f} / {f['model1'][2]:.2f} | {f['model_n'][64]:.1f} / "
-          f"{f['model_n'][256]:.1f} | {f['whole'][0]:.2f} / {f['whole'][2]:.2f} | {f['batch_per_s']:,.0f} |"
-          for name, f in floor.items()],
+        *[
+            f"| {name}{' (served)' if name == served else ''} | {f['decode'][0]:.2f} | {f['features'][0]:.2f} / "
+            f"{f['features'][2]:.2f} | {f['model1'][0]:.2f} / {f['model1'][2]:.2f} | {f['model_n'][64]:.1f} / "
+            f"{f['model_n'][256]:.1f} | {f['whole'][0]:.2f} / {f['whole'][2]:.2f} | {f['batch_per_s']:,.0f} |"
+            for name, f in floor.items()
+        ],
         "",
         f"**HTTP `/predict`, {lab} (`serving.workers` = {n}, as configured), open loop.**{counted} Sequential, one "
         f"request at a time ({seq['n']} requests in 5 blocks, each followed by the same windows in process: decode + "
         f"`Predictor.predict`, {served}): HTTP p50 {seq['p50']:.2f} ms, p99 {seq['p99']:.2f} ms ({seq['cpu_ms']:.2f} "
         f"ms worker CPU per request); in process p50 {floor_p50:.2f} ms, p99 {main['in_process']['p99']:.2f} ms."
-        + (f" The same in-process path measured {floor[served]['whole'][0]:.2f} ms p50 a few minutes earlier (table "
-           "above): this machine's speed drifts within minutes, which is why the overhead is taken from alternating "
-           "blocks." if floor_p50 > 1.3 * floor[served]["whole"][0] else ""),
+        + (
+            f" The same in-process path measured {floor[served]['whole'][0]:.2f} ms p50 a few minutes earlier (table "
+            "above): this machine's speed drifts within minutes, which is why the overhead is taken from alternating "
+            "blocks."
+            if floor_p50 > 1.3 * floor[served]["whole"][0]
+            else ""
+        ),
         "",
         HEAD,
         *rows,
@@ -991,23 +1187,32 @@ def _report(setup: dict[str, Any], candles: int, floor: dict[str, Any], served: 
         HEAD,
         *[_row(f"{r['rate']}", r) for r in main["latest"]],
         "",
-        (f"**HTTP `/predict_batch`, {lab}**, closed loop for {BATCH_SECONDS} s (each client sends its next batch when "
-        "the answer came):"),
+        (
+            f"**HTTP `/predict_batch`, {lab}**, closed loop for {BATCH_SECONDS} s (each client sends its next batch when "
+            "the answer came):"
+        ),
         "",
-        ("| windows per request | clients | answered | refused / failed | request p50 / p99 ms | windows/s "
-        "| worker CPU ms/window |"),
+        (
+            "| windows per request | clients | answered | refused / failed | request p50 / p99 ms | windows/s "
+            "| worker CPU ms/window |"
+        ),
         "|---:|---:|---:|---:|---|---:|---:|",
-        *[f"| {b['windows']} | {b['clients']} | {b['ok']} | {_bad(b) if b['errors'] + b['n503'] else 0} | "
-          f"{_f(b['p50'])} / "
-          f"{_f(b['p99'])} | {b['per_s']:,.0f} | {b['cpu_ms'] / b['windows']:.2f} |" for b in main["batch"]],
+        *[
+            f"| {b['windows']} | {b['clients']} | {b['ok']} | {_bad(b) if b['errors'] + b['n503'] else 0} | "
+            f"{_f(b['p50'])} / "
+            f"{_f(b['p99'])} | {b['per_s']:,.0f} | {b['cpu_ms'] / b['windows']:.2f} |"
+            for b in main["batch"]
+        ],
         "",
-        (f"**Probes and limits, {lab}.** `/livez` at 50 req/s: p99 {main['livez_idle']['p99']:.2f} ms idle, "
-        f"{main['livez_busy']['p99']:.2f} ms (max {main['livez_busy']['max']:.1f} ms, {main['livez_busy']['errors']} "
-        f"errors) while one client loops 16-window batches ({main['livez_busy']['batch']['ok']} batches, p50 "
-        f"{main['livez_busy']['batch']['p50']:.1f} ms). A `POST /predict` declaring `Content-Length: {OVERSIZE:,}` "
-        f"(100 MiB) and sending only its headers: status {', '.join(map(str, big['statuses']))} in {big['p50']:.2f} ms "
-        f"p50, {big['max']:.2f} ms max over {big['tries']} tries; RSS of the workers {big['rss_before']:.1f} MiB "
-        f"before, {big['rss_after']:.1f} MiB after ({rss_growth:+.1f} MiB)."),
+        (
+            f"**Probes and limits, {lab}.** `/livez` at 50 req/s: p99 {main['livez_idle']['p99']:.2f} ms idle, "
+            f"{main['livez_busy']['p99']:.2f} ms (max {main['livez_busy']['max']:.1f} ms, {main['livez_busy']['errors']} "
+            f"errors) while one client loops 16-window batches ({main['livez_busy']['batch']['ok']} batches, p50 "
+            f"{main['livez_busy']['batch']['p50']:.1f} ms). A `POST /predict` declaring `Content-Length: {OVERSIZE:,}` "
+            f"(100 MiB) and sending only its headers: status {', '.join(map(str, big['statuses']))} in {big['p50']:.2f} ms "
+            f"p50, {big['max']:.2f} ms max over {big['tries']} tries; RSS of the workers {big['rss_before']:.1f} MiB "
+            f"before, {big['rss_after']:.1f} MiB after ({rss_growth:+.1f} MiB)."
+        ),
         "",
     ]
     if _measured_as_set(alt):
@@ -1030,68 +1235,115 @@ def _report(setup: dict[str, Any], candles: int, floor: dict[str, Any], served: 
             return f"| {name} | " + " | ".join(cell(r) for r in runs) + " |"
 
         lines += [
-            (f"**{' vs '.join(_wk(r['workers_set']) for r in runs)}** (the same bento; each server's worker count set "
-            "with `SOFARE_SERVING__WORKERS`, its worker processes counted in /proc):"),
+            (
+                f"**{' vs '.join(_wk(r['workers_set']) for r in runs)}** (the same bento; each server's worker count set "
+                "with `SOFARE_SERVING__WORKERS`, its worker processes counted in /proc):"
+            ),
             "",
             "| | " + " | ".join(head(r) for r in runs) + " |",
             "|---|" + "---:|" * len(runs),
             table_row("worker processes counted", lambda r: str(r["workers"])),
-            table_row("RSS of the workers, idle / after the run, MiB",
-                      lambda r: f"{r['rss_idle']:,.0f} / {r['rss_end']:,.0f}"),
-            table_row("sequential /predict p50 / p99 ms",
-                      lambda r: f"{r['sequential']['p50']:.2f} / {r['sequential']['p99']:.2f}"),
-            *[table_row(f"/predict p50 / p99 ms at {rate} req/s", lambda r, rate=rate: _cell(_at(r, rate)))
-              for rate in COMPARE_RATES],
+            table_row(
+                "RSS of the workers, idle / after the run, MiB", lambda r: f"{r['rss_idle']:,.0f} / {r['rss_end']:,.0f}"
+            ),
+            table_row(
+                "sequential /predict p50 / p99 ms",
+                lambda r: f"{r['sequential']['p50']:.2f} / {r['sequential']['p99']:.2f}",
+            ),
+            *[
+                table_row(f"/predict p50 / p99 ms at {rate} req/s", lambda r, rate=rate: _cell(_at(r, rate)))
+                for rate in COMPARE_RATES
+            ],
             table_row(f"capacity req/s (p99 ≤ {CAP_P99_MS:.0f} ms, no error)", lambda r: _f(r.get("capacity"), 0)),
-            *[table_row(f"/predict_batch 256 windows, {c} client{'s' if c > 1 else ''}, windows/s",
-                        lambda r, c=c: batch(r, c)) for c in BATCH_CLIENTS],
+            *[
+                table_row(
+                    f"/predict_batch 256 windows, {c} client{'s' if c > 1 else ''}, windows/s",
+                    lambda r, c=c: batch(r, c),
+                )
+                for c in BATCH_CLIENTS
+            ],
             table_row("share of the CPU per worker at 400 req/s", split),
             table_row("full GCs during the measured load: count, longest ms", lambda r: gcs(r["gc"]["load"])),
             table_row(f"GCs ≥ {GC_LONG_MS:.0f} ms during the measured load", lambda r: str(r["gc"]["load"]["long"])),
-            table_row("full GCs at start-up (before gc.freeze()): count, longest ms",
-                      lambda r: gcs(r["gc"]["startup"], 0)),
+            table_row(
+                "full GCs at start-up (before gc.freeze()): count, longest ms", lambda r: gcs(r["gc"]["startup"], 0)
+            ),
             "",
-            f"{_wk(a)} capacity steps: " + (", ".join(
-                f"{r['rate']} req/s p99 {_f(r['p99'])} ms" + (f" ({r['n503']} × 503, {r['errors']} errors)"
-                                                             if r["n503"] or r["errors"] else "")
-                for r in alt["steps"]) or "none beyond 200 and 400 req/s") + ".",
+            f"{_wk(a)} capacity steps: "
+            + (
+                ", ".join(
+                    f"{r['rate']} req/s p99 {_f(r['p99'])} ms"
+                    + (f" ({r['n503']} × 503, {r['errors']} errors)" if r["n503"] or r["errors"] else "")
+                    for r in alt["steps"]
+                )
+                or "none beyond 200 and 400 req/s"
+            )
+            + ".",
             "",
         ]
     else:
-        lines += [(f"**{_wk(n)} vs {_wk(a)}**: `SOFARE_SERVING__WORKERS={a}` gave {alt.get('workers')} worker "
-                  "process(es) (counted in /proc), so the comparison was not measured."), ""]
+        lines += [
+            (
+                f"**{_wk(n)} vs {_wk(a)}**: `SOFARE_SERVING__WORKERS={a}` gave {alt.get('workers')} worker "
+                "process(es) (counted in /proc), so the comparison was not measured."
+            ),
+            "",
+        ]
     goal_rows = [
-        (f"| `/predict` p50 ≤ {GOALS['p50_at_200']:.0f} ms at 200 req/s | {at200['p50']:.2f} ms "
-        f"({at200['achieved']:.0f} req/s achieved, {at200['errors'] + at200['n503']} errors/503) | "
-        f"{_verdict(at200['p50'] <= GOALS['p50_at_200'] and clean200)} |"),
-        (f"| `/predict` p99 ≤ {GOALS['p99_at_200']:.0f} ms at 200 req/s | {at200['p99']:.2f} ms | "
-        f"{_verdict(at200['p99'] <= GOALS['p99_at_200'] and clean200)} |"),
-        (f"| `/predict_batch` ≥ {GOALS['batch_per_s']:,.0f} windows/s | {best_batch['per_s']:,.0f}/s "
-        f"(best: {best_batch['windows']}-window requests, {best_batch['clients']} client(s)) | "
-        f"{_verdict(best_batch['per_s'] >= GOALS['batch_per_s'])} |"),
+        (
+            f"| `/predict` p50 ≤ {GOALS['p50_at_200']:.0f} ms at 200 req/s | {at200['p50']:.2f} ms "
+            f"({at200['achieved']:.0f} req/s achieved, {at200['errors'] + at200['n503']} errors/503) | "
+            f"{_verdict(at200['p50'] <= GOALS['p50_at_200'] and clean200)} |"
+        ),
+        (
+            f"| `/predict` p99 ≤ {GOALS['p99_at_200']:.0f} ms at 200 req/s | {at200['p99']:.2f} ms | "
+            f"{_verdict(at200['p99'] <= GOALS['p99_at_200'] and clean200)} |"
+        ),
+        (
+            f"| `/predict_batch` ≥ {GOALS['batch_per_s']:,.0f} windows/s | {best_batch['per_s']:,.0f}/s "
+            f"(best: {best_batch['windows']}-window requests, {best_batch['clients']} client(s)) | "
+            f"{_verdict(best_batch['per_s'] >= GOALS['batch_per_s'])} |"
+        ),
         f"| `/predict_latest` p99 ≤ {GOALS['latest_p99']:.0f} ms | "
-        + ", ".join(f"{r['p99']:.2f} ms at {r['rate']} req/s" + (f" ({r['errors'] + r['n503']} errors/503)"
-                                                                  if r["errors"] + r["n503"] else "")
-                    for r in main["latest"]) + f" | {_verdict(latest_ok)} |",
-        (f"| HTTP overhead ≤ {GOALS['http_overhead']:.0f}× in process (sequential p50, decode included, "
-         "interleaved) | "
-        f"{seq['p50']:.2f} ms vs {floor_p50:.2f} ms = {overhead:.2f}× | "
-        f"{_verdict(overhead <= GOALS['http_overhead'])} |"),
+        + ", ".join(
+            f"{r['p99']:.2f} ms at {r['rate']} req/s"
+            + (f" ({r['errors'] + r['n503']} errors/503)" if r["errors"] + r["n503"] else "")
+            for r in main["latest"]
+        )
+        + f" | {_verdict(latest_ok)} |",
+        (
+            f"| HTTP overhead ≤ {GOALS['http_overhead']:.0f}× in process (sequential p50, decode included, "
+            "interleaved) | "
+            f"{seq['p50']:.2f} ms vs {floor_p50:.2f} ms = {overhead:.2f}× | "
+            f"{_verdict(overhead <= GOALS['http_overhead'])} |"
+        ),
     ]
     if at_cap and over:
         goal_rows += _overload_rows(f"at 2× capacity ({over['rate']} req/s)", over, at_cap)
     else:
-        goal_rows += [("| at 2× capacity: the answered keep their p99, the rest 503 in < 10 ms | no capacity found | "
-                      "not measured |")]
+        goal_rows += [
+            (
+                "| at 2× capacity: the answered keep their p99, the rest 503 in < 10 ms | no capacity found | "
+                "not measured |"
+            )
+        ]
     if at_cap and over_sat:
         goal_rows += _overload_rows(f"at 2× the saturated throughput ({over_sat['rate']} req/s)", over_sat, at_cap)
     goal_rows.append(
         f"| oversized body: 413 before reading, no memory growth (< 5 MiB) | {', '.join(map(str, big['statuses']))} "
         f"in {big['p50']:.2f} ms p50 / {big['max']:.2f} ms max; RSS of the workers {rss_growth:+.1f} MiB | "
-        f"{_verdict(big['statuses'] == [413] and rss_growth < 5)} |")
+        f"{_verdict(big['statuses'] == [413] and rss_growth < 5)} |"
+    )
     findings = [part for line in _findings(floor, served, main, alt, max_pending) for part in (line, "")]
-    lines += [f"**Goals, {lab}** (`serving.workers` = {n}, as configured; every figure from the {_run_of(n)} above):",
-              "", "| goal | measured | verdict |", "|---|---|---|", *goal_rows, "", *findings]
+    lines += [
+        f"**Goals, {lab}** (`serving.workers` = {n}, as configured; every figure from the {_run_of(n)} above):",
+        "",
+        "| goal | measured | verdict |",
+        "|---|---|---|",
+        *goal_rows,
+        "",
+        *findings,
+    ]
     return "\n\n".join(filter(None, "\n".join(lines).split("\n\n")))
 
 
@@ -1099,8 +1351,11 @@ def run() -> str:
     keep = os.environ.get("SOFARE_BENCH_SCRATCH")
     scratch = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="sofare-bench-serve-"))
     scratch.mkdir(parents=True, exist_ok=True)
-    env = {"SOFARE_PATHS__VAR": str(scratch / "var"), "SOFARE_WAREHOUSE__URL": f"sqlite:///{scratch / 'wh.db'}",
-           "SOFARE_INGEST__CONTEXT_DAYS": "60"}
+    env = {
+        "SOFARE_PATHS__VAR": str(scratch / "var"),
+        "SOFARE_WAREHOUSE__URL": f"sqlite:///{scratch / 'wh.db'}",
+        "SOFARE_INGEST__CONTEXT_DAYS": "60",
+    }
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     started = time.monotonic()
@@ -1113,21 +1368,32 @@ def run() -> str:
         other = 1 if workers != 1 else 2
         setup = _setup(cfg, scratch)
         print(f"  setup done at {time.monotonic() - started:.0f} s", flush=True)
-        windows = [schemas.request_body(cfg, datetime(2024, 6, day, hour, tzinfo=UTC))
-                   for day in range(10, 28) for hour in (3, 15)]
+        windows = [
+            schemas.request_body(cfg, datetime(2024, 6, day, hour, tzinfo=UTC))
+            for day in range(10, 28)
+            for hour in (3, 15)
+        ]
         bodies = [json.dumps(w).encode() for w in windows]
-        batch_bodies = {n: json.dumps({"windows": (windows * (n // len(windows) + 1))[:n]}).encode()
-                        for n in (16, *BATCH_SIZES)}
+        batch_bodies = {
+            n: json.dumps({"windows": (windows * (n // len(windows) + 1))[:n]}).encode() for n in (16, *BATCH_SIZES)
+        }
         latest = json.dumps({"symbol": cfg.market.symbol}).encode()
-        print(f"  request bodies: /predict {len(bodies[0]) / 1024:.0f} KiB, /predict_batch 256 windows "
-              f"{len(batch_bodies[256]) / 2**20:.1f} MiB", flush=True)
+        print(
+            f"  request bodies: /predict {len(bodies[0]) / 1024:.0f} KiB, /predict_batch 256 windows "
+            f"{len(batch_bodies[256]) / 2**20:.1f} MiB",
+            flush=True,
+        )
 
         began, others = _cpu_times(), Others()
         floor, predictors = _floors(cfg, setup, bodies)
         steal = {"floor": _steal(began), "others_floor": others.share()}
         print(f"  in process done at {time.monotonic() - started:.0f} s", flush=True)
-        served = next(name for name, f in floor.items() if f["runtime"] == cfg.serving.runtime
-                      and (f["runtime"] == "torch" or f["threads"] == cfg.serving.model_threads))
+        served = next(
+            name
+            for name, f in floor.items()
+            if f["runtime"] == cfg.serving.runtime
+            and (f["runtime"] == "torch" or f["threads"] == cfg.serving.model_threads)
+        )
         in_process = predictors[served]
         del predictors
         began = _cpu_times()
@@ -1138,12 +1404,27 @@ def run() -> str:
         steal["alt"] = _steal(began)
         main["steal"], alt["steal"] = steal["main"], steal["alt"]
         steal["others_main"], steal["others_alt"] = main.get("others_cpu", math.nan), alt.get("others_cpu", math.nan)
-        print(f"  server processes: {_wk(workers)} {main['tree']}; {_wk(other)} {alt['tree']}; CPU steal {steal}; "
-              f"total {time.monotonic() - started:.0f} s", flush=True)
+        print(
+            f"  server processes: {_wk(workers)} {main['tree']}; {_wk(other)} {alt['tree']}; CPU steal {steal}; "
+            f"total {time.monotonic() - started:.0f} s",
+            flush=True,
+        )
         if keep:  # development: the raw results, to re-render the report without measuring again
-            (scratch / "bench-serving-results.json").write_text(json.dumps(
-                {"setup": setup, "candles": len(windows[0]["candles"]), "floor": floor, "served": served,
-                 "main": main, "alt": alt, "steal": steal, "max_pending": cfg.serving.max_pending}, default=str))
+            (scratch / "bench-serving-results.json").write_text(
+                json.dumps(
+                    {
+                        "setup": setup,
+                        "candles": len(windows[0]["candles"]),
+                        "floor": floor,
+                        "served": served,
+                        "main": main,
+                        "alt": alt,
+                        "steal": steal,
+                        "max_pending": cfg.serving.max_pending,
+                    },
+                    default=str,
+                )
+            )
     finally:
         for key, value in saved.items():
             if value is None:

@@ -67,8 +67,15 @@ def epoch_seconds(threads: int, n: int = EPOCHS_TIMED) -> dict:
             times.append(time.perf_counter() - self.began)
 
     fit(cfg, data.spec, hyper, train, val, n, cfg.training.seed, callbacks=[Clock()])
-    return {"threads": threads, "epochs": times, "median": statistics.median(times), "train": len(train),
-            "validation": len(val), "rows": len(data.frame), "hyper": hyper}
+    return {
+        "threads": threads,
+        "epochs": times,
+        "median": statistics.median(times),
+        "train": len(train),
+        "validation": len(val),
+        "rows": len(data.frame),
+        "hyper": hyper,
+    }
 
 
 def worker_main(plan_file: str, worker: int) -> None:
@@ -96,9 +103,19 @@ def study(scratch: Path, pruner: str) -> dict:
         plan_file = scratch / f"plan-{pruner}.json"
         plan_file.write_text(plan.model_dump_json())
         began = time.perf_counter()
-        procs = [subprocess.Popen([sys.executable, "-c", "import sys; from benchmarks.bench_training import worker_main; "
-                                   f"worker_main({str(plan_file)!r}, {w})"], cwd=ROOT, env=os.environ.copy())
-                 for w in range(t.workers)]
+        procs = [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-c",
+                    "import sys; from benchmarks.bench_training import worker_main; "
+                    f"worker_main({str(plan_file)!r}, {w})",
+                ],
+                cwd=ROOT,
+                env=os.environ.copy(),
+            )
+            for w in range(t.workers)
+        ]
         codes = [p.wait() for p in procs]
         wall = time.perf_counter() - began
         if any(codes):
@@ -112,22 +129,35 @@ def study(scratch: Path, pruner: str) -> dict:
     pruned = [e for tr, e in zip(trials, epochs) if tr.state == optuna.trial.TrialState.PRUNED]
     complete = [e for tr, e in zip(trials, epochs) if tr.state == optuna.trial.TrialState.COMPLETE]
     seconds = [(tr.datetime_complete - tr.datetime_start).total_seconds() for tr in trials if tr.datetime_complete]
-    return {"pruner": pruner, "wall": wall, "trials": len(trials), "complete": len(complete), "pruned": len(pruned),
-            "failed": len(trials) - len(complete) - len(pruned), "epochs": sum(epochs), "budget": budget,
-            "pruned_share": sum(t.max_epochs - e for e in pruned) / max(budget, 1),
-            "early_stop_share": sum(t.max_epochs - e for e in complete) / max(budget, 1),
-            "trial_s": statistics.median(seconds) if seconds else 0.0,
-            "epoch_s": sum(seconds) / max(sum(epochs), 1),
-            "best": min((tr.value for tr in trials if tr.value is not None), default=float("nan")),
-            "workers": t.workers, "threads": t.threads, "max_epochs": t.max_epochs, "patience": t.patience,
-            "rows": plan.rows, "load_after": _load()}
+    return {
+        "pruner": pruner,
+        "wall": wall,
+        "trials": len(trials),
+        "complete": len(complete),
+        "pruned": len(pruned),
+        "failed": len(trials) - len(complete) - len(pruned),
+        "epochs": sum(epochs),
+        "budget": budget,
+        "pruned_share": sum(t.max_epochs - e for e in pruned) / max(budget, 1),
+        "early_stop_share": sum(t.max_epochs - e for e in complete) / max(budget, 1),
+        "trial_s": statistics.median(seconds) if seconds else 0.0,
+        "epoch_s": sum(seconds) / max(sum(epochs), 1),
+        "best": min((tr.value for tr in trials if tr.value is not None), default=float("nan")),
+        "workers": t.workers,
+        "threads": t.threads,
+        "max_epochs": t.max_epochs,
+        "patience": t.patience,
+        "rows": plan.rows,
+        "load_after": _load(),
+    }
 
 
 def run() -> str:
     scratch = Path(tempfile.mkdtemp(prefix="sofare-bench-train-"))
     saved = {k: os.environ.get(k) for k in ("SOFARE_WAREHOUSE__URL", "SOFARE_PATHS__VAR")}
-    os.environ.update({"SOFARE_WAREHOUSE__URL": f"sqlite:///{scratch / 'warehouse.db'}",
-                       "SOFARE_PATHS__VAR": str(scratch / "var")})
+    os.environ.update(
+        {"SOFARE_WAREHOUSE__URL": f"sqlite:///{scratch / 'warehouse.db'}", "SOFARE_PATHS__VAR": str(scratch / "var")}
+    )
     try:
         from sofare import tasks
         from sofare.config import load_config
@@ -172,8 +202,14 @@ def report(cfg, epochs: dict, studies: list[dict], load_before: str) -> str:
         "## Tuning and training",
         "",
         f"Machine: {machine()}; no GPU; {load_before} before the run, {main['load_after']} after it.",
-        *(["**The machine was shared** with other jobs (a CI run, tests) during this run — see the load averages; "
-            "the times below are slower than on an idle machine."] if float(load_before.split()[2]) > 0.7 else []),
+        *(
+            [
+                "**The machine was shared** with other jobs (a CI run, tests) during this run — see the load averages; "
+                "the times below are slower than on an idle machine."
+            ]
+            if float(load_before.split()[2]) > 0.7
+            else []
+        ),
         f"Full window {FULL[0]} .. {FULL[1]}: {mine['rows']:,} hourly rows, {mine['train']:,} training and "
         f"{mine['validation']:,} validation windows.",
         "",
@@ -201,9 +237,11 @@ def report(cfg, epochs: dict, studies: list[dict], load_before: str) -> str:
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in studies:
-        lines.append(f"| {r['pruner']} | {r['trials']} | {r['complete']} | {r['pruned']} | {r['epochs']} | {r['budget']} | "
-                     f"{r['pruned_share']:.0%} | {r['early_stop_share']:.0%} | {r['trial_s']:.0f} | {r['epoch_s']:.1f} | "
-                     f"{r['best']:.4f} | {r['wall'] / 60:.1f} |")
+        lines.append(
+            f"| {r['pruner']} | {r['trials']} | {r['complete']} | {r['pruned']} | {r['epochs']} | {r['budget']} | "
+            f"{r['pruned_share']:.0%} | {r['early_stop_share']:.0%} | {r['trial_s']:.0f} | {r['epoch_s']:.1f} | "
+            f"{r['best']:.4f} | {r['wall'] / 60:.1f} |"
+        )
     lines += [
         "",
         "*Pruned share* = epochs that pruned trials did not run (max_epochs − epochs run, summed over pruned trials) "
@@ -212,8 +250,10 @@ def report(cfg, epochs: dict, studies: list[dict], load_before: str) -> str:
     ]
     if len(studies) > 1:
         saved = 1 - main["epochs"] / max(studies[1]["epochs"], 1)
-        lines.append(f"Relative to the same study without a pruner: **{saved:.0%}** fewer epochs run "
-                     "(parallel workers make the two studies' trial sequences differ beyond the seeded start).")
+        lines.append(
+            f"Relative to the same study without a pruner: **{saved:.0%}** fewer epochs run "
+            "(parallel workers make the two studies' trial sequences differ beyond the seeded start)."
+        )
     else:
         lines.append("The same study without a pruner was not run (SOFARE_BENCH_BASELINE=1 runs it).")
     ok = minutes <= GOAL_MINUTES and main["pruned_share"] >= GOAL_PRUNED and main["failed"] == 0

@@ -91,16 +91,20 @@ def run() -> str:
         "the day marks), seconds per suite; *total* is their sum, the work of one `sofare_validate` run.",
         "Data Docs are rebuilt once per run and shown apart (their time grows with the stored results).",
         "",
-        "| case | database | rows | " + " | ".join(f"{s} s" for s in SUITES) + " | total s | Data Docs s | result | goal |",
+        "| case | database | rows | "
+        + " | ".join(f"{s} s" for s in SUITES)
+        + " | total s | Data Docs s | result | goal |",
         "|---|---|---:|" + "---:|" * len(SUITES) + "---:|---:|---|---|",
     ]
     for label, backend, goal, r in results:
         total = sum(r["timings"][s] for s in SUITES)
         verdict = "met" if total <= GOALS[goal] else "MISSED"
         lines.append(
-            f"| {label} | {backend} | {r['rows']:,} | " + " | ".join(f"{r['timings'][s]:.2f}" for s in SUITES)
+            f"| {label} | {backend} | {r['rows']:,} | "
+            + " | ".join(f"{r['timings'][s]:.2f}" for s in SUITES)
             + f" | {total:.2f} | {r['timings']['data_docs']:.2f} | {'passed' if r['success'] else 'FAILED'}"
-            + f" | ≤ {GOALS[goal]:.0f} s: **{verdict}** |")
+            + f" | ≤ {GOALS[goal]:.0f} s: **{verdict}** |"
+        )
     return "\n".join(lines)
 
 

@@ -10,7 +10,7 @@ import sqlite3
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,15 +33,17 @@ def machine() -> str:
     except OSError:
         pass
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return (f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM; Python {platform.python_version()}, "
-            f"SQLite {sqlite3.sqlite_version}; measured {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC")
+    return (
+        f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM; Python {platform.python_version()}, "
+        f"SQLite {sqlite3.sqlite_version}; measured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC"
+    )
 
 
 def write_section(name: str, body: str) -> None:
     """Replace (or append) the section between <!-- bench:name --> markers."""
     text = DOC.read_text() if DOC.exists() else HEADER
     block = f"<!-- bench:{name} -->\n{body.strip()}\n<!-- /bench:{name} -->"
-    pattern = re.compile(rf"<!-- bench:{re.escape(name)} -->.*?<!-- /bench:{re.escape(name)} -->", re.S)
+    pattern = re.compile(rf"<!-- bench:{re.escape(name)} -->.*?<!-- /bench:{re.escape(name)} -->", re.DOTALL)
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
     DOC.parent.mkdir(parents=True, exist_ok=True)
     DOC.write_text(text)
@@ -83,10 +85,17 @@ def deployment_home(prefix: str, left: list[int] | None = None) -> Iterator[Path
 
     scratch = Path(tempfile.mkdtemp(prefix=prefix))
     saved = dict(os.environ)
-    os.environ.update({
-        "SOFARE_PATHS__VAR": str(scratch / "var"), "SOFARE_WAREHOUSE__URL": f"sqlite:///{scratch / 'wh.db'}",
-        "SOFARE_INGEST__CONTEXT_DAYS": "60", "SOFARE_DEPLOY__FRONTDOOR_PORT": str(bento.free_port(0)),
-        "SOFARE_SERVING__PORT": str(bento.free_port(0)), "AIRFLOW_HOME": str(scratch / "airflow"), **SMALL_TRAINING})
+    os.environ.update(
+        {
+            "SOFARE_PATHS__VAR": str(scratch / "var"),
+            "SOFARE_WAREHOUSE__URL": f"sqlite:///{scratch / 'wh.db'}",
+            "SOFARE_INGEST__CONTEXT_DAYS": "60",
+            "SOFARE_DEPLOY__FRONTDOOR_PORT": str(bento.free_port(0)),
+            "SOFARE_SERVING__PORT": str(bento.free_port(0)),
+            "AIRFLOW_HOME": str(scratch / "airflow"),
+            **SMALL_TRAINING,
+        }
+    )
     try:
         yield scratch
     finally:

@@ -45,8 +45,14 @@ from typing import Any
 now = time.perf_counter
 
 
-def request_bytes(host: str, path: str, body: bytes | None = None, method: str | None = None,
-                  content_type: str = "application/json", headers: dict[str, str] | None = None) -> bytes:
+def request_bytes(
+    host: str,
+    path: str,
+    body: bytes | None = None,
+    method: str | None = None,
+    content_type: str = "application/json",
+    headers: dict[str, str] | None = None,
+) -> bytes:
     method = method or ("POST" if body is not None else "GET")
     lines = [f"{method} {path} HTTP/1.1", f"Host: {host}"]
     if body is not None:
@@ -100,8 +106,9 @@ class StaleConnection(ConnectionError):
     """A kept-alive connection the server had closed: no byte of a response came."""
 
 
-def _idle(idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]
-          ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
+def _idle(
+    idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]],
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
     """The most recently used idle connection the server has not closed, or None."""
     while idle:
         reader, writer = idle.pop()
@@ -116,8 +123,9 @@ def _close(writer: asyncio.StreamWriter) -> None:
         writer.close()
 
 
-async def open_loop(host: str, port: int, requests: list[bytes], rate: float, seconds: float,
-                    timeout: float = 10.0, warm: int = 4) -> dict[str, Any]:
+async def open_loop(
+    host: str, port: int, requests: list[bytes], rate: float, seconds: float, timeout: float = 10.0, warm: int = 4
+) -> dict[str, Any]:
     total = max(int(rate * seconds), 1)
     ms = [math.nan] * total
     status = [0] * total
@@ -176,12 +184,28 @@ async def open_loop(host: str, port: int, requests: list[bytes], rate: float, se
     for _, writer in idle:
         _close(writer)
     elapsed = (ended if pending else finished) - start
-    return {"ms": ms, "status": status, "lag_ms": lag, "elapsed": elapsed, "connections": opened,
-            "offered": rate, "seconds": seconds, "t0": t0, "t1": time.time()}
+    return {
+        "ms": ms,
+        "status": status,
+        "lag_ms": lag,
+        "elapsed": elapsed,
+        "connections": opened,
+        "offered": rate,
+        "seconds": seconds,
+        "t0": t0,
+        "t1": time.time(),
+    }
 
 
-async def closed_loop(host: str, port: int, requests: list[bytes], clients: int = 1, seconds: float | None = None,
-                      count: int | None = None, timeout: float = 120.0) -> dict[str, Any]:
+async def closed_loop(
+    host: str,
+    port: int,
+    requests: list[bytes],
+    clients: int = 1,
+    seconds: float | None = None,
+    count: int | None = None,
+    timeout: float = 120.0,
+) -> dict[str, Any]:
     ms: list[float] = []
     status: list[int] = []
     opened = 0
@@ -222,8 +246,16 @@ async def closed_loop(host: str, port: int, requests: list[bytes], clients: int 
             _close(conn[1])
 
     await asyncio.gather(*(client(k) for k in range(clients)))
-    return {"ms": ms, "status": status, "lag_ms": [], "elapsed": now() - start, "connections": opened,
-            "clients": clients, "t0": t0, "t1": time.time()}
+    return {
+        "ms": ms,
+        "status": status,
+        "lag_ms": [],
+        "elapsed": now() - start,
+        "connections": opened,
+        "clients": clients,
+        "t0": t0,
+        "t1": time.time(),
+    }
 
 
 async def _jobs(host: str, port: int, jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -232,10 +264,18 @@ async def _jobs(host: str, port: int, jobs: list[dict[str, Any]]) -> list[dict[s
         bodies = [Path(f).read_bytes() for f in spec["bodies"]] if spec.get("bodies") else [None]
         requests = [request_bytes(f"{host}:{port}", spec["path"], b, spec.get("method")) for b in bodies]
         if spec["kind"] == "open":
-            return await open_loop(host, port, requests, spec["rate"], spec["seconds"], spec.get("timeout", 10.0),
-                                   spec.get("warm", 4))
-        return await closed_loop(host, port, requests, spec.get("clients", 1), spec.get("seconds"), spec.get("count"),
-                                 spec.get("timeout", 120.0))
+            return await open_loop(
+                host, port, requests, spec["rate"], spec["seconds"], spec.get("timeout", 10.0), spec.get("warm", 4)
+            )
+        return await closed_loop(
+            host,
+            port,
+            requests,
+            spec.get("clients", 1),
+            spec.get("seconds"),
+            spec.get("count"),
+            spec.get("timeout", 120.0),
+        )
 
     return list(await asyncio.gather(*(job(s) for s in jobs)))
 
@@ -273,9 +313,13 @@ def run(url: str, jobs: list[dict[str, Any]], limit: float | None = None) -> lis
             specs.append({**spec, "bodies": files})
         (folder / "spec.json").write_text(json.dumps({"host": host, "port": int(port), "jobs": specs}))
         longest = max(s.get("delay", 0) + s.get("seconds", 60) + s.get("timeout", 10) for s in jobs)
-        done = subprocess.run([sys.executable, str(Path(__file__).resolve()), str(folder / "spec.json"),
-                               str(folder / "out.json")], capture_output=True, text=True,
-                              timeout=limit or longest + 120, check=False)
+        done = subprocess.run(
+            [sys.executable, str(Path(__file__).resolve()), str(folder / "spec.json"), str(folder / "out.json")],
+            capture_output=True,
+            text=True,
+            timeout=limit or longest + 120,
+            check=False,
+        )
         if done.returncode != 0:
             raise RuntimeError(f"load generator exited {done.returncode}: {done.stderr.strip()[-2000:]}")
         return json.loads((folder / "out.json").read_text())
@@ -302,13 +346,23 @@ def summary(result: dict[str, Any]) -> dict[str, Any]:
             others[str(s)] = others.get(str(s), 0) + 1
     lag = [x for x in result.get("lag_ms", []) if not math.isnan(x)]
     return {
-        "sent": len(pairs), "ok": len(ok), "n503": len(busy), "errors": sum(others.values()), "other": others,
-        "p50": percentile(ok, 50), "p95": percentile(ok, 95), "p99": percentile(ok, 99),
+        "sent": len(pairs),
+        "ok": len(ok),
+        "n503": len(busy),
+        "errors": sum(others.values()),
+        "other": others,
+        "p50": percentile(ok, 50),
+        "p95": percentile(ok, 95),
+        "p99": percentile(ok, 99),
         "max": max(ok, default=math.nan),
-        "p99_503": percentile(busy, 99), "p50_503": percentile(busy, 50),
+        "p99_503": percentile(busy, 99),
+        "p50_503": percentile(busy, 50),
         "achieved": len(ok) / result["elapsed"] if result["elapsed"] > 0 else math.nan,
-        "offered": result.get("offered"), "lag_p99": percentile(lag, 99), "connections": result["connections"],
-        "elapsed": result["elapsed"], "window": (result.get("t0"), result.get("t1")),
+        "offered": result.get("offered"),
+        "lag_p99": percentile(lag, 99),
+        "connections": result["connections"],
+        "elapsed": result["elapsed"],
+        "window": (result.get("t0"), result.get("t1")),
     }
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import write_section  # noqa: E402
+from benchmarks.common import write_section
 
 BENCHMARKS = ["backfill", "validation", "training", "serving", "deploy", "replay"]
 

@@ -35,8 +35,12 @@ from sofare.orchestration import (
 )
 
 CFG = load_config()
-SOURCES = {"sample": "sample (embedded data, every modality)", "binance": "binance (candles, live)",
-           "yfinance": "yfinance (safe-haven bars, live)", "fred": "fred (macro, live)"}
+SOURCES = {
+    "sample": "sample (embedded data, every modality)",
+    "binance": "binance (candles, live)",
+    "yfinance": "yfinance (safe-haven bars, live)",
+    "fred": "fred (macro, live)",
+}
 
 
 @dag(
@@ -50,20 +54,44 @@ SOURCES = {"sample": "sample (embedded data, every modality)", "binance": "binan
     doc_md=__doc__,
     params={
         "sources": Param(
-            ["sample"], type="array", title="Sources",
+            ["sample"],
+            type="array",
+            title="Sources",
             items={"type": "string", "enum": list(SOURCES)},
-            examples=list(SOURCES), values_display=SOURCES,  # `examples`: the form shows a multi-select of them
+            examples=list(SOURCES),
+            values_display=SOURCES,  # `examples`: the form shows a multi-select of them
             description="sample = embedded data for every modality; or live binance / yfinance / fred",
-            minItems=1, uniqueItems=True,
+            minItems=1,
+            uniqueItems=True,
         ),
-        "start": Param("2023-01-01", type="string", format="date", title="First day (UTC, inclusive)",
-                       description="YYYY-MM-DD; the embedded sample holds 2023-01-01 .. 2025-06-30"),
-        "end": Param("2025-06-30", type="string", format="date", title="Last day (UTC, inclusive)",
-                     description="YYYY-MM-DD, on or after the first day"),
-        "symbol": Param(CFG.market.symbol, type="string", pattern="^[A-Z0-9]+$", title="Symbol",
-                        description="Binance symbol in capitals, e.g. BTCUSDT"),
-        "interval": Param(CFG.market.interval, type="string", enum=list(INTERVALS), title="Candle interval",
-                          description="the candle length to load (the model serves market.interval)"),
+        "start": Param(
+            "2023-01-01",
+            type="string",
+            format="date",
+            title="First day (UTC, inclusive)",
+            description="YYYY-MM-DD; the embedded sample holds 2023-01-01 .. 2025-06-30",
+        ),
+        "end": Param(
+            "2025-06-30",
+            type="string",
+            format="date",
+            title="Last day (UTC, inclusive)",
+            description="YYYY-MM-DD, on or after the first day",
+        ),
+        "symbol": Param(
+            CFG.market.symbol,
+            type="string",
+            pattern="^[A-Z0-9]+$",
+            title="Symbol",
+            description="Binance symbol in capitals, e.g. BTCUSDT",
+        ),
+        "interval": Param(
+            CFG.market.interval,
+            type="string",
+            enum=list(INTERVALS),
+            title="Candle interval",
+            description="the candle length to load (the model serves market.interval)",
+        ),
     },
 )
 def sofare_backfill():
@@ -71,7 +99,9 @@ def sofare_backfill():
     def plan_loads(params=None) -> list[dict]:
         from sofare import tasks
 
-        return run(tasks.plan_backfill, params["sources"], params["start"], params["end"], params["symbol"], params["interval"])
+        return run(
+            tasks.plan_backfill, params["sources"], params["start"], params["end"], params["symbol"], params["interval"]
+        )
 
     @task(outlets=[CANDLES, SAFE_HAVEN, MACRO], map_index_template="{{ chunk_label }}")
     def load_chunk(chunk: dict) -> dict:

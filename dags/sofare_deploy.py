@@ -39,14 +39,29 @@ ACTOR = "airflow:sofare_deploy"
     tags=["sofare", "deploy", "canary"],
     doc_md=__doc__,
     params={
-        "version": Param(None, type=["null", "string"], title="Model version",
-                         description="Registered sofare-m3 version with a bento; empty: the triggering event's "
-                                     "version, else the challenger"),
-        "steps": Param(CFG.deploy.steps, type="array", items={"type": "number", "exclusiveMinimum": 0, "maximum": 1},
-                       minItems=1, title="Canary weights",
-                       description="Share of clients on the canary at each step, rising, ending at 1"),
-        "interval_seconds": Param(CFG.deploy.interval_seconds, type="number", minimum=0, maximum=86400,
-                                  title="Seconds per step", description="Traffic observed before a step is judged"),
+        "version": Param(
+            None,
+            type=["null", "string"],
+            title="Model version",
+            description="Registered sofare-m3 version with a bento; empty: the triggering event's "
+            "version, else the challenger",
+        ),
+        "steps": Param(
+            CFG.deploy.steps,
+            type="array",
+            items={"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+            minItems=1,
+            title="Canary weights",
+            description="Share of clients on the canary at each step, rising, ending at 1",
+        ),
+        "interval_seconds": Param(
+            CFG.deploy.interval_seconds,
+            type="number",
+            minimum=0,
+            maximum=86400,
+            title="Seconds per step",
+            description="Traffic observed before a step is judged",
+        ),
     },
 )
 def sofare_deploy():

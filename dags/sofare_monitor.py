@@ -35,8 +35,9 @@ ACTOR = "airflow:sofare_monitor"
 
 @dag(
     dag_id="sofare_monitor",
-    schedule=AssetOrTimeSchedule(timetable=CronTriggerTimetable(CFG.monitoring.schedule, timezone="UTC"),
-                                 assets=CANDLES),
+    schedule=AssetOrTimeSchedule(
+        timetable=CronTriggerTimetable(CFG.monitoring.schedule, timezone="UTC"), assets=CANDLES
+    ),
     start_date=pendulum.parse(CFG.ingest.start_date, tz="UTC"),
     catchup=False,
     max_active_runs=1,
@@ -44,10 +45,20 @@ ACTOR = "airflow:sofare_monitor"
     tags=["sofare", "monitoring", "evidently"],
     doc_md=__doc__,
     params={
-        "at": Param(None, type=["null", "string"], format="date-time", title="Hour to monitor (UTC)",
-                    description="Empty: the run's logical time (the current hour for an asset-triggered run)"),
-        "start": Param(None, type=["null", "string"], format="date-time", title="Fill outcomes from (UTC)",
-                       description="Empty: the longest monitoring window before the hour; earlier to backfill outcomes"),
+        "at": Param(
+            None,
+            type=["null", "string"],
+            format="date-time",
+            title="Hour to monitor (UTC)",
+            description="Empty: the run's logical time (the current hour for an asset-triggered run)",
+        ),
+        "start": Param(
+            None,
+            type=["null", "string"],
+            format="date-time",
+            title="Fill outcomes from (UTC)",
+            description="Empty: the longest monitoring window before the hour; earlier to backfill outcomes",
+        ),
     },
 )
 def sofare_monitor():
@@ -60,8 +71,11 @@ def sofare_monitor():
 
     @task.branch
     def route(action: str) -> list[str]:
-        follow = {"alert": ["alert"], "retrain": ["alert", "request_retrain"],
-                  "rollback": ["alert", "trigger_rollback"]}
+        follow = {
+            "alert": ["alert"],
+            "retrain": ["alert", "request_retrain"],
+            "rollback": ["alert", "trigger_rollback"],
+        }
         return follow.get(action, ["done"])
 
     @task
@@ -75,8 +89,9 @@ def sofare_monitor():
 
     result = assess()
     branch = route(result["action"])
-    rollback = TriggerDagRunOperator(task_id="trigger_rollback", trigger_dag_id="sofare_rollback",
-                                     conf=result["rollback"], wait_for_completion=False)
+    rollback = TriggerDagRunOperator(
+        task_id="trigger_rollback", trigger_dag_id="sofare_rollback", conf=result["rollback"], wait_for_completion=False
+    )
     branch >> [alert(result["alert"]), request_retrain(result["retrain"]), rollback, EmptyOperator(task_id="done")]
 
 

@@ -38,11 +38,18 @@ CFG = load_config()
     tags=["sofare", "promotion", "bentoml"],
     doc_md=__doc__,
     params={
-        "version": Param(None, type=["null", "string"], title="Model version",
-                         description="Registered sofare-m3 version; empty: the one the triggering event carries, "
-                                     "else the newest"),
-        "override_reason": Param(None, type=["null", "string"], title="Override reason (on-call)",
-                                 description="Promote even if the gate rejects the version; recorded with the failed checks"),
+        "version": Param(
+            None,
+            type=["null", "string"],
+            title="Model version",
+            description="Registered sofare-m3 version; empty: the one the triggering event carries, else the newest",
+        ),
+        "override_reason": Param(
+            None,
+            type=["null", "string"],
+            title="Override reason (on-call)",
+            description="Promote even if the gate rejects the version; recorded with the failed checks",
+        ),
     },
 )
 def sofare_promote():
@@ -51,8 +58,9 @@ def sofare_promote():
         from sofare import tasks
 
         extras = [event.extra for events in (triggering_asset_events or {}).values() for event in events]
-        verdict = run(tasks.promote, params.get("version"), "airflow:sofare_promote", params.get("override_reason"),
-                      extras)
+        verdict = run(
+            tasks.promote, params.get("version"), "airflow:sofare_promote", params.get("override_reason"), extras
+        )
         return verdict if verdict["promoted"] else False
 
     @task

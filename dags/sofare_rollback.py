@@ -23,8 +23,13 @@ from sofare.config import load_config
 from sofare.orchestration import CHAMPION, UNSCHEDULED_START, default_args, run
 
 CFG = load_config()
-REASONS = {"incident": "Incident (errors, outage)", "bad-predictions": "Bad predictions",
-           "latency": "Latency", "drift": "Data drift", "other": "Other (say in details)"}
+REASONS = {
+    "incident": "Incident (errors, outage)",
+    "bad-predictions": "Bad predictions",
+    "latency": "Latency",
+    "drift": "Data drift",
+    "other": "Other (say in details)",
+}
 
 
 @dag(
@@ -37,11 +42,22 @@ REASONS = {"incident": "Incident (errors, outage)", "bad-predictions": "Bad pred
     tags=["sofare", "deploy", "on-call"],
     doc_md=__doc__,
     params={
-        "reason": Param("incident", type="string", enum=list(REASONS), values_display=REASONS, title="Reason",
-                        description="Why the model is rolled back (recorded in the audit log and the alert)"),
+        "reason": Param(
+            "incident",
+            type="string",
+            enum=list(REASONS),
+            values_display=REASONS,
+            title="Reason",
+            description="Why the model is rolled back (recorded in the audit log and the alert)",
+        ),
         "details": Param("", type="string", maxLength=2000, title="Details", description="What you saw"),
-        "target_version": Param(None, type=["null", "string"], pattern=r"^[0-9]+$", title="Target version",
-                                description="Empty: the stable when a canary is live, else the previous champion"),
+        "target_version": Param(
+            None,
+            type=["null", "string"],
+            pattern=r"^[0-9]+$",
+            title="Target version",
+            description="Empty: the stable when a canary is live, else the previous champion",
+        ),
     },
 )
 def sofare_rollback():
@@ -51,12 +67,21 @@ def sofare_rollback():
 
         from sofare import tasks
 
-        result = run(tasks.rollback, params["reason"], params["details"] or "", params["target_version"],
-                     "airflow:sofare_rollback")
+        result = run(
+            tasks.rollback,
+            params["reason"],
+            params["details"] or "",
+            params["target_version"],
+            "airflow:sofare_rollback",
+        )
         logging.getLogger("sofare.rollback").info(
-            "version %s %s, verified through %s in %.1f s (live answers: %s)", result["target"],
-            "already served" if result["decision"] == "noop" else "rolled back", result["frontdoor"],
-            result["seconds"], ", ".join(result["verified"]))
+            "version %s %s, verified through %s in %.1f s (live answers: %s)",
+            result["target"],
+            "already served" if result["decision"] == "noop" else "rolled back",
+            result["frontdoor"],
+            result["seconds"],
+            ", ".join(result["verified"]),
+        )
         return result
 
     rollback()

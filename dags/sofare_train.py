@@ -32,8 +32,10 @@ CFG = load_config()
 
 @dag(
     dag_id="sofare_train",
-    schedule=AssetOrTimeSchedule(timetable=CronTriggerTimetable(CFG.training.schedule, timezone="UTC"),
-                                 assets=VALIDATED_FEATURES | RETRAIN_REQUEST),
+    schedule=AssetOrTimeSchedule(
+        timetable=CronTriggerTimetable(CFG.training.schedule, timezone="UTC"),
+        assets=VALIDATED_FEATURES | RETRAIN_REQUEST,
+    ),
     start_date=pendulum.parse(CFG.ingest.start_date, tz="UTC"),
     catchup=False,
     max_active_runs=1,
@@ -41,17 +43,43 @@ CFG = load_config()
     tags=["sofare", "training", "optuna", "mlflow"],
     doc_md=__doc__,
     params={
-        "n_trials": Param(CFG.training.n_trials, type="integer", minimum=1, maximum=500, title="Optuna trials",
-                          description="finished trials the study should hold (a resumed study counts its earlier ones)"),
-        "timeout": Param(CFG.training.timeout_seconds, type="integer", minimum=60, title="Tuning timeout (s)",
-                         description="each tuning worker stops starting trials after this many seconds"),
-        "max_epochs": Param(CFG.training.max_epochs, type="integer", minimum=1, maximum=200, title="Max epochs per trial",
-                            description="per trial, per walk-forward fold and for the final fit (early stopping may end "
-                                        "sooner)"),
-        "start": Param(None, type=["null", "string"], format="date", title="Training window start (UTC day)",
-                       description="Empty: the latest span of days that passed every validation suite"),
-        "end": Param(None, type=["null", "string"], format="date", title="Training window end (inclusive)",
-                     description="Empty: the last day of that validated span"),
+        "n_trials": Param(
+            CFG.training.n_trials,
+            type="integer",
+            minimum=1,
+            maximum=500,
+            title="Optuna trials",
+            description="finished trials the study should hold (a resumed study counts its earlier ones)",
+        ),
+        "timeout": Param(
+            CFG.training.timeout_seconds,
+            type="integer",
+            minimum=60,
+            title="Tuning timeout (s)",
+            description="each tuning worker stops starting trials after this many seconds",
+        ),
+        "max_epochs": Param(
+            CFG.training.max_epochs,
+            type="integer",
+            minimum=1,
+            maximum=200,
+            title="Max epochs per trial",
+            description="per trial, per walk-forward fold and for the final fit (early stopping may end sooner)",
+        ),
+        "start": Param(
+            None,
+            type=["null", "string"],
+            format="date",
+            title="Training window start (UTC day)",
+            description="Empty: the latest span of days that passed every validation suite",
+        ),
+        "end": Param(
+            None,
+            type=["null", "string"],
+            format="date",
+            title="Training window end (inclusive)",
+            description="Empty: the last day of that validated span",
+        ),
     },
 )
 def sofare_train():
@@ -59,8 +87,14 @@ def sofare_train():
     def plan(params=None) -> dict:
         from sofare import tasks
 
-        return run(tasks.train_plan, params["n_trials"], params["timeout"], params["max_epochs"], params["start"],
-                   params["end"])
+        return run(
+            tasks.train_plan,
+            params["n_trials"],
+            params["timeout"],
+            params["max_epochs"],
+            params["start"],
+            params["end"],
+        )
 
     @task(map_index_template="worker {{ task.op_kwargs['worker'] }}")
     def tune(plan: dict, worker: int) -> dict:

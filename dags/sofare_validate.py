@@ -34,8 +34,9 @@ CFG = load_config()
 
 @dag(
     dag_id="sofare_validate",
-    schedule=AssetOrTimeSchedule(timetable=CronDataIntervalTimetable(CFG.ingest.schedule, timezone="UTC"),
-                                 assets=FEATURES),
+    schedule=AssetOrTimeSchedule(
+        timetable=CronDataIntervalTimetable(CFG.ingest.schedule, timezone="UTC"), assets=FEATURES
+    ),
     start_date=pendulum.parse(CFG.ingest.start_date, tz="UTC"),
     catchup=False,
     max_active_runs=2,
@@ -43,10 +44,20 @@ CFG = load_config()
     tags=["sofare", "validation", "great-expectations"],
     doc_md=__doc__,
     params={
-        "start": Param(None, type=["null", "string"], format="date", title="First day (UTC, inclusive)",
-                       description="Manual runs: validate this range instead of the data interval"),
-        "end": Param(None, type=["null", "string"], format="date", title="Last day (UTC, inclusive)",
-                     description="YYYY-MM-DD; empty: the run's data interval (or the features asset's interval)"),
+        "start": Param(
+            None,
+            type=["null", "string"],
+            format="date",
+            title="First day (UTC, inclusive)",
+            description="Manual runs: validate this range instead of the data interval",
+        ),
+        "end": Param(
+            None,
+            type=["null", "string"],
+            format="date",
+            title="Last day (UTC, inclusive)",
+            description="YYYY-MM-DD; empty: the run's data interval (or the features asset's interval)",
+        ),
     },
 )
 def sofare_validate():

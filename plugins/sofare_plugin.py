@@ -38,7 +38,7 @@ def login_url(next_url: str) -> str:
 
 
 @app.middleware("http")
-async def require_login(request: Request, call_next):  # noqa: ANN001, ANN201 - Starlette's middleware signature
+async def require_login(request: Request, call_next):
     """Before any route or static file: an Airflow login, or a redirect to it (browsers) / 401 (API clients)."""
     path = request.url.path.removeprefix(request.scope.get("root_path", ""))
     if path in OPEN_PATHS:
@@ -50,8 +50,10 @@ async def require_login(request: Request, call_next):  # noqa: ANN001, ANN201 - 
     except HTTPException as refused:
         if request.method == "GET" and "text/html" in request.headers.get("accept", ""):
             return RedirectResponse(login_url(quote(str(request.url), safe=":/?=&")), status_code=303)
-        return JSONResponse({"detail": f"{refused.detail}: log in to Airflow first (cookie or Bearer token)"},
-                            status_code=refused.status_code)
+        return JSONResponse(
+            {"detail": f"{refused.detail}: log in to Airflow first (cookie or Bearer token)"},
+            status_code=refused.status_code,
+        )
     return await call_next(request)
 
 
@@ -67,15 +69,21 @@ class Files(StaticFiles):
         from pathlib import Path
 
         if not Path(str(self.directory)).is_dir():
-            missing = Response(f"not generated yet: {self.created_by} writes it", status_code=404, media_type="text/plain")
+            missing = Response(
+                f"not generated yet: {self.created_by} writes it", status_code=404, media_type="text/plain"
+            )
             return await missing(scope, receive, send)
         return await super().__call__(scope, receive, send)
 
 
-app.mount("/data-docs", Files(str(load_config().var_dir / "data_docs"), "`sofare validate` (Data Docs)", html=True),
-          name="data-docs")
-app.mount("/reports", Files(str(load_config().var_dir / "reports"), "`sofare monitor` (Evidently reports)"),
-          name="reports")  # the Evidently drift reports the monitor writes and its page links
+app.mount(
+    "/data-docs",
+    Files(str(load_config().var_dir / "data_docs"), "`sofare validate` (Data Docs)", html=True),
+    name="data-docs",
+)
+app.mount(
+    "/reports", Files(str(load_config().var_dir / "reports"), "`sofare monitor` (Evidently reports)"), name="reports"
+)  # the Evidently drift reports the monitor writes and its page links
 
 PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>SOFARE warehouse status</title>
 <style>body{{font-family:system-ui,sans-serif;margin:2rem}}pre{{background:#f6f8fa;padding:1rem}}</style></head>

@@ -47,8 +47,13 @@ def pytest_configure(config: pytest.Config) -> None:
 def airflow_db() -> Path:
     """Airflow's metadata database (SQLite), migrated once per session."""
     home = Path(os.environ["AIRFLOW_HOME"])
-    result = subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], capture_output=True, text=True,
-                            env=os.environ.copy(), check=False)
+    result = subprocess.run(
+        [sys.executable, "-m", "airflow", "db", "migrate"],
+        capture_output=True,
+        text=True,
+        env=os.environ.copy(),
+        check=False,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return home
 
@@ -178,8 +183,12 @@ def model_home(validated_db, tmp_path_factory) -> dict[str, Any]:
     db = home / "warehouse.db"
     with sqlite3.connect(validated_db) as source, sqlite3.connect(db) as target:
         source.backup(target)
-    env = {"SOFARE_PATHS__VAR": str(home / "var"), "SOFARE_WAREHOUSE__URL": f"sqlite:///{db}",
-           "SOFARE_SERVING__MAX_BATCH_WINDOWS": "8", **SMALL_TRAINING}
+    env = {
+        "SOFARE_PATHS__VAR": str(home / "var"),
+        "SOFARE_WAREHOUSE__URL": f"sqlite:///{db}",
+        "SOFARE_SERVING__MAX_BATCH_WINDOWS": "8",
+        **SMALL_TRAINING,
+    }
     with pytest.MonkeyPatch.context() as mp:
         for key, value in env.items():
             mp.setenv(key, value)

@@ -38,8 +38,10 @@ def cmd_init(cfg: Config, args: argparse.Namespace) -> int:
 def _progress(step: str, chunk: dict[str, Any], result: dict[str, Any]) -> None:
     if step == "load":
         gaps = f"  gaps: {len(result['gaps'])}" if result["gaps"] else ""
-        _print(f"  {chunk['source']:<8} {chunk['modality']:<10} {chunk['start'][:10]} .. {chunk['end'][:10]}  "
-               f"{result['rows']:>6} rows{gaps}")
+        _print(
+            f"  {chunk['source']:<8} {chunk['modality']:<10} {chunk['start'][:10]} .. {chunk['end'][:10]}  "
+            f"{result['rows']:>6} rows{gaps}"
+        )
     else:
         _print(f"  features {chunk['start'][:10]} .. {chunk['end'][:10]}  {result['rows']:>6} rows")
 
@@ -51,8 +53,10 @@ def cmd_backfill(cfg: Config, args: argparse.Namespace) -> int:
     summary = tasks.backfill(cfg, [args.source], args.start, args.end, args.symbol, args.interval, _progress)
     _print()
     _print(report.format_status(summary["status"]))
-    _print(f"\nloaded {summary['loaded_rows']} rows in {summary['intervals']} intervals; "
-           f"gaps found: {len(summary['gaps_found'])}")
+    _print(
+        f"\nloaded {summary['loaded_rows']} rows in {summary['intervals']} intervals; "
+        f"gaps found: {len(summary['gaps_found'])}"
+    )
     return 0
 
 
@@ -83,7 +87,9 @@ def cmd_validate(cfg: Config, args: argparse.Namespace) -> int:
     for result in results:
         _print(result.summary())
     _print(f"Data Docs: {suites.data_docs_index(cfg)}")
-    failed = [f"{r.suite} ({len(r.failures)} expectation(s), {len(r.days_failed)} day(s))" for r in results if not r.success]
+    failed = [
+        f"{r.suite} ({len(r.failures)} expectation(s), {len(r.days_failed)} day(s))" for r in results if not r.success
+    ]
     if failed:
         print(f"sofare validate: error: validation failed: {', '.join(failed)}", file=sys.stderr)
         return 1
@@ -99,24 +105,36 @@ def format_training(registered: dict[str, Any]) -> str:
     report = r.report
     where, evidence = report.evidence()
     primary = evidence["sofare_m3"][report.primary_metric]
-    lines = [f"registered {r.model} version {r.version} (semver {r.semver}), MLflow run {r.run_id}; primary metric "
-             f"{report.primary_metric} = {primary.value:.4f} [{primary.ci_low:.4f}, {primary.ci_high:.4f}] ({where})"]
+    lines = [
+        f"registered {r.model} version {r.version} (semver {r.semver}), MLflow run {r.run_id}; primary metric "
+        f"{report.primary_metric} = {primary.value:.4f} [{primary.ci_low:.4f}, {primary.ci_high:.4f}] ({where})"
+    ]
 
     def table(title: str, scores: dict[str, Any], metrics: list[str]) -> list[str]:
         names = [n for n in PREDICTORS if n in scores]
-        return [f"{title:<12}" + "".join(f"{n:>13}" for n in names),
-                *[f"{m:<12}" + "".join(f"{scores[n][m].value:>13.4f}" for n in names) for m in metrics]]
+        return [
+            f"{title:<12}" + "".join(f"{n:>13}" for n in names),
+            *[f"{m:<12}" + "".join(f"{scores[n][m].value:>13.4f}" for n in names) for m in metrics],
+        ]
 
     if report.wf is not None and report.wf.folds:
-        lines += table("walk-forward", report.wf.pooled, [m for m in ("accuracy", "roc_auc", "brier", "ic")
-                                                           if m in report.wf.pooled["sofare_m3"]])
-        lines += [f"  vs {p.baseline}: {p.verdict} ({p.difference.value:+.4f} [{p.difference.ci_low:+.4f}, "
-                  f"{p.difference.ci_high:+.4f}])" for p in report.wf.paired]
+        lines += table(
+            "walk-forward",
+            report.wf.pooled,
+            [m for m in ("accuracy", "roc_auc", "brier", "ic") if m in report.wf.pooled["sofare_m3"]],
+        )
+        lines += [
+            f"  vs {p.baseline}: {p.verdict} ({p.difference.value:+.4f} [{p.difference.ci_low:+.4f}, "
+            f"{p.difference.ci_high:+.4f}])"
+            for p in report.wf.paired
+        ]
     lines += table("test metric", report.scores, list(report.scores["sofare_m3"]))
     if report.policy is not None and report.policy_test is not None and report.policy_buy_and_hold is not None:
         t, h = report.policy_test, report.policy_buy_and_hold
-        lines.append(f"policy {report.policy.id}: test window {t.total_return:+.2%} after costs ({t.trades} trades, "
-                     f"fees {t.fees_paid:.2%}), buy and hold {h.total_return:+.2%}")
+        lines.append(
+            f"policy {report.policy.id}: test window {t.total_return:+.2%} after costs ({t.trades} trades, "
+            f"fees {t.fees_paid:.2%}), buy and hold {h.total_return:+.2%}"
+        )
     lines.append(f"model card (95% CIs, walk-forward, policy, ablations): {r.model_card}")
     return "\n".join(lines)
 
@@ -165,8 +183,10 @@ def cmd_serve(cfg: Config, args: argparse.Namespace) -> int:
         _print("stopped" if tasks.stop_serving(cfg, args.variant) else f"no {args.variant} server running")
         return 0
     served = tasks.serve(cfg, args.version, args.port, args.variant)
-    _print(f"serving {served['bento']} ({cfg.mlflow.model_name} version {served['version']}, {args.variant}) on "
-           f"{served['url']} (Swagger UI: {served['url']}/; stop: sofare serve --stop)")
+    _print(
+        f"serving {served['bento']} ({cfg.mlflow.model_name} version {served['version']}, {args.variant}) on "
+        f"{served['url']} (Swagger UI: {served['url']}/; stop: sofare serve --stop)"
+    )
     return 0
 
 
@@ -181,8 +201,10 @@ def format_deployment(status: dict[str, Any]) -> str:
             lines.append(f"  {role:<6}  none")
             continue
         share = status["canary_weight"] if role == "canary" else 1 - status["canary_weight"]
-        lines.append(f"  {role:<6}  version {b['version']:<4} {b['bento']}  port {b['port']}  weight {share:.0%}  "
-                     f"{'running' if b['running'] else 'NOT RUNNING (pid ' + str(b['pid']) + ')'}")
+        lines.append(
+            f"  {role:<6}  version {b['version']:<4} {b['bento']}  port {b['port']}  weight {share:.0%}  "
+            f"{'running' if b['running'] else 'NOT RUNNING (pid ' + str(b['pid']) + ')'}"
+        )
     return "\n".join(lines)
 
 
@@ -214,8 +236,10 @@ def cmd_canary(cfg: Config, args: argparse.Namespace) -> int:
     _print(format_deployment(status))
     if args.action == "status":
         for event in status["history"]:
-            _print(f"  {event['at']}  {event['action']:<8} {event['decision']:<8} stable {event['stable_version']} "
-                   f"canary {event['canary_version']} weight {event['canary_weight']:g}: {event['reason']}")
+            _print(
+                f"  {event['at']}  {event['action']:<8} {event['decision']:<8} stable {event['stable_version']} "
+                f"canary {event['canary_version']} weight {event['canary_weight']:g}: {event['reason']}"
+            )
     return 0
 
 
@@ -224,8 +248,10 @@ def cmd_rollback(cfg: Config, args: argparse.Namespace) -> int:
 
     result = tasks.rollback(cfg, args.reason, args.details or "", args.to, actor=args.actor)
     what = "already served: verified" if result["decision"] == "noop" else "rolled back and verified"
-    _print(f"version {result['target']} {what} through {result['frontdoor']} in {result['seconds']:.1f}s "
-           f"({len(result['verified'])} live requests); audit record {result['audit_id']}")
+    _print(
+        f"version {result['target']} {what} through {result['frontdoor']} in {result['seconds']:.1f}s "
+        f"({len(result['verified'])} live requests); audit record {result['audit_id']}"
+    )
     return 0
 
 
@@ -241,15 +267,21 @@ def format_monitor(run: dict[str, Any]) -> str:
             lines.append(f"{head} insufficient (fewer than the minimum outcomes)")
             continue
         p = q.persistence_accuracy
-        lines.append(f"{head} accuracy {q.accuracy.value:.1%} [{q.accuracy.ci_low:.1%}, {q.accuracy.ci_high:.1%}]  "
-                     f"persistence {p.value:.1%}  always-up {q.always_up_accuracy.value:.1%}  "
-                     f"Brier {q.brier.value:.3f}" if p and q.always_up_accuracy and q.brier else head)
+        lines.append(
+            f"{head} accuracy {q.accuracy.value:.1%} [{q.accuracy.ci_low:.1%}, {q.accuracy.ci_high:.1%}]  "
+            f"persistence {p.value:.1%}  always-up {q.always_up_accuracy.value:.1%}  "
+            f"Brier {q.brier.value:.3f}"
+            if p and q.always_up_accuracy and q.brier
+            else head
+        )
     d = r.drift
     if d.status == "ok":
-        lines.append(f"  drift (version {d.model_version}, {d.current_rows} served hours vs {d.reference_rows} reference): "
-                     f"{d.drifted_columns}/{d.columns} features ({d.share:.0%}); prediction drift "
-                     f"{'yes' if d.prediction_drifted else 'no'}; target drift {'yes' if d.target_drifted else 'no'}"
-                     + (f"; report var/{d.report}" if d.report else ""))
+        lines.append(
+            f"  drift (version {d.model_version}, {d.current_rows} served hours vs {d.reference_rows} reference): "
+            f"{d.drifted_columns}/{d.columns} features ({d.share:.0%}); prediction drift "
+            f"{'yes' if d.prediction_drifted else 'no'}; target drift {'yes' if d.target_drifted else 'no'}"
+            + (f"; report var/{d.report}" if d.report else "")
+        )
     else:
         lines.append(f"  drift: {d.status}: {d.message}")
     for s in r.service:
@@ -278,32 +310,42 @@ def cmd_replay(cfg: Config, args: argparse.Namespace) -> int:
     if args.speed is not None:
         speed = float(args.speed) if args.speed.replace(".", "", 1).isdigit() else -1.0
         if not 0 < speed < float("inf"):
-            print(f"sofare replay: error: --speed must be a positive number of hours per second, got {args.speed!r}",
-                  file=sys.stderr)
+            print(
+                f"sofare replay: error: --speed must be a positive number of hours per second, got {args.speed!r}",
+                file=sys.stderr,
+            )
             return 2
     if not args.verbose:  # one line per action; the per-hour INFO logs and numpy's NaN warnings only with -v
         import warnings
 
         logging.getLogger("sofare").setLevel(logging.WARNING)
         warnings.filterwarnings("ignore", category=RuntimeWarning)
-    summary = replay.replay(cfg, args.start, args.end, speed, args.inject,
-                            progress=None if args.json else _print).to_dict()
+    summary = replay.replay(
+        cfg, args.start, args.end, speed, args.inject, progress=None if args.json else _print
+    ).to_dict()
     if args.json:
         _print(json.dumps(summary, indent=2, default=str))
         return 0
     _print(f"\nreplayed {summary['hours']} hours {summary['start']} .. {summary['end']} in {summary['seconds']:.0f}s")
-    _print("predictions: " + (", ".join(f"{k}: {v}" for k, v in summary["predictions"].items()) or "none")
-           + (f"; refused {summary['refused']}" if summary["refused"] else ""))
+    _print(
+        "predictions: "
+        + (", ".join(f"{k}: {v}" for k, v in summary["predictions"].items()) or "none")
+        + (f"; refused {summary['refused']}" if summary["refused"] else "")
+    )
     for q in summary["quality"]:
         if q.get("accuracy"):
             a, p = q["accuracy"], q["persistence_accuracy"]
-            _print(f"  version {q['model_version']} {q['variant']}: accuracy {a['value']:.1%} [{a['ci_low']:.1%}, "
-                   f"{a['ci_high']:.1%}] over {q['n']} hours; persistence {p['value']:.1%}; Brier {q['brier']['value']:.3f}")
+            _print(
+                f"  version {q['model_version']} {q['variant']}: accuracy {a['value']:.1%} [{a['ci_low']:.1%}, "
+                f"{a['ci_high']:.1%}] over {q['n']} hours; persistence {p['value']:.1%}; Brier {q['brier']['value']:.3f}"
+            )
         else:
             _print(f"  version {q['model_version']} {q['variant']}: insufficient ({q['n']} hours with an outcome)")
     _print(f"drift events (medium or worse): {len(summary['drift_events'])}")
-    _print(f"actions taken: {len(summary['actions'])}" + "".join(
-        f"\n  {a['at']}  {a['action']} ({a['severity']}): {a['reason'][:160]}" for a in summary["actions"]))
+    _print(
+        f"actions taken: {len(summary['actions'])}"
+        + "".join(f"\n  {a['at']}  {a['action']} ({a['severity']}): {a['reason'][:160]}" for a in summary["actions"])
+    )
     for note in summary["notes"]:
         _print(f"note: {note}")
     return 0
@@ -322,14 +364,17 @@ def cmd_demo(cfg: Config, args: argparse.Namespace) -> int:
         _print(f"✓ {line}")
     logfile = cfg.var_dir / "logs" / "demo.log"
     _print(f"\n[1/4] sofare_backfill {DEMO_START} .. {DEMO_END}, source sample (task logs: {logfile})")
-    runtime.run_dag(cfg, "sofare_backfill",
-                    conf={"sources": ["sample"], "start": DEMO_START, "end": DEMO_END}, logfile=logfile)
+    runtime.run_dag(
+        cfg, "sofare_backfill", conf={"sources": ["sample"], "start": DEMO_START, "end": DEMO_END}, logfile=logfile
+    )
     engine = warehouse.get_engine(cfg)
     status = tasks.status(cfg)
     _print(report.format_status(status))
     gaps = [(e["key"], g) for e in status["candles"] for g in e["gaps"]]
-    _print(f"\ncandle gaps found: {len(gaps)}" + "".join(f"\n  {key}: {g['first_missing']} ({g['missing']} missing)"
-                                                     for key, g in gaps))
+    _print(
+        f"\ncandle gaps found: {len(gaps)}"
+        + "".join(f"\n  {key}: {g['first_missing']} ({g['missing']} missing)" for key, g in gaps)
+    )
     for table, digest in report.table_checksums(engine, feature_spec(cfg).columns).items():
         _print(f"checksum {table:<20} {digest}")
 
@@ -339,24 +384,39 @@ def cmd_demo(cfg: Config, args: argparse.Namespace) -> int:
         _print(f"  {line}")
     _print(f"Data Docs: file://{suites.data_docs_index(cfg)}")
 
-    _print(f"\n[3/4] sofare_train {DEMO_TRAIN[0]} .. {DEMO_TRAIN[1]} (validated days): a small study "
-           f"({DEMO_TRIALS} Optuna trials, ≤ {DEMO_EPOCHS} epochs each), final fit, test evaluation, MLflow registry")
-    runtime.run_dag(cfg, "sofare_train", logfile=logfile,
-                    conf={"n_trials": DEMO_TRIALS, "max_epochs": DEMO_EPOCHS, "timeout": 1800,
-                          "start": DEMO_TRAIN[0], "end": DEMO_TRAIN[1]})
+    _print(
+        f"\n[3/4] sofare_train {DEMO_TRAIN[0]} .. {DEMO_TRAIN[1]} (validated days): a small study "
+        f"({DEMO_TRIALS} Optuna trials, ≤ {DEMO_EPOCHS} epochs each), final fit, test evaluation, MLflow registry"
+    )
+    runtime.run_dag(
+        cfg,
+        "sofare_train",
+        logfile=logfile,
+        conf={
+            "n_trials": DEMO_TRIALS,
+            "max_epochs": DEMO_EPOCHS,
+            "timeout": 1800,
+            "start": DEMO_TRAIN[0],
+            "end": DEMO_TRAIN[1],
+        },
+    )
     registered = tasks.registered(cfg)
     _print(format_training(registered))
     _print(f"MLflow: {cfg.mlflow_tracking_uri} (UI: .venv/bin/mlflow ui --backend-store-uri {cfg.mlflow_tracking_uri})")
 
     url = _demo_serve(cfg, logfile, registered["version"])
-    _print(f"\ndemo finished in {time.monotonic() - started:.0f}s; run it again: same rows, same checksums, same metrics.")
-    _print(f"The service keeps running behind the front door {url} (Swagger UI: {url}/). Try:\n"
-           f"  curl -s -X POST {url}/predict_latest -H 'Content-Type: application/json' -d '{{\"symbol\": \"BTCUSDT\"}}'\n"
-           f"  curl -s -X POST {url}/predict_latest -H 'Content-Type: application/json' -d '{{\"symbol\": \"ETHUSDT\"}}'   # a 422 naming the field\n"
-           "  .venv/bin/sofare canary status      # what serves where; .venv/bin/sofare rollback --reason incident\n"
-           "  .venv/bin/sofare replay --start 2025-06-23 --end 2025-06-29 --inject drift   # a week as if live: "
-           "predictions, outcomes, drift, a retrain request (docs/runbook.md)\n"
-           "Stop it: .venv/bin/sofare deploy --stop")
+    _print(
+        f"\ndemo finished in {time.monotonic() - started:.0f}s; run it again: same rows, same checksums, same metrics."
+    )
+    _print(
+        f"The service keeps running behind the front door {url} (Swagger UI: {url}/). Try:\n"
+        f"  curl -s -X POST {url}/predict_latest -H 'Content-Type: application/json' -d '{{\"symbol\": \"BTCUSDT\"}}'\n"
+        f"  curl -s -X POST {url}/predict_latest -H 'Content-Type: application/json' -d '{{\"symbol\": \"ETHUSDT\"}}'   # a 422 naming the field\n"
+        "  .venv/bin/sofare canary status      # what serves where; .venv/bin/sofare rollback --reason incident\n"
+        "  .venv/bin/sofare replay --start 2025-06-23 --end 2025-06-29 --inject drift   # a week as if live: "
+        "predictions, outcomes, drift, a retrain request (docs/runbook.md)\n"
+        "Stop it: .venv/bin/sofare deploy --stop"
+    )
     return 0
 
 
@@ -371,23 +431,40 @@ def _demo_serve(cfg: Config, logfile: Path, version: str) -> str:
     tags = tasks.version_tags(cfg, version)
     _print(f"gate: {tags['promotion_verdict']}" + "".join(f"\n  {r}" for r in json.loads(tags["promotion_reasons"])))
     if tags["promotion_verdict"] == "rejected":
-        _print("No version passed the gate, so nothing would be served in production. To show the serving path,\n"
-               "the demo overrides the gate as an on-call engineer can (`sofare promote --override REASON`);\n"
-               "the override and every failed check are recorded in the audit_log table and on the version.")
-        runtime.run_dag(cfg, "sofare_promote", logfile=logfile,
-                        conf={"version": version, "override_reason": "make demo: show the serving path, not a production promotion"})
+        _print(
+            "No version passed the gate, so nothing would be served in production. To show the serving path,\n"
+            "the demo overrides the gate as an on-call engineer can (`sofare promote --override REASON`);\n"
+            "the override and every failed check are recorded in the audit_log table and on the version."
+        )
+        runtime.run_dag(
+            cfg,
+            "sofare_promote",
+            logfile=logfile,
+            conf={
+                "version": version,
+                "override_reason": "make demo: show the serving path, not a production promotion",
+            },
+        )
         tags = tasks.version_tags(cfg, version)
     _print(f"bento: {tags['bento_tag']}; container: {tags['container']}")
     status = tasks.deploy(cfg, version, actor="make demo")  # nothing serving: stable; a demo already serving: canary
     _print(format_deployment(status))
     url = status["frontdoor"]["url"]
-    with urllib.request.urlopen(urllib.request.Request(
-            f"{url}/predict_latest", data=json.dumps({"symbol": cfg.market.symbol}).encode(), method="POST",
-            headers={"Content-Type": "application/json", "X-Client-Id": "make-demo"}), timeout=60) as response:
+    with urllib.request.urlopen(
+        urllib.request.Request(
+            f"{url}/predict_latest",
+            data=json.dumps({"symbol": cfg.market.symbol}).encode(),
+            method="POST",
+            headers={"Content-Type": "application/json", "X-Client-Id": "make-demo"},
+        ),
+        timeout=60,
+    ) as response:
         answer = json.loads(response.read())
         served_by = response.headers.get("X-Served-By")
-    _print(f"live POST {url}/predict_latest {{\"symbol\": \"{cfg.market.symbol}\"}} (answered by {served_by}) ->\n"
-           f"  {json.dumps(answer)}")
+    _print(
+        f'live POST {url}/predict_latest {{"symbol": "{cfg.market.symbol}"}} (answered by {served_by}) ->\n'
+        f"  {json.dumps(answer)}"
+    )
     return url
 
 
@@ -397,7 +474,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("init", help="create var/, the warehouse schema, Airflow's DB and connection")
-    p.add_argument("--rebuild-features", action="store_true", help="drop and rebuild a features table of another feature set")
+    p.add_argument(
+        "--rebuild-features", action="store_true", help="drop and rebuild a features table of another feature set"
+    )
     p.add_argument("--no-airflow", action="store_true", help="only the warehouse (no Airflow metadata DB)")
     p.set_defaults(func=cmd_init)
 
@@ -425,7 +504,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trials", type=int, default=None, help="Optuna trials (default: training.n_trials)")
     p.add_argument("--max-epochs", type=int, default=None, help="epochs per trial (default: training.max_epochs)")
     p.add_argument("--timeout", type=int, default=None, help="tuning seconds (default: training.timeout_seconds)")
-    p.add_argument("--start", default=None, metavar="YYYY-MM-DD", help="training window (default: latest validated span)")
+    p.add_argument(
+        "--start", default=None, metavar="YYYY-MM-DD", help="training window (default: latest validated span)"
+    )
     p.add_argument("--end", default=None, metavar="YYYY-MM-DD")
     p.set_defaults(func=cmd_train)
 
@@ -437,8 +518,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("promote", help="the promotion gate on a version; exit 1 when rejected")
     p.add_argument("--version", default=None, help="default: the newest registered version")
     p.add_argument("--actor", default=os.environ.get("USER", "sofare"), help="recorded in the audit log")
-    p.add_argument("--override", default=None, metavar="REASON",
-                   help="promote even if the gate rejects it (recorded with this reason); for on-call use")
+    p.add_argument(
+        "--override",
+        default=None,
+        metavar="REASON",
+        help="promote even if the gate rejects it (recorded with this reason); for on-call use",
+    )
     p.set_defaults(func=cmd_promote)
 
     p = sub.add_parser("build", help="build the BentoML bento of a version and containerize it (or keep the context)")
@@ -455,8 +540,9 @@ def build_parser() -> argparse.ArgumentParser:
     actor = os.environ.get("USER", "sofare")
     p = sub.add_parser("deploy", help="deploy a version as canary behind the front door (or as stable when none runs)")
     p.add_argument("--version", default=None, help="default: the challenger")
-    p.add_argument("--canary-weight", default=None, metavar="W", help="share of clients in [0, 1] (default: "
-                   "deploy.canary_weight)")
+    p.add_argument(
+        "--canary-weight", default=None, metavar="W", help="share of clients in [0, 1] (default: deploy.canary_weight)"
+    )
     p.add_argument("--actor", default=actor, help="recorded in the deployment events")
     p.add_argument("--stop", action="store_true", help="stop the front door and every serving process")
     p.set_defaults(func=cmd_deploy)
@@ -468,11 +554,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_canary)
 
     p = sub.add_parser("rollback", help="serve the previous champion (or --to VERSION) again, verified")
-    p.add_argument("--reason", required=True, metavar="R",
-                   help="incident | bad-predictions | latency | drift | other")
+    p.add_argument("--reason", required=True, metavar="R", help="incident | bad-predictions | latency | drift | other")
     p.add_argument("--details", default=None, help="what happened (recorded)")
-    p.add_argument("--to", default=None, metavar="VERSION",
-                   help="default: the stable when a canary is live, else the previous champion")
+    p.add_argument(
+        "--to",
+        default=None,
+        metavar="VERSION",
+        help="default: the stable when a canary is live, else the previous champion",
+    )
     p.add_argument("--actor", default=actor)
     p.set_defaults(func=cmd_rollback)
 
@@ -487,10 +576,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("replay", help="walk stored history hour by hour as if live: ingest, predict, monitor, act")
     p.add_argument("--start", required=True, metavar="YYYY-MM-DD")
     p.add_argument("--end", required=True, metavar="YYYY-MM-DD", help="inclusive")
-    p.add_argument("--speed", default=None, metavar="H", help="simulated hours per second at most (default: as fast "
-                   "as it goes)")
-    p.add_argument("--inject", default=None, choices=["drift", "bad-canary"], help="a scenario that must end in "
-                   "the right action (drift: retrain requested; bad-canary: rolled back)")
+    p.add_argument(
+        "--speed", default=None, metavar="H", help="simulated hours per second at most (default: as fast as it goes)"
+    )
+    p.add_argument(
+        "--inject",
+        default=None,
+        choices=["drift", "bad-canary"],
+        help="a scenario that must end in the right action (drift: retrain requested; bad-canary: rolled back)",
+    )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_replay)
 

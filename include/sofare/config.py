@@ -241,7 +241,9 @@ class ServingConfig(_Model):
     context_ttl_seconds: float = Field(default=30.0, ge=0)  # safe-haven/macro rows re-read this often
     batch_wait_ms: float = Field(default=0.0, ge=0)  # extra wait to fill a forward pass; 0: take what is queued
     workers: int = Field(default=2, ge=1)  # bentoml serve worker processes (2 on 2 cores: measured, docs/benchmarks.md)
-    model_threads: int = Field(default=1, ge=1)  # ONNX Runtime intra-op threads (1 measured fastest, docs/benchmarks.md)
+    model_threads: int = Field(
+        default=1, ge=1
+    )  # ONNX Runtime intra-op threads (1 measured fastest, docs/benchmarks.md)
     max_body_bytes: int = Field(default=2 * 1024 * 1024, ge=1024)  # larger bodies: 413 before reading them
     max_batch_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)  # the same for /predict_batch
     max_pending: int = Field(default=8, ge=1)  # /predict requests waiting per worker; beyond: 503 + Retry-After
@@ -454,9 +456,7 @@ def load_config(path: str | os.PathLike[str] | None = None, env: Mapping[str, st
     try:
         return Config.model_validate(tree)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
-        )
+        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors())
         raise ConfigError(f"invalid configuration ({file}): {problems}") from None
 
 

@@ -101,12 +101,19 @@ class Policy(_Contract):
     chosen_on: str = ""
 
     @classmethod
-    def make(cls, threshold: float | None, min_hold: int, fee_bps: float, slippage_bps: float,
-             chosen_on: str = "") -> Policy:
+    def make(
+        cls, threshold: float | None, min_hold: int, fee_bps: float, slippage_bps: float, chosen_on: str = ""
+    ) -> Policy:
         cost = f"c{fee_bps + slippage_bps:g}"
         pid = "flat" if threshold is None else f"long>{threshold:.2f}-hold{min_hold}"
-        return cls(id=f"{pid}-{cost}", threshold=threshold, min_hold=int(min_hold), fee_bps=fee_bps,
-                   slippage_bps=slippage_bps, chosen_on=chosen_on)
+        return cls(
+            id=f"{pid}-{cost}",
+            threshold=threshold,
+            min_hold=int(min_hold),
+            fee_bps=fee_bps,
+            slippage_bps=slippage_bps,
+            chosen_on=chosen_on,
+        )
 
     def longs(self, prob_up: np.ndarray) -> np.ndarray:
         """The entry rule, per decision (what the service's `signal` says for one window)."""
@@ -176,7 +183,9 @@ class WalkForward(_Contract):
     pooled: dict[str, dict[str, MetricCI]]  # predictor -> metric -> value with CI
     paired: list[Paired]
     reliability: Reliability | None = None
-    policy: dict[str, PolicyResult] = Field(default_factory=dict)  # "sofare_m3", "best baseline: <name>", "buy_and_hold"
+    policy: dict[str, PolicyResult] = Field(
+        default_factory=dict
+    )  # "sofare_m3", "best baseline: <name>", "buy_and_hold"
     best_baseline: str = ""
     ablations: dict[str, MetricCI] = Field(default_factory=dict)  # modalities ("micro", "micro+safe", ...) -> primary
     seconds: float = 0.0
@@ -298,7 +307,9 @@ class ModelMeta(_Contract):
     def inputs(self, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Raw feature windows [B, lookback, features] -> the network's scaled (micro, safe, macro) inputs."""
         if raw.ndim != 3 or raw.shape[1:] != (self.lookback, len(self.columns)):
-            raise InputError(f"expected windows of shape (batch, {self.lookback}, {len(self.columns)}), got {raw.shape}")
+            raise InputError(
+                f"expected windows of shape (batch, {self.lookback}, {len(self.columns)}), got {raw.shape}"
+            )
         x = (raw.astype(np.float64) - np.asarray(self.scaler.mean)) / np.asarray(self.scaler.std)
         x = np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0).astype(np.float32)
         return tuple(np.ascontiguousarray(x[:, :, list(self.groups[g])]) for g in MODALITIES)  # type: ignore[return-value]
@@ -340,15 +351,22 @@ class Verdict(_Contract):
         return "passed" if self.passed else "overridden" if self.override else "rejected"
 
     def summary(self) -> str:
-        state = {"passed": "PROMOTED to challenger", "rejected": "REJECTED",
-                 "overridden": f"REJECTED by the gate, PROMOTED to challenger by override ({self.override})"}[self.outcome]
+        state = {
+            "passed": "PROMOTED to challenger",
+            "rejected": "REJECTED",
+            "overridden": f"REJECTED by the gate, PROMOTED to challenger by override ({self.override})",
+        }[self.outcome]
         head = f"{self.model} version {self.version}: {state} (champion: {self.champion or 'none'})"
         return "\n".join([head, *(f"  {r}" for r in self.reasons)])
 
     def to_xcom(self) -> dict[str, Any]:
         """JSON for XCom, with the derived fields a DAG branches on."""
-        return {**self.model_dump(mode="json"), "reasons": self.reasons, "outcome": self.outcome,
-                "promoted": self.promoted}
+        return {
+            **self.model_dump(mode="json"),
+            "reasons": self.reasons,
+            "outcome": self.outcome,
+            "promoted": self.promoted,
+        }
 
     @classmethod
     def from_xcom(cls, data: dict[str, Any]) -> Verdict:
@@ -364,6 +382,7 @@ def model_dir(directory: Path) -> Path:
 
 
 # --- monitoring (sofare.monitoring -> monitoring_runs, the plugin page, the gauges) --------------------
+
 
 class _Measured(_Contract):
     """Monitoring figures may be NaN (a drift score Evidently could not compute): written as NaN, read back."""

@@ -6,7 +6,7 @@ Light on purpose (Airflow's SDK and the config only): DAG files import this at p
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 from airflow.sdk import Asset, BaseNotifier
@@ -22,7 +22,7 @@ OWNER = "sofare"
 # instances for a run whose logical date precedes a task's start_date, and a form-triggered run has one (now), so
 # tying these to the configurable ingest.start_date would let a future value turn the on-call rollback form into
 # runs that "succeed" with no task at all.
-UNSCHEDULED_START = datetime(2023, 1, 1, tzinfo=timezone.utc)
+UNSCHEDULED_START = datetime(2023, 1, 1, tzinfo=UTC)
 
 CANDLES = Asset(name="sofare_candles", uri="sofare://warehouse/candles", group="warehouse")
 SAFE_HAVEN = Asset(name="sofare_safe_haven_bars", uri="sofare://warehouse/safe_haven_bars", group="warehouse")
@@ -57,8 +57,10 @@ def run(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
 
 def interval_extra(start: Any, end: Any) -> dict[str, str]:
     """What an asset event carries: the interval the producing task wrote (validation reads it)."""
-    return {"start": start.isoformat() if hasattr(start, "isoformat") else str(start),
-            "end": end.isoformat() if hasattr(end, "isoformat") else str(end)}
+    return {
+        "start": start.isoformat() if hasattr(start, "isoformat") else str(start),
+        "end": end.isoformat() if hasattr(end, "isoformat") else str(end),
+    }
 
 
 class SofareNotifier(BaseNotifier):
@@ -68,8 +70,13 @@ class SofareNotifier(BaseNotifier):
 
     template_fields = ("message", "source", "severity")
 
-    def __init__(self, message: str | None = None, severity: str = "high", source: str | None = None,
-                 details: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        message: str | None = None,
+        severity: str = "high",
+        source: str | None = None,
+        details: dict[str, Any] | None = None,
+    ) -> None:
         super().__init__()
         self.message = message
         self.severity = severity
@@ -82,9 +89,18 @@ class SofareNotifier(BaseNotifier):
         ti = context.get("task_instance") or context.get("ti")
         dag_id, task_id = getattr(ti, "dag_id", "?"), getattr(ti, "task_id", "?")
         message = self.message or f"{dag_id}.{task_id} failed: {context.get('exception')}"
-        alerts.send(load_config(), self.source or f"airflow:{dag_id}.{task_id}", self.severity, message,
-                    {**self.details, "run_id": context.get("run_id"), "map_index": getattr(ti, "map_index", None),
-                     "try_number": getattr(ti, "try_number", None)})
+        alerts.send(
+            load_config(),
+            self.source or f"airflow:{dag_id}.{task_id}",
+            self.severity,
+            message,
+            {
+                **self.details,
+                "run_id": context.get("run_id"),
+                "map_index": getattr(ti, "map_index", None),
+                "try_number": getattr(ti, "try_number", None),
+            },
+        )
 
 
 def default_args(cfg: Config) -> dict[str, Any]:

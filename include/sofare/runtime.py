@@ -80,8 +80,13 @@ def init(cfg: Config, rebuild_features: bool = False, airflow: bool = True) -> l
         use_airflow_environment(cfg)
         logfile = cfg.var_dir / "logs" / "airflow-db-migrate.log"
         with logfile.open("w") as out:
-            rc = subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], stdout=out, stderr=subprocess.STDOUT,
-                                env=os.environ.copy(), check=False).returncode
+            rc = subprocess.run(
+                [sys.executable, "-m", "airflow", "db", "migrate"],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=os.environ.copy(),
+                check=False,
+            ).returncode
         if rc != 0:
             raise RuntimeError(f"`airflow db migrate` failed (exit {rc}); see {logfile}")
         done.append(f"Airflow metadata database ready in {os.environ['AIRFLOW_HOME']}")
@@ -142,7 +147,9 @@ def run_dag(
     if run is None or str(run.state) != "success":
         failed = _failed_tasks(run)
         where = f"; task logs in {logfile}" if logfile else ""
-        raise DagRunFailed(f"{dag_id} run ended {getattr(run, 'state', 'without a run')}; failed tasks: {failed or 'none'}{where}")
+        raise DagRunFailed(
+            f"{dag_id} run ended {getattr(run, 'state', 'without a run')}; failed tasks: {failed or 'none'}{where}"
+        )
     return run
 
 

@@ -30,46 +30,81 @@ def _engine(cfg: Config) -> Any:
 # --- ingest and backfill -------------------------------------------------------------------------------
 
 
-def load(cfg: Config, modality: str, start: datetime | str, end: datetime | str, source: str | None = None,
-         symbol: str | None = None, interval: str | None = None, context: bool = False,
-         history: bool = False) -> dict[str, Any]:
+def load(
+    cfg: Config,
+    modality: str,
+    start: datetime | str,
+    end: datetime | str,
+    source: str | None = None,
+    symbol: str | None = None,
+    interval: str | None = None,
+    context: bool = False,
+    history: bool = False,
+) -> dict[str, Any]:
     """Load one modality for one interval (the ingest DAG's sources come from the config). `context`: also what
     the interval's features read (sofare_ingest's runs, so that each is self-contained; see
     `ingest.load_interval`)."""
     source = source or getattr(cfg.ingest.sources, modality)
-    result = ingest.load_interval(cfg, _engine(cfg), source, modality, ingest.utc(start), ingest.utc(end), symbol,
-                                  interval, context=context, history=history)
+    result = ingest.load_interval(
+        cfg,
+        _engine(cfg),
+        source,
+        modality,
+        ingest.utc(start),
+        ingest.utc(end),
+        symbol,
+        interval,
+        context=context,
+        history=history,
+    )
     return result.to_dict()
 
 
-def build_features(cfg: Config, start: datetime | str, end: datetime | str, symbol: str | None = None,
-                   interval: str | None = None) -> dict[str, Any]:
+def build_features(
+    cfg: Config, start: datetime | str, end: datetime | str, symbol: str | None = None, interval: str | None = None
+) -> dict[str, Any]:
     """Features of [start, end); `validate_from` is where validation must start (the refreshed targets' day)."""
     engine = _engine(cfg)
     rows = ingest.materialize_features(cfg, engine, ingest.utc(start), ingest.utc(end), symbol, interval)
-    return {"start": ingest.utc(start).isoformat(), "end": ingest.utc(end).isoformat(), "rows": rows,
-            "feature_set": feature_spec(cfg).version,
-            "validate_from": ingest.revalidate_from(cfg, engine, ingest.utc(start), symbol, interval).isoformat()}
+    return {
+        "start": ingest.utc(start).isoformat(),
+        "end": ingest.utc(end).isoformat(),
+        "rows": rows,
+        "feature_set": feature_spec(cfg).version,
+        "validate_from": ingest.revalidate_from(cfg, engine, ingest.utc(start), symbol, interval).isoformat(),
+    }
 
 
-def plan_backfill(cfg: Config, sources: list[str], start: str, end: str, symbol: str | None = None,
-                  interval: str | None = None) -> list[dict[str, Any]]:
+def plan_backfill(
+    cfg: Config, sources: list[str], start: str, end: str, symbol: str | None = None, interval: str | None = None
+) -> list[dict[str, Any]]:
     """The mapped load tasks for inclusive days [start, end]."""
     first, stop = ingest.day_range(start, end)
     names = [n for s in sources for n in ingest.expand_sources(s)]
     return ingest.plan_backfill(cfg, names, first, stop, symbol, interval)
 
 
-def plan_feature_chunks(cfg: Config, start: str, end: str, symbol: str | None = None,
-                        interval: str | None = None) -> list[dict[str, Any]]:
+def plan_feature_chunks(
+    cfg: Config, start: str, end: str, symbol: str | None = None, interval: str | None = None
+) -> list[dict[str, Any]]:
     first, stop = ingest.day_range(start, end)
-    return [{"start": lo.isoformat(), "end": hi.isoformat(), "symbol": symbol, "interval": interval}
-            for lo, hi in ingest.plan_chunks(first, stop, cfg.ingest.chunk_days)]
+    return [
+        {"start": lo.isoformat(), "end": hi.isoformat(), "symbol": symbol, "interval": interval}
+        for lo, hi in ingest.plan_chunks(first, stop, cfg.ingest.chunk_days)
+    ]
 
 
 def load_chunk(cfg: Config, chunk: dict[str, Any]) -> dict[str, Any]:
-    return load(cfg, chunk["modality"], chunk["start"], chunk["end"], chunk["source"], chunk.get("symbol"),
-                chunk.get("interval"), history=bool(chunk.get("history")))
+    return load(
+        cfg,
+        chunk["modality"],
+        chunk["start"],
+        chunk["end"],
+        chunk["source"],
+        chunk.get("symbol"),
+        chunk.get("interval"),
+        history=bool(chunk.get("history")),
+    )
 
 
 def features_chunk(cfg: Config, chunk: dict[str, Any]) -> dict[str, Any]:
@@ -83,16 +118,31 @@ def status(cfg: Config) -> dict[str, Any]:
 def summarize(cfg: Config, loads: list[dict[str, Any]]) -> dict[str, Any]:
     """Rows and gaps of a backfill's loads next to the warehouse status; logged for the UI."""
     gaps = [g for result in loads for g in result.get("gaps", [])]
-    summary = {"loaded_rows": sum(r["rows"] for r in loads), "intervals": len(loads), "gaps_found": gaps,
-               "status": status(cfg)}
-    log.info("backfill loaded %d rows in %d intervals; gaps: %s\n%s", summary["loaded_rows"], len(loads),
-             gaps or "none", report.format_status(summary["status"]))
+    summary = {
+        "loaded_rows": sum(r["rows"] for r in loads),
+        "intervals": len(loads),
+        "gaps_found": gaps,
+        "status": status(cfg),
+    }
+    log.info(
+        "backfill loaded %d rows in %d intervals; gaps: %s\n%s",
+        summary["loaded_rows"],
+        len(loads),
+        gaps or "none",
+        report.format_status(summary["status"]),
+    )
     return summary
 
 
-def backfill(cfg: Config, sources: list[str], start: str, end: str, symbol: str | None = None,
-             interval: str | None = None, progress: Callable[[str, dict[str, Any], dict[str, Any]], None] | None = None,
-             ) -> dict[str, Any]:
+def backfill(
+    cfg: Config,
+    sources: list[str],
+    start: str,
+    end: str,
+    symbol: str | None = None,
+    interval: str | None = None,
+    progress: Callable[[str, dict[str, Any], dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
     """sofare_backfill's steps in this process, in its order (the DAG maps the same steps in parallel):
     plan the loads, load each chunk, plan the feature chunks, build each, summarize."""
     progress = progress or (lambda step, chunk, result: None)
@@ -112,15 +162,20 @@ class ValidationFailed(PermanentError):
     """Data broke an expectation: retrying validates the same data."""
 
 
-def validation_windows(params: dict[str, Any] | None, data_interval_start: datetime | None,
-                       data_interval_end: datetime | None, asset_extras: list[dict[str, Any]] | None = None,
-                       ) -> list[dict[str, str]]:
+def validation_windows(
+    params: dict[str, Any] | None,
+    data_interval_start: datetime | None,
+    data_interval_end: datetime | None,
+    asset_extras: list[dict[str, Any]] | None = None,
+) -> list[dict[str, str]]:
     """What a validation run covers: manual start/end Params, else the intervals the triggering asset
     events carry (merged when they touch), else the run's data interval."""
     if params and params.get("start") and params.get("end"):
         spans = [ingest.day_range(params["start"], params["end"])]
     elif asset_extras:
-        spans = sorted((ingest.utc(e["start"]), ingest.utc(e["end"])) for e in asset_extras if "start" in e and "end" in e)
+        spans = sorted(
+            (ingest.utc(e["start"]), ingest.utc(e["end"])) for e in asset_extras if "start" in e and "end" in e
+        )
         if not spans:
             raise InputError("the triggering asset events carry no interval (extra start/end)")
     elif data_interval_start is not None and data_interval_end is not None and data_interval_end > data_interval_start:
@@ -136,14 +191,17 @@ def validation_windows(params: dict[str, Any] | None, data_interval_start: datet
     return [{"start": lo.isoformat(), "end": hi.isoformat()} for lo, hi in merged]
 
 
-def validate(cfg: Config, suite: str, windows: list[dict[str, str]], symbol: str | None = None,
-             interval: str | None = None) -> dict[str, Any]:
+def validate(
+    cfg: Config, suite: str, windows: list[dict[str, str]], symbol: str | None = None, interval: str | None = None
+) -> dict[str, Any]:
     """Run one suite over each window; raise ValidationFailed naming every broken expectation."""
     from sofare.validation import suites
 
     engine = _engine(cfg)
-    results = [suites.run_suite(cfg, engine, suite, ingest.utc(w["start"]), ingest.utc(w["end"]), symbol, interval)
-               for w in windows]
+    results = [
+        suites.run_suite(cfg, engine, suite, ingest.utc(w["start"]), ingest.utc(w["end"]), symbol, interval)
+        for w in windows
+    ]
     failed = [r for r in results if not r.success]
     if failed:
         raise ValidationFailed(
@@ -154,7 +212,9 @@ def validate(cfg: Config, suite: str, windows: list[dict[str, str]], symbol: str
     return {"suite": suite, "runs": [r.run_id for r in results], "days": sum(len(r.days_passed) for r in results)}
 
 
-def validate_range(cfg: Config, start: str, end: str, symbol: str | None = None, interval: str | None = None) -> list[Any]:
+def validate_range(
+    cfg: Config, start: str, end: str, symbol: str | None = None, interval: str | None = None
+) -> list[Any]:
     """Every suite over inclusive days [start, end], then Data Docs (the CLI)."""
     from sofare.validation import suites
 
@@ -174,8 +234,14 @@ def data_docs(cfg: Config) -> str:
 # --- training (torch, lightning, optuna and mlflow are imported only here) ---------------------------
 
 
-def train_plan(cfg: Config, n_trials: int | None = None, timeout: int | None = None, max_epochs: int | None = None,
-               start: str | None = None, end: str | None = None) -> dict[str, Any]:
+def train_plan(
+    cfg: Config,
+    n_trials: int | None = None,
+    timeout: int | None = None,
+    max_epochs: int | None = None,
+    start: str | None = None,
+    end: str | None = None,
+) -> dict[str, Any]:
     from sofare.training import pipeline
 
     return pipeline.plan(cfg, n_trials, timeout, max_epochs, start, end).model_dump(mode="json")
@@ -198,8 +264,14 @@ def train_finalize(cfg: Config, plan: dict[str, Any]) -> dict[str, Any]:
     return versions.register(cfg, trained).model_dump(mode="json")
 
 
-def train(cfg: Config, n_trials: int | None = None, timeout: int | None = None, max_epochs: int | None = None,
-          start: str | None = None, end: str | None = None) -> dict[str, Any]:
+def train(
+    cfg: Config,
+    n_trials: int | None = None,
+    timeout: int | None = None,
+    max_epochs: int | None = None,
+    start: str | None = None,
+    end: str | None = None,
+) -> dict[str, Any]:
     """The whole sofare_train DAG from one command (the CLI): plan, the tuning workers side by side in their own
     processes (as the DAG's mapped tasks run), final fit."""
     import multiprocessing
@@ -241,8 +313,13 @@ def model_card(cfg: Config, version: str | None = None, out: Path | None = None)
 # --- promotion and the serving bundle --------------------------------------------------------------
 
 
-def promote(cfg: Config, version: str | None = None, actor: str = "sofare", override_reason: str | None = None,
-            asset_extras: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+def promote(
+    cfg: Config,
+    version: str | None = None,
+    actor: str = "sofare",
+    override_reason: str | None = None,
+    asset_extras: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
     """The promotion gate on a registered version (default: the one a triggering asset event names, else
     the newest); an override needs a reason."""
     from sofare.registry import gate
@@ -261,9 +338,15 @@ def build_bento(cfg: Config, version: str | None = None, actor: str = "sofare") 
 
     mv = versions.resolve(cfg, versions.version_of(cfg, version, default_alias="challenger"))
     number = str(mv.version)
-    model_tag = bento.import_model(cfg, versions.download(cfg, number), {
-        "model_version": number, "semver": mv.tags.get("semver", "?"),
-        "feature_set_version": mv.tags.get("feature_set_version", "?")})
+    model_tag = bento.import_model(
+        cfg,
+        versions.download(cfg, number),
+        {
+            "model_version": number,
+            "semver": mv.tags.get("semver", "?"),
+            "feature_set_version": mv.tags.get("feature_set_version", "?"),
+        },
+    )
     built = {**bento.build(cfg, model_tag), "version": number}
     versions.set_tags(cfg, number, {"bento_tag": built["bento"], "bento_model": model_tag})
     audit.record(cfg, actor, "bento_build", number, "built", built)
@@ -303,8 +386,9 @@ def stop_serving(cfg: Config, variant: str = "stable") -> bool:
 # --- deployment: the front door, canary, rollback -----------------------------------------------------
 
 
-def deploy(cfg: Config, version: str | None = None, canary_weight: float | None = None,
-           actor: str = "sofare") -> dict[str, Any]:
+def deploy(
+    cfg: Config, version: str | None = None, canary_weight: float | None = None, actor: str = "sofare"
+) -> dict[str, Any]:
     """Deploy a version (default: the challenger) as canary at `canary_weight` (default deploy.canary_weight)
     behind the front door; when nothing serves yet it becomes the stable (and the champion) instead."""
     from sofare.deploy import rollout
@@ -343,8 +427,9 @@ def canary(cfg: Config, action: str, reason: str = "", actor: str = "sofare") ->
     return {**deployment.status(), "history": deployment.history(limit=10)}
 
 
-def rollback(cfg: Config, reason: str, details: str = "", target_version: str | None = None,
-             actor: str = "sofare") -> dict[str, Any]:
+def rollback(
+    cfg: Config, reason: str, details: str = "", target_version: str | None = None, actor: str = "sofare"
+) -> dict[str, Any]:
     """Serve the target version (default: the stable when a canary is live, else the previous champion) as the
     only version, move `champion`, verify through the front door, audit, alert. Idempotent."""
     from sofare.deploy import rollout
@@ -352,8 +437,13 @@ def rollback(cfg: Config, reason: str, details: str = "", target_version: str | 
     return rollout.Deployment(cfg, actor).rollback(reason, details, target_version)
 
 
-def start_rollout(cfg: Config, version: str | None = None, steps: list[float] | None = None,
-                  asset_extras: list[dict[str, Any]] | None = None, actor: str = "sofare") -> dict[str, Any]:
+def start_rollout(
+    cfg: Config,
+    version: str | None = None,
+    steps: list[float] | None = None,
+    asset_extras: list[dict[str, Any]] | None = None,
+    actor: str = "sofare",
+) -> dict[str, Any]:
     """sofare_deploy's first step: the version (Param, else the triggering event's, else the challenger) as a
     canary at the first step's weight; when nothing serves yet, as the stable instead (no analysis then)."""
     from sofare.deploy import canary
@@ -362,12 +452,17 @@ def start_rollout(cfg: Config, version: str | None = None, steps: list[float] | 
     version = version or next((e["version"] for e in asset_extras or [] if e.get("version")), None)
     status = deploy(cfg, version, steps[0], actor)
     is_canary = status["canary"] is not None
-    return {"version": (status["canary"] or status["stable"])["version"], "canary": is_canary, "steps": steps,
-            "frontdoor": status["frontdoor"]["url"]}
+    return {
+        "version": (status["canary"] or status["stable"])["version"],
+        "canary": is_canary,
+        "steps": steps,
+        "frontdoor": status["frontdoor"]["url"],
+    }
 
 
-def analyse_rollout(cfg: Config, plan: dict[str, Any], interval_seconds: float | None = None,
-                    actor: str = "sofare") -> dict[str, Any]:
+def analyse_rollout(
+    cfg: Config, plan: dict[str, Any], interval_seconds: float | None = None, actor: str = "sofare"
+) -> dict[str, Any]:
     """Step the canary through its weights, judging each step from both servers' /metrics."""
     from sofare.deploy import canary, rollout
 
@@ -396,8 +491,15 @@ def stop_deployment(cfg: Config) -> dict[str, Any]:
 
 # --- monitoring: outcomes, live quality, drift, severity -> action, replay ------------------------------------
 
-def monitor(cfg: Config, at: datetime | str | None = None, start: datetime | str | None = None,
-            actor: str = "sofare", html: bool = True, drift: bool | None = None) -> dict[str, Any]:
+
+def monitor(
+    cfg: Config,
+    at: datetime | str | None = None,
+    start: datetime | str | None = None,
+    actor: str = "sofare",
+    html: bool = True,
+    drift: bool | None = None,
+) -> dict[str, Any]:
     """One monitor run for the hour `at` (outcomes from `start`; drift always when `drift`, None: on the
     configured hours); the result carries what sofare_monitor's branches need: `action`, the alert, the retrain
     asset event's extra, the sofare_rollback conf."""
@@ -408,12 +510,23 @@ def monitor(cfg: Config, at: datetime | str | None = None, start: datetime | str
     decision = result.decision
     cause = next((f for f in decision.findings if f.action == decision.action), None)
     details = f"sofare_monitor at {result.at}: {decision.reason}"
-    return {"run": result.model_dump(mode="json"), "action": decision.action, "severity": decision.severity,
-            "alert": {"severity": decision.severity, "message": details},
-            "retrain": {"reason": decision.reason, "severity": decision.severity, "monitor_run": result.run_id,
-                        "at": result.at},
-            "rollback": {"reason": ROLLBACK_REASONS.get(cause.rule if cause else "", "other"),
-                         "details": details[:1990], "target_version": decision.rollback_target}}
+    return {
+        "run": result.model_dump(mode="json"),
+        "action": decision.action,
+        "severity": decision.severity,
+        "alert": {"severity": decision.severity, "message": details},
+        "retrain": {
+            "reason": decision.reason,
+            "severity": decision.severity,
+            "monitor_run": result.run_id,
+            "at": result.at,
+        },
+        "rollback": {
+            "reason": ROLLBACK_REASONS.get(cause.rule if cause else "", "other"),
+            "details": details[:1990],
+            "target_version": decision.rollback_target,
+        },
+    }
 
 
 def fill_outcomes(cfg: Config, start: str | None = None, end: str | None = None) -> dict[str, Any]:

@@ -12,8 +12,16 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 DAG_FILES = sorted((ROOT / "dags").glob("*.py"))
 HEAVY = ("torch", "lightning", "bentoml", "mlflow", "evidently", "great_expectations", "talib", "sklearn")
-EXPECTED_DAGS = {"sofare_ingest", "sofare_backfill", "sofare_validate", "sofare_train", "sofare_promote",
-                 "sofare_deploy", "sofare_rollback", "sofare_monitor"}
+EXPECTED_DAGS = {
+    "sofare_ingest",
+    "sofare_backfill",
+    "sofare_validate",
+    "sofare_train",
+    "sofare_promote",
+    "sofare_deploy",
+    "sofare_rollback",
+    "sofare_monitor",
+}
 
 NO_RETRIES = {"sofare_deploy", "sofare_rollback"}  # a retried rollout or rollback would act twice: one try, one alert
 
@@ -59,8 +67,11 @@ def test_manual_dags_have_typed_params(dagbag):
     schema = {name: param.schema for name, param in dag.params.items()}
     assert schema["sources"]["type"] == "array"
     # Airflow's form renders an array as a multi-select only with top-level `examples` (else a free-text box)
-    assert set(schema["sources"]["examples"]) == set(schema["sources"]["items"]["enum"]) == {
-        "sample", "binance", "yfinance", "fred"}
+    assert (
+        set(schema["sources"]["examples"])
+        == set(schema["sources"]["items"]["enum"])
+        == {"sample", "binance", "yfinance", "fred"}
+    )
     assert set(schema["sources"]["values_display"]) == set(schema["sources"]["examples"])
     assert schema["start"]["format"] == "date" and schema["end"]["format"] == "date"
     assert "enum" in schema["interval"]
@@ -75,7 +86,9 @@ def test_ingest_dag_has_real_data_intervals(dagbag):
     for dag_id in ("sofare_ingest", "sofare_validate"):
         timetable = coerce_to_core_timetable(dagbag.dags[dag_id].timetable)
         interval = timetable.infer_manual_data_interval(run_after=pendulum.datetime(2024, 1, 5, tz="UTC"))
-        assert interval == DataInterval(pendulum.datetime(2024, 1, 4, tz="UTC"), pendulum.datetime(2024, 1, 5, tz="UTC"))
+        assert interval == DataInterval(
+            pendulum.datetime(2024, 1, 4, tz="UTC"), pendulum.datetime(2024, 1, 5, tz="UTC")
+        )
 
 
 def test_ingest_backfills_with_the_ui_defaults(dagbag):
@@ -95,8 +108,13 @@ def test_ingest_backfills_with_the_ui_defaults(dagbag):
     assert default == ReprocessBehavior.NONE
     for reverse in (False, True):
         for behaviour in (default, None, ReprocessBehavior.COMPLETED):
-            _validate_backfill_params(served, reverse, pendulum.datetime(2024, 3, 1, tz="UTC"),
-                                      pendulum.datetime(2024, 3, 4, tz="UTC"), behaviour)
+            _validate_backfill_params(
+                served,
+                reverse,
+                pendulum.datetime(2024, 3, 1, tz="UTC"),
+                pendulum.datetime(2024, 3, 4, tz="UTC"),
+                behaviour,
+            )
 
 
 def test_validation_runs_on_the_features_asset(dagbag):
@@ -104,8 +122,12 @@ def test_validation_runs_on_the_features_asset(dagbag):
 
     dag = dagbag.dags["sofare_validate"]
     assert dag.timetable.asset_condition == FEATURES
-    producers = [t for d in ("sofare_ingest", "sofare_backfill") for t in dagbag.dags[d].tasks
-                 if any(getattr(o, "name", None) == FEATURES.name for o in t.outlets)]
+    producers = [
+        t
+        for d in ("sofare_ingest", "sofare_backfill")
+        for t in dagbag.dags[d].tasks
+        if any(getattr(o, "name", None) == FEATURES.name for o in t.outlets)
+    ]
     assert {t.task_id for t in producers} == {"build_features", "features_chunk"}
 
 
@@ -121,8 +143,11 @@ def test_training_runs_weekly_and_on_validated_features_with_typed_params(dagbag
     assert {schema[k]["type"] for k in ("n_trials", "timeout", "max_epochs")} == {"integer"}
     assert schema["start"]["format"] == "date"
     assert [o.name for o in dag.get_task("finalize").outlets] == [MODEL_CANDIDATE.name]
-    producers = [t.task_id for t in dagbag.dags["sofare_validate"].tasks
-                 if any(getattr(o, "name", None) == VALIDATED_FEATURES.name for o in t.outlets)]
+    producers = [
+        t.task_id
+        for t in dagbag.dags["sofare_validate"].tasks
+        if any(getattr(o, "name", None) == VALIDATED_FEATURES.name for o in t.outlets)
+    ]
     assert producers == ["publish"], "one event per validate run, after every suite (not one per suite)"
     publish = dagbag.dags["sofare_validate"].get_task("publish")
     assert publish.trigger_rule == "all_success" and "validate" in publish.upstream_task_ids
@@ -142,8 +167,9 @@ print(json.dumps({"seconds": elapsed, "heavy": heavy}))
 
 @pytest.mark.parametrize("path", DAG_FILES, ids=lambda p: p.name)
 def test_dag_file_imports_fast_without_heavy_modules(path):
-    result = subprocess.run([sys.executable, "-c", PROBE, str(path), ",".join(HEAVY)],
-                            capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", PROBE, str(path), ",".join(HEAVY)], capture_output=True, text=True, check=True
+    )
     probe = json.loads(result.stdout.strip().splitlines()[-1])
     assert probe["heavy"] == [], f"{path.name} imports {probe['heavy']} at parse time"
     assert probe["seconds"] < 1.0, f"{path.name} took {probe['seconds']:.2f}s to import"

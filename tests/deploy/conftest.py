@@ -19,8 +19,16 @@ def copy_home(model_home: dict[str, Any], where: Path, **extra: str) -> dict[str
     shutil.copy2(src / "mlflow.db", var / "mlflow.db")
     shutil.copytree(src / "bentoml", var / "bentoml", symlinks=True)
     db = var / "warehouse.db"
-    with sqlite3.connect(model_home["env"]["SOFARE_WAREHOUSE__URL"].removeprefix("sqlite:///")) as a, \
-            sqlite3.connect(db) as b:
+    with (
+        sqlite3.connect(model_home["env"]["SOFARE_WAREHOUSE__URL"].removeprefix("sqlite:///")) as a,
+        sqlite3.connect(db) as b,
+    ):
         a.backup(b)
-    return {**model_home["env"], "SOFARE_PATHS__VAR": str(var), "SOFARE_WAREHOUSE__URL": f"sqlite:///{db}",
-            "SOFARE_DEPLOY__FRONTDOOR_PORT": str(free_port()), "SOFARE_SERVING__PORT": str(free_port()), **extra}
+    return {
+        **model_home["env"],
+        "SOFARE_PATHS__VAR": str(var),
+        "SOFARE_WAREHOUSE__URL": f"sqlite:///{db}",
+        "SOFARE_DEPLOY__FRONTDOOR_PORT": str(free_port()),
+        "SOFARE_SERVING__PORT": str(free_port()),
+        **extra,
+    }

@@ -67,8 +67,9 @@ class Upstream:
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
-        self._thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), name=f"upstream-{variant}",
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=self.server.serve_forever, args=(0.05,), name=f"upstream-{variant}", daemon=True
+        )
         self._thread.start()
         self._closed = False
 
@@ -94,8 +95,15 @@ class Response:
         return self.headers.get("X-Served-By")
 
 
-def call(port: int, method: str = "GET", path: str = "/predict", *, client_id: str | None = None,
-         variant: str | None = None, payload: object = None) -> Response:
+def call(
+    port: int,
+    method: str = "GET",
+    path: str = "/predict",
+    *,
+    client_id: str | None = None,
+    variant: str | None = None,
+    payload: object = None,
+) -> Response:
     headers = {}
     if client_id is not None:
         headers["X-Client-Id"] = client_id
@@ -156,8 +164,9 @@ def listen_port() -> int:
     return free_port()
 
 
-def test_split_is_sticky_near_the_weight_and_overridable(door: FrontDoor, stable: Upstream, canary: Upstream,
-                                                         listen_port: int) -> None:
+def test_split_is_sticky_near_the_weight_and_overridable(
+    door: FrontDoor, stable: Upstream, canary: Upstream, listen_port: int
+) -> None:
     routing = Routing(stable_port=stable.port, canary_port=canary.port, canary_weight=0.5, listen_port=listen_port)
     door.apply(routing)
     assert door.running()
@@ -203,8 +212,9 @@ def test_weight_zero_one_and_no_canary(door: FrontDoor, stable: Upstream, canary
 
 
 @pytest.mark.parametrize("weight", [1e-9, 0.00005, 0.123456, 0.99999])
-def test_extreme_weights_render_valid_percentages(door: FrontDoor, stable: Upstream, canary: Upstream,
-                                                  listen_port: int, weight: float) -> None:
+def test_extreme_weights_render_valid_percentages(
+    door: FrontDoor, stable: Upstream, canary: Upstream, listen_port: int, weight: float
+) -> None:
     routing = Routing(stable.port, canary.port, weight, listen_port)
     text = frontdoor.render(routing, door.prefix_dir)
     percent = {1e-9: "0.01%", 0.00005: "0.01%", 0.123456: "12.35%", 0.99999: "99.99%"}[weight]
@@ -214,8 +224,9 @@ def test_extreme_weights_render_valid_percentages(door: FrontDoor, stable: Upstr
 
 
 @pytest.mark.parametrize("weight", [float("nan"), float("inf"), -0.1, 1.5])
-def test_invalid_weights_raise_and_change_nothing(door: FrontDoor, stable: Upstream, canary: Upstream,
-                                                  listen_port: int, weight: float) -> None:
+def test_invalid_weights_raise_and_change_nothing(
+    door: FrontDoor, stable: Upstream, canary: Upstream, listen_port: int, weight: float
+) -> None:
     good = Routing(stable.port, canary.port, 0.0, listen_port)
     door.apply(good)
     before = (door.conf_path.read_bytes(), door.routing_path.read_bytes())
@@ -226,8 +237,7 @@ def test_invalid_weights_raise_and_change_nothing(door: FrontDoor, stable: Upstr
     assert served(listen_port, "c1") == "stable"
 
 
-def test_canary_503_is_retried_on_stable(door: FrontDoor, stable: Upstream, canary: Upstream,
-                                         listen_port: int) -> None:
+def test_canary_503_is_retried_on_stable(door: FrontDoor, stable: Upstream, canary: Upstream, listen_port: int) -> None:
     door.apply(Routing(stable.port, canary.port, 1.0, listen_port))
     canary.status = 503
     payload = {"symbol": "BTC-USD", "horizon": 24}
@@ -240,8 +250,9 @@ def test_canary_503_is_retried_on_stable(door: FrontDoor, stable: Upstream, cana
     assert canary.hits == 2 and stable.hits == 2
 
 
-def test_canary_down_is_retried_on_stable(door: FrontDoor, stable: Upstream, canary: Upstream,
-                                          listen_port: int) -> None:
+def test_canary_down_is_retried_on_stable(
+    door: FrontDoor, stable: Upstream, canary: Upstream, listen_port: int
+) -> None:
     door.apply(Routing(stable.port, canary.port, 1.0, listen_port))
     assert served(listen_port, "d1") == "canary"
     canary.shutdown()
@@ -252,8 +263,9 @@ def test_canary_down_is_retried_on_stable(door: FrontDoor, stable: Upstream, can
         assert response.json()["received"] == {"n": i}
 
 
-def test_config_failing_nginx_t_is_never_applied(door: FrontDoor, stable: Upstream, canary: Upstream,
-                                                 listen_port: int, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_config_failing_nginx_t_is_never_applied(
+    door: FrontDoor, stable: Upstream, canary: Upstream, listen_port: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     good = Routing(stable.port, canary.port, 0.0, listen_port)
     door.apply(good)
     before = (door.conf_path.read_bytes(), door.routing_path.read_bytes())
@@ -267,8 +279,7 @@ def test_config_failing_nginx_t_is_never_applied(door: FrontDoor, stable: Upstre
     assert {served(listen_port, f"c{i}") for i in range(30)} == {"stable"}
 
 
-def test_reloads_under_load_drop_nothing(door: FrontDoor, stable: Upstream, canary: Upstream,
-                                         listen_port: int) -> None:
+def test_reloads_under_load_drop_nothing(door: FrontDoor, stable: Upstream, canary: Upstream, listen_port: int) -> None:
     door.apply(Routing(stable.port, canary.port, 0.5, listen_port))
     done = threading.Event()
     statuses: list[int] = []

@@ -19,8 +19,13 @@ DAYS = ("2024-04-01", "2024-04-03")  # after the session model's training window
 def home(model_home, tmp_path):
     """A private copy of the session's model home, the version deployed as the stable behind the front door.
     Smaller quality and drift minimums so three days are enough to judge (the rules are the production ones)."""
-    env = copy_home(model_home, tmp_path, SOFARE_MONITORING__MIN_OUTCOMES="24",
-                    SOFARE_MONITORING__BOOTSTRAP_SAMPLES="200", SOFARE_DEPLOY__VERIFY_REQUESTS="3")
+    env = copy_home(
+        model_home,
+        tmp_path,
+        SOFARE_MONITORING__MIN_OUTCOMES="24",
+        SOFARE_MONITORING__BOOTSTRAP_SAMPLES="200",
+        SOFARE_DEPLOY__VERIFY_REQUESTS="3",
+    )
     with pytest.MonkeyPatch.context() as mp:
         for key, value in env.items():
             mp.setenv(key, value)
@@ -51,8 +56,11 @@ def test_a_bad_canary_is_rolled_back_by_the_monitor(home):
 
     cfg = home["cfg"]
     summary = replay.replay(cfg, *DAYS, inject="bad-canary").to_dict()
-    sabotaged = next(v for v in versions.client(cfg).search_model_versions(f"name = '{cfg.mlflow.model_name}'")
-                     if "injected" in v.tags)
+    sabotaged = next(
+        v
+        for v in versions.client(cfg).search_model_versions(f"name = '{cfg.mlflow.model_name}'")
+        if "injected" in v.tags
+    )
     assert summary["hours"] == 72 and summary["refused"] == 0
     assert summary["predictions"][f"{home['version']}/stable"] == 72
     assert summary["predictions"][f"{sabotaged.version}/canary"] >= 24  # served until rolled back
@@ -66,8 +74,10 @@ def test_a_bad_canary_is_rolled_back_by_the_monitor(home):
     runs = _runs(cfg)
     assert len(runs) == 72 and [r["action"] for r in runs].count("rollback") == 1
     critical = next(r for r in runs if r["action"] == "rollback")
-    assert any(f["rule"] in ("quality", "calibration") and f["variant"] == "canary"
-               for f in json.loads(critical["decision"])["findings"])
+    assert any(
+        f["rule"] in ("quality", "calibration") and f["variant"] == "canary"
+        for f in json.loads(critical["decision"])["findings"]
+    )
     assert summary["quality"] and all(q["n"] > 0 for q in summary["quality"])
 
 

@@ -26,8 +26,12 @@ pytestmark = pytest.mark.slow
 
 
 def call(url: str, path: str, body: dict, client: str) -> tuple[int, dict, str]:
-    request = urllib.request.Request(url + path, data=json.dumps(body).encode(), method="POST",
-                                     headers={"Content-Type": "application/json", "X-Client-Id": client})
+    request = urllib.request.Request(
+        url + path,
+        data=json.dumps(body).encode(),
+        method="POST",
+        headers={"Content-Type": "application/json", "X-Client-Id": client},
+    )
     try:
         with urllib.request.urlopen(request, timeout=60) as response:
             return response.status, json.loads(response.read()), response.headers.get("X-Served-By", "")
@@ -76,7 +80,7 @@ def _wait_dead(arbiter: int, pids: set[int], bound: float = 30.0) -> None:
     from sofare.serving import bento
 
     deadline = time.monotonic() + bound
-    while (alive := {p for p, (state, _, _) in bento._processes().items() if p in pids and state not in "ZX"}):
+    while alive := {p for p, (state, _, _) in bento._processes().items() if p in pids and state not in "ZX"}:
         assert time.monotonic() < deadline, f"still running after SIGKILL: {alive}"
         bento.process_tree(arbiter)  # reaps the arbiter if it is our child
         time.sleep(0.05)
@@ -84,9 +88,11 @@ def _wait_dead(arbiter: int, pids: set[int], bound: float = 30.0) -> None:
 
 def traffic(url: str, path: str, body: dict, n: int):
     """A `sleep` for canary analysis: instead of waiting, send `n` requests from fixed client ids."""
+
     def send(_seconds: float) -> None:
         for i in range(n):
             call(url, path, body, f"judged-{i}")
+
     return send
 
 
@@ -94,8 +100,12 @@ def traffic(url: str, path: str, body: dict, n: int):
 def home(model_home, tmp_path_factory, airflow_db):
     """A copy of the served model's var/ (MLflow, bento store, warehouse) with version 2 registered from the same
     run and built, the front door and the servers on free ports."""
-    env = copy_home(model_home, tmp_path_factory.mktemp("deploy"), SOFARE_DEPLOY__MIN_REQUESTS="5",
-                    SOFARE_DEPLOY__VERIFY_REQUESTS="8")
+    env = copy_home(
+        model_home,
+        tmp_path_factory.mktemp("deploy"),
+        SOFARE_DEPLOY__MIN_REQUESTS="5",
+        SOFARE_DEPLOY__VERIFY_REQUESTS="8",
+    )
     with pytest.MonkeyPatch.context() as mp:
         for key, value in env.items():
             mp.setenv(key, value)
@@ -150,11 +160,13 @@ def test_first_deploy_serves_stable_and_bad_input_changes_nothing(home):
     with pytest.raises(NotFoundError, match="no challenger"):
         tasks.deploy(cfg, None, 0.5)
     cli = [sys.executable, "-m", "sofare.cli"]
-    for args, message in ((["deploy", "--version", home["v2"], "--canary-weight", "nan"], "canary weight"),
-                          (["deploy", "--version", home["v2"], "--canary-weight", "abc"], "--canary-weight"),
-                          (["deploy", "--version", "99", "--canary-weight", "0.5"], "no version 99"),
-                          (["rollback", "--reason", "boredom"], "reason must be one of"),
-                          (["canary", "promote"], "no canary is live")):
+    for args, message in (
+        (["deploy", "--version", home["v2"], "--canary-weight", "nan"], "canary weight"),
+        (["deploy", "--version", home["v2"], "--canary-weight", "abc"], "--canary-weight"),
+        (["deploy", "--version", "99", "--canary-weight", "0.5"], "no version 99"),
+        (["rollback", "--reason", "boredom"], "reason must be one of"),
+        (["canary", "promote"], "no canary is live"),
+    ):
         done = subprocess.run(cli + args, capture_output=True, text=True, env={**os.environ}, timeout=300, check=False)
         lines = done.stderr.strip().splitlines()
         assert done.returncode == 1 and lines and message in lines[-1], (args, done.stderr[-2000:])
@@ -211,8 +223,9 @@ def test_a_failing_canary_is_analysed_as_failed_and_rolled_back(home):
     from sofare.data import warehouse
 
     with warehouse.get_engine(cfg).connect() as conn:
-        alert = conn.execute(sa.select(warehouse.alerts.c.message).order_by(warehouse.alerts.c.raised_at.desc())
-                             ).first()
+        alert = conn.execute(
+            sa.select(warehouse.alerts.c.message).order_by(warehouse.alerts.c.raised_at.desc())
+        ).first()
     assert alert is not None and f"rolled back to version {home['v1']}" in alert[0]
 
 
@@ -245,12 +258,16 @@ def test_rollback_dag_restores_the_previous_champion_once_and_refuses_unknown_ve
         run_dag(cfg, "sofare_rollback", conf={"reason": "incident", "details": "test", "target_version": "99"})
     assert d.state_path.read_bytes() == before, "an unknown target changes nothing"
 
-    run_dag(cfg, "sofare_rollback", conf={"reason": "bad-predictions", "details": "v2 says up all day",
-                                         "target_version": None})
+    run_dag(
+        cfg,
+        "sofare_rollback",
+        conf={"reason": "bad-predictions", "details": "v2 says up all day", "target_version": None},
+    )
     assert d.state().stable.version == home["v1"], "the previous champion serves again"
     assert d.verify(home["v1"])
-    run_dag(cfg, "sofare_rollback", conf={"reason": "bad-predictions", "details": "clicked twice",
-                                         "target_version": None})
+    run_dag(
+        cfg, "sofare_rollback", conf={"reason": "bad-predictions", "details": "clicked twice", "target_version": None}
+    )
     rollbacks = [e for e in _events(cfg) if e["action"] == "rollback"]
     assert [e["decision"] for e in rollbacks[-2:]] == ["done", "noop"]
     assert "verified 8 live requests" in rollbacks[-1]["reason"]

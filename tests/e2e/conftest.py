@@ -80,8 +80,14 @@ class Stack:
     def start(self, name: str, *args: str, env: dict[str, str] | None = None) -> None:
         self.log(name).parent.mkdir(parents=True, exist_ok=True)
         with self.log(name).open("ab") as out:
-            self.processes[name] = subprocess.Popen(list(args), env={**self.env, **(env or {})}, cwd=ROOT,
-                                                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            self.processes[name] = subprocess.Popen(
+                list(args),
+                env={**self.env, **(env or {})},
+                cwd=ROOT,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
 
     def check_alive(self) -> None:
         for name, process in self.processes.items():
@@ -90,8 +96,15 @@ class Stack:
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         """`sofare ARGS` against this stack's warehouse, MLflow and var/ (a new process, like a user's shell)."""
-        result = subprocess.run([str(BIN / "sofare"), *args], env=self.env, cwd=ROOT, capture_output=True,
-                                text=True, timeout=BOUND_S, check=False)
+        result = subprocess.run(
+            [str(BIN / "sofare"), *args],
+            env=self.env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=BOUND_S,
+            check=False,
+        )
         if check:
             assert result.returncode == 0, f"sofare {' '.join(args)}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
         return result
@@ -122,8 +135,9 @@ class Stack:
         headers = {"Content-Type": "application/json"}
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"
-        request = urllib.request.Request(self.api + path, method=method, headers=headers,
-                                         data=None if body is None else json.dumps(body).encode())
+        request = urllib.request.Request(
+            self.api + path, method=method, headers=headers, data=None if body is None else json.dumps(body).encode()
+        )
         try:
             with urllib.request.urlopen(request, timeout=60) as answer:
                 raw = answer.read()
@@ -145,7 +159,9 @@ class Stack:
         self.token = self.ok("POST", "/auth/token", {"username": user, "password": password})["access_token"]
 
     def credentials(self) -> tuple[str, str]:
-        users = json.loads((Path(self.env["AIRFLOW_HOME"]) / "simple_auth_manager_passwords.json.generated").read_text())
+        users = json.loads(
+            (Path(self.env["AIRFLOW_HOME"]) / "simple_auth_manager_passwords.json.generated").read_text()
+        )
         return next(iter(users.items()))
 
     def unpause(self, *dag_ids: str) -> None:
@@ -165,11 +181,13 @@ class Stack:
         deadline = time.monotonic() + BOUND_S
         while True:
             self.check_alive()
-            runs = [r for r in self.runs(dag_id) if run_id in (None, r["dag_run_id"])][after if run_id is None else 0:]
+            runs = [r for r in self.runs(dag_id) if run_id in (None, r["dag_run_id"])][after if run_id is None else 0 :]
             if runs and runs[0]["state"] in ("success", "failed"):
                 run = runs[0]
                 if run["state"] != "success":
-                    raise AssertionError(f"{dag_id} run {run['dag_run_id']} failed:\n{self.explain(dag_id, run['dag_run_id'])}")
+                    raise AssertionError(
+                        f"{dag_id} run {run['dag_run_id']} failed:\n{self.explain(dag_id, run['dag_run_id'])}"
+                    )
                 return run
             assert time.monotonic() < deadline, f"{dag_id}: no finished run within {BOUND_S} s: {runs[:1]}"
             time.sleep(1)
@@ -184,8 +202,10 @@ class Stack:
             lines.append(f"  {ti['task_id']}[{ti['map_index']}]: {ti['state']} on {ti.get('hostname')}")
             if ti["state"] in ("failed", "upstream_failed") and ti.get("try_number"):
                 status, log = self.request(
-                    "GET", f"/api/v2/dags/{dag_id}/dagRuns/{quoted}/taskInstances/{ti['task_id']}/logs/"
-                           f"{ti['try_number']}?map_index={ti['map_index']}")
+                    "GET",
+                    f"/api/v2/dags/{dag_id}/dagRuns/{quoted}/taskInstances/{ti['task_id']}/logs/"
+                    f"{ti['try_number']}?map_index={ti['map_index']}",
+                )
                 lines.append(json.dumps(log)[-4000:] if status == 200 else f"(log: {status})")
         return "\n".join(lines)
 
@@ -227,20 +247,26 @@ def running_stack(root: Path) -> Iterator[Stack]:
     warehouse = postgres.create_database("warehouse")
     marker = uuid.uuid4().hex
     env = {
-        "PATH": f"{BIN}:/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin", "HOME": str(root), "LANG": "C.UTF-8",
+        "PATH": f"{BIN}:/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin",
+        "HOME": str(root),
+        "LANG": "C.UTF-8",
         "SOFARE_E2E_STACK": marker,
         # Airflow: CeleryExecutor, Redis broker, PostgreSQL metadata and Celery results, API on 127.0.0.1
         "AIRFLOW_HOME": str(root / "airflow"),
-        "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"), "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
+        "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
         "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor",
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": airflow_db,
         "AIRFLOW__CELERY__BROKER_URL": f"redis://127.0.0.1:{redis_port}/0",
         "AIRFLOW__CELERY__RESULT_BACKEND": "db+" + airflow_db.replace("+psycopg2", ""),
         "AIRFLOW__CELERY__WORKER_CONCURRENCY": "2",
-        "AIRFLOW__API__HOST": "127.0.0.1", "AIRFLOW__API__PORT": str(api_port), "AIRFLOW__API__WORKERS": "1",
+        "AIRFLOW__API__HOST": "127.0.0.1",
+        "AIRFLOW__API__PORT": str(api_port),
+        "AIRFLOW__API__WORKERS": "1",
         "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{api_port}/execution/",
-        "AIRFLOW__API_AUTH__JWT_SECRET": uuid.uuid4().hex, "AIRFLOW__API__SECRET_KEY": uuid.uuid4().hex,
+        "AIRFLOW__API_AUTH__JWT_SECRET": uuid.uuid4().hex,
+        "AIRFLOW__API__SECRET_KEY": uuid.uuid4().hex,
         "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port()),
         "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(free_port()),
         "AIRFLOW__SCHEDULER__MIN_FILE_PROCESS_INTERVAL": "3600",  # parsed at start; the DAG files do not change
@@ -252,19 +278,36 @@ def running_stack(root: Path) -> Iterator[Stack]:
         "AIRFLOW_CONN_SOFARE_WAREHOUSE": warehouse.replace("postgresql+psycopg2://", "postgresql://"),
         "SOFARE_PATHS__VAR": str(root / "var"),
         **SMALL_TRAINING,
-        "SOFARE_TRAINING__N_TRIALS": "2", "SOFARE_TRAINING__MAX_EPOCHS": "1",  # 2 mapped tuning tasks, 1 trial each
-        "SOFARE_SERVING__WORKERS": "1", "SOFARE_SERVING__PORT": str(free_port(pair=True)),
+        "SOFARE_TRAINING__N_TRIALS": "2",
+        "SOFARE_TRAINING__MAX_EPOCHS": "1",  # 2 mapped tuning tasks, 1 trial each
+        "SOFARE_SERVING__WORKERS": "1",
+        "SOFARE_SERVING__PORT": str(free_port(pair=True)),
         "SOFARE_DEPLOY__FRONTDOOR_PORT": str(free_port()),
         # the canary analysis judges wiring here, not this busy machine's latency: one step, lenient thresholds,
         # and enough patience that a slow step is measured again instead of aborting
-        "SOFARE_DEPLOY__STEPS": "[1.0]", "SOFARE_DEPLOY__INTERVAL_SECONDS": "5", "SOFARE_DEPLOY__MIN_REQUESTS": "5",
-        "SOFARE_DEPLOY__MAX_P95_MS": "60000", "SOFARE_DEPLOY__LATENCY_FLOOR_MS": "60000",
+        "SOFARE_DEPLOY__STEPS": "[1.0]",
+        "SOFARE_DEPLOY__INTERVAL_SECONDS": "5",
+        "SOFARE_DEPLOY__MIN_REQUESTS": "5",
+        "SOFARE_DEPLOY__MAX_P95_MS": "60000",
+        "SOFARE_DEPLOY__LATENCY_FLOOR_MS": "60000",
         "SOFARE_DEPLOY__INCONCLUSIVE_LIMIT": "50",
     }
     stack = Stack(root=root, env=env, api=f"http://127.0.0.1:{api_port}", marker=marker)
     try:
-        stack.start("redis", "redis-server", "--bind", "127.0.0.1", "--port", str(redis_port), "--save", "",
-                    "--appendonly", "no", "--dir", str(root))
+        stack.start(
+            "redis",
+            "redis-server",
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(redis_port),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(root),
+        )
         stack.start("migrate", str(BIN / "airflow"), "db", "migrate")
         migrate = stack.processes.pop("migrate")  # it ends: not one of the services check_alive watches
         # the past, through the CLI, while Airflow migrates its database
@@ -273,20 +316,32 @@ def running_stack(root: Path) -> Iterator[Stack]:
         stack.cli("validate", "--start", HISTORY[0], "--end", HISTORY[1])
         assert migrate.wait(BOUND_S) == 0, tail(stack.log("migrate"))
         stack.start("api-server", str(BIN / "airflow"), "api-server")
-        stack.start("scheduler", str(BIN / "airflow"), "scheduler",
-                    env={"AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port())})
+        stack.start(
+            "scheduler",
+            str(BIN / "airflow"),
+            "scheduler",
+            env={"AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port())},
+        )
         stack.start("dag-processor", str(BIN / "airflow"), "dag-processor")
         for n in (1, 2):
-            stack.start(f"worker-{n}", str(BIN / "airflow"), "celery", "worker", "--celery-hostname", f"w{n}@e2e",
-                        env={"AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port())})
+            stack.start(
+                f"worker-{n}",
+                str(BIN / "airflow"),
+                "celery",
+                "worker",
+                "--celery-hostname",
+                f"w{n}@e2e",
+                env={"AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port())},
+            )
         stack.cli("train", "--trials", "1", "--max-epochs", "1")
         stack.cli("promote", "--override", "e2e: the team's first champion, set up through the CLI")
         stack.cli("build")
         stack.cli("deploy")
         wait_for("the API server", lambda: stack.request("GET", "/api/v2/version")[0] == 200, stack)
         stack.login()
-        wait_for("the DAGs parsed", lambda: len(stack.ok("GET", "/api/v2/dags?dag_id_pattern=sofare_")["dags"]) == 8,
-                 stack)
+        wait_for(
+            "the DAGs parsed", lambda: len(stack.ok("GET", "/api/v2/dags?dag_id_pattern=sofare_")["dags"]) == 8, stack
+        )
         wait_for("2 Celery workers", lambda: _celery_workers(env) >= 2, stack)
         yield stack
     finally:
@@ -298,9 +353,23 @@ def running_stack(root: Path) -> Iterator[Stack]:
 
 def _celery_workers(env: dict[str, str]) -> int:
     """Workers answering a Celery ping through the broker."""
-    result = subprocess.run([str(BIN / "celery"), "--broker", env["AIRFLOW__CELERY__BROKER_URL"], "inspect", "ping",
-                             "--timeout", "5", "--json"], env=env, capture_output=True, text=True, timeout=60,
-                            check=False)
+    result = subprocess.run(
+        [
+            str(BIN / "celery"),
+            "--broker",
+            env["AIRFLOW__CELERY__BROKER_URL"],
+            "inspect",
+            "ping",
+            "--timeout",
+            "5",
+            "--json",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     try:
         return len(json.loads(result.stdout.strip().splitlines()[-1]))
     except (ValueError, IndexError):
@@ -319,9 +388,12 @@ class Traffic:
         n = 0
         while not self._stop.is_set():
             n += 1
-            request = urllib.request.Request(f"{self.url}/predict_latest", method="POST",
-                                             data=json.dumps({"symbol": self.symbol}).encode(),
-                                             headers={"Content-Type": "application/json", "X-Client-Id": f"c{n % 50}"})
+            request = urllib.request.Request(
+                f"{self.url}/predict_latest",
+                method="POST",
+                data=json.dumps({"symbol": self.symbol}).encode(),
+                headers={"Content-Type": "application/json", "X-Client-Id": f"c{n % 50}"},
+            )
             try:
                 with urllib.request.urlopen(request, timeout=30) as answer:
                     key = (answer.status, answer.headers.get("X-Served-By"))
@@ -349,7 +421,11 @@ def served(stack: Stack) -> dict[str, Any]:
     url = f"http://127.0.0.1:{stack.env['SOFARE_DEPLOY__FRONTDOOR_PORT']}/model_info"
     with urllib.request.urlopen(urllib.request.Request(url, headers={"X-Client-Id": "e2e"}), timeout=30) as answer:
         info = json.loads(answer.read())
-        return {"version": info["model_version"], "variant": info["variant"], "served_by": answer.headers.get("X-Served-By")}
+        return {
+            "version": info["model_version"],
+            "variant": info["variant"],
+            "served_by": answer.headers.get("X-Served-By"),
+        }
 
 
 def task_states(stack: Stack, dag_id: str, run_id: str) -> dict[str, list[str]]:
@@ -367,8 +443,9 @@ def pipeline(stack: Stack) -> dict[str, Any]:
     r = stack.results
     r["before"] = served(stack)
     stack.unpause(*STAGES)
-    r["backfill"] = stack.wait_run("sofare_backfill", stack.trigger(
-        "sofare_backfill", {"sources": ["sample"], "start": WEEK[0], "end": WEEK[1]}))
+    r["backfill"] = stack.wait_run(
+        "sofare_backfill", stack.trigger("sofare_backfill", {"sources": ["sample"], "start": WEEK[0], "end": WEEK[1]})
+    )
     r["validate"] = stack.wait_run("sofare_validate")  # its features asset event, not a trigger
     r["train"] = stack.wait_run("sofare_train")  # the validated-features event
     r["train_tasks"] = task_states(stack, "sofare_train", r["train"]["dag_run_id"])
@@ -377,13 +454,19 @@ def pipeline(stack: Stack) -> dict[str, Any]:
     version = str(int(r["before"]["version"]) + 1)
     with Traffic(f"http://127.0.0.1:{stack.env['SOFARE_DEPLOY__FRONTDOOR_PORT']}", "BTCUSDT") as traffic:
         if r["gate"]["containerize"] != ["success"]:  # rejected: the on-call override, as the runbook says
-            stack.wait_run("sofare_promote", stack.trigger(
-                "sofare_promote", {"version": version, "override_reason": "e2e: exercise the rollout"}))
+            stack.wait_run(
+                "sofare_promote",
+                stack.trigger("sofare_promote", {"version": version, "override_reason": "e2e: exercise the rollout"}),
+            )
         r["deploy"] = stack.wait_run("sofare_deploy")  # the bento event
     r["traffic"] = traffic.answers
     r["after_deploy"] = served(stack)
-    r["rollback"] = stack.wait_run("sofare_rollback", stack.trigger(
-        "sofare_rollback", {"reason": "incident", "details": "e2e: the on-call way back", "target_version": None}))
+    r["rollback"] = stack.wait_run(
+        "sofare_rollback",
+        stack.trigger(
+            "sofare_rollback", {"reason": "incident", "details": "e2e: the on-call way back", "target_version": None}
+        ),
+    )
     r["after_rollback"] = served(stack)
     r["version"] = version
     return r

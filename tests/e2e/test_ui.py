@@ -30,19 +30,25 @@ SHOTS = ROOT / "var" / "screenshots"
 BOUND_S = 300
 
 
-
 class Browser:
     """A headless Chromium that can reach 127.0.0.1 only (every other host name fails to resolve)."""
 
     def __init__(self) -> None:
         options = webdriver.ChromeOptions()
         options.binary_location = shutil.which("chromium") or "/usr/bin/chromium"
-        for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1000",
-                         "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1", "--lang=en-US"):
+        for argument in (
+            "--headless=new",
+            "--no-sandbox",
+            "--disable-dev-shm-usage",
+            "--window-size=1400,1000",
+            "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1",
+            "--lang=en-US",
+        ):
             options.add_argument(argument)
         options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-        self.driver = webdriver.Chrome(service=Service(shutil.which("chromedriver") or "/usr/bin/chromedriver"),
-                                       options=options)
+        self.driver = webdriver.Chrome(
+            service=Service(shutil.which("chromedriver") or "/usr/bin/chromedriver"), options=options
+        )
 
     def until(self, what: str, check: Callable[[], Any]) -> Any:
         """Poll the page until `check` returns something truthy (bounded; a screenshot when it never does)."""
@@ -99,22 +105,39 @@ def login(b: Browser, stack: Stack) -> None:
     b.driver.find_element(By.NAME, "username").send_keys(user)
     b.driver.find_element(By.NAME, "password").send_keys(password)
     b.driver.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
-    b.until("the home page after login", lambda: "/auth/login" not in b.driver.current_url
-            and any(c["name"] == "_token" for c in b.driver.get_cookies()))
+    b.until(
+        "the home page after login",
+        lambda: (
+            "/auth/login" not in b.driver.current_url and any(c["name"] == "_token" for c in b.driver.get_cookies())
+        ),
+    )
 
 
 def trigger_dialog(b: Browser, stack: Stack, dag_id: str) -> WebElement:
     b.driver.get(f"{stack.api}/dags/{dag_id}")
     b.until(f"{dag_id}'s Trigger button", lambda: b.visible("button", "Trigger")).click()
-    return b.until("the trigger form", lambda: b.visible("[role=dialog][data-state=open]")
-                   or b.visible("[role=dialog]:not([hidden]) input[name^=element_]"))
+    return b.until(
+        "the trigger form",
+        lambda: (
+            b.visible("[role=dialog][data-state=open]")
+            or b.visible("[role=dialog]:not([hidden]) input[name^=element_]")
+        ),
+    )
 
 
 def submit(b: Browser, dialog: WebElement) -> None:
     """Click the form's Trigger button (looked up afresh: the dialog may have re-rendered since it opened)."""
-    button = b.until("an enabled Trigger button in the form", lambda: next(
-        (x for x in b.driver.find_elements(By.CSS_SELECTOR, "[role=dialog] button")
-         if x.text.strip() == "Trigger" and x.is_enabled()), None))
+    button = b.until(
+        "an enabled Trigger button in the form",
+        lambda: next(
+            (
+                x
+                for x in b.driver.find_elements(By.CSS_SELECTOR, "[role=dialog] button")
+                if x.text.strip() == "Trigger" and x.is_enabled()
+            ),
+            None,
+        ),
+    )
     b.driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", button)
     button.click()
 
@@ -134,7 +157,9 @@ def newest_run(stack: Stack, dag_id: str, known: int) -> dict[str, Any]:
 def test_backfill_from_its_form(stack, browser):
     b, known = browser, len(stack.runs("sofare_backfill"))
     dialog = trigger_dialog(b, stack, "sofare_backfill")
-    sources = b.until("the Sources field", lambda: b.driver.find_element(By.CSS_SELECTOR, "[role=dialog] [id=element_sources]"))
+    sources = b.until(
+        "the Sources field", lambda: b.driver.find_element(By.CSS_SELECTOR, "[role=dialog] [id=element_sources]")
+    )
     assert sources.tag_name != "textarea", "sources is a multi-select of the known sources, not free text"
     assert "sample (embedded data, every modality)" in b.visible("[role=dialog]").text, "the source shows its label"
     type_date(b, b.driver.find_element(By.NAME, "element_start"), "2024-03-08")
@@ -186,15 +211,22 @@ def test_data_docs_styled_with_no_network(stack, browser):
     b = browser
     b.driver.get_log("browser")
     b.driver.get(f"{stack.api}/sofare/data-docs/index.html")
-    b.until("the Data Docs index", lambda: b.driver.execute_script("return document.readyState") == "complete"
-            and b.driver.find_elements(By.CSS_SELECTOR, "table"))
+    b.until(
+        "the Data Docs index",
+        lambda: (
+            b.driver.execute_script("return document.readyState") == "complete"
+            and b.driver.find_elements(By.CSS_SELECTOR, "table")
+        ),
+    )
     styled = b.driver.execute_script(
         "return [...document.styleSheets].filter(s => { try { return s.cssRules.length > 0 } catch (e) { return false } })"
-        ".map(s => s.href).filter(h => h && h.includes('bootstrap'))")
+        ".map(s => s.href).filter(h => h && h.includes('bootstrap'))"
+    )
     assert styled, "bootstrap's stylesheet loaded and parsed"
     assert b.driver.execute_script("return typeof window.jQuery") == "function", "the scripts ran"
     assert not b.failed_resources(), b.failed_resources()
     b.shot("07-data-docs-index")
+
     def open_features_result() -> bool:
         """Click a features result row (the table's rows link to their pages); bootstrap-table may re-render the
         rows under us, and a stale row raises, which `until` retries."""
@@ -205,8 +237,10 @@ def test_data_docs_styled_with_no_network(stack, browser):
         return True
 
     b.until("a features validation result to click", open_features_result)
-    b.until("a validation result page", lambda: "/validations/" in b.driver.current_url
-            and "Overview" in b.driver.page_source)
+    b.until(
+        "a validation result page",
+        lambda: "/validations/" in b.driver.current_url and "Overview" in b.driver.page_source,
+    )
     assert not b.failed_resources(), b.failed_resources()
     b.shot("08-data-docs-validation")
 
@@ -215,28 +249,60 @@ def test_swagger_try_predict_latest(stack, browser):
     b = browser
     b.driver.get_log("browser")
     b.driver.get(f"http://127.0.0.1:{stack.env['SOFARE_DEPLOY__FRONTDOOR_PORT']}/")
-    operation = b.until("the /predict_latest operation", lambda: b.visible("#operations-default-predict_latest")
-                        or next((x for x in b.driver.find_elements(By.CSS_SELECTOR, ".opblock")
-                                 if "/predict_latest" in x.text and x.is_displayed()), None))
+    operation = b.until(
+        "the /predict_latest operation",
+        lambda: (
+            b.visible("#operations-default-predict_latest")
+            or next(
+                (
+                    x
+                    for x in b.driver.find_elements(By.CSS_SELECTOR, ".opblock")
+                    if "/predict_latest" in x.text and x.is_displayed()
+                ),
+                None,
+            )
+        ),
+    )
     operation.find_element(By.CSS_SELECTOR, ".opblock-summary").click()
     b.until("Try it out", lambda: b.visible("button.try-out__btn")).click()
     b.until("Execute", lambda: b.visible("button.execute")).click()
-    answer = b.until("the live response", lambda: next(
-        (x for x in b.driver.find_elements(By.CSS_SELECTOR, ".live-responses-table tbody .response-col_status")
-         if x.text.strip()), None))
+    answer = b.until(
+        "the live response",
+        lambda: next(
+            (
+                x
+                for x in b.driver.find_elements(By.CSS_SELECTOR, ".live-responses-table tbody .response-col_status")
+                if x.text.strip()
+            ),
+            None,
+        ),
+    )
     assert answer.text.strip().startswith("200"), answer.text
     assert '"direction"' in b.driver.find_element(By.CSS_SELECTOR, ".live-responses-table").text
     assert not b.failed_resources(), b.failed_resources()
-    b.driver.execute_script("arguments[0].scrollIntoView({block: 'center'})",
-                            b.driver.find_element(By.CSS_SELECTOR, ".live-responses-table"))
+    b.driver.execute_script(
+        "arguments[0].scrollIntoView({block: 'center'})",
+        b.driver.find_element(By.CSS_SELECTOR, ".live-responses-table"),
+    )
     b.shot("09-swagger-predict-latest")
 
 
 @pytest.fixture(scope="module")
 def mlflow_ui(stack: Stack) -> Iterator[str]:
     port = free_port()
-    stack.start("mlflow-ui", str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-                "--backend-store-uri", f"sqlite:///{stack.env['SOFARE_PATHS__VAR']}/mlflow.db", "--workers", "1")
+    stack.start(
+        "mlflow-ui",
+        str(BIN / "mlflow"),
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--backend-store-uri",
+        f"sqlite:///{stack.env['SOFARE_PATHS__VAR']}/mlflow.db",
+        "--workers",
+        "1",
+    )
     url = f"http://127.0.0.1:{port}"
     import urllib.request
 
@@ -250,8 +316,13 @@ def mlflow_ui(stack: Stack) -> Iterator[str]:
 def test_mlflow_model_page(stack, browser, mlflow_ui, pipeline):
     b = browser
     b.driver.get(f"{mlflow_ui}/#/models/sofare-m3")
-    b.until("the registered model with its versions", lambda: "sofare-m3" in b.driver.page_source
-            and f"Version {pipeline['version']}" in b.driver.find_element(By.TAG_NAME, "body").text)
+    b.until(
+        "the registered model with its versions",
+        lambda: (
+            "sofare-m3" in b.driver.page_source
+            and f"Version {pipeline['version']}" in b.driver.find_element(By.TAG_NAME, "body").text
+        ),
+    )
     body = b.driver.find_element(By.TAG_NAME, "body").text
     assert "champion" in body, "the alias shows"
     b.shot("10-mlflow-model")

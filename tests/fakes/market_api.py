@@ -8,7 +8,6 @@ adapters must survive: HTTP 429 with Retry-After, 5xx, timeouts, empty and malfo
 
 from __future__ import annotations
 
-import gzip
 import json
 import threading
 import time
@@ -90,7 +89,9 @@ class MarketAPI:
         self.revisions.setdefault((series_id, observation_date), []).append((released, value))
 
     def data_requests(self, route: str) -> int:
-        marker = {"binance": "/api/v3/klines", "yahoo": "/v8/finance/chart/", "fred": "/fred/series/observations"}[route]
+        marker = {"binance": "/api/v3/klines", "yahoo": "/v8/finance/chart/", "fred": "/fred/series/observations"}[
+            route
+        ]
         return sum(1 for path, query in self.requests if marker in path and "range" not in query)
 
     # -- data -------------------------------------------------------------------------------------
@@ -115,8 +116,20 @@ class MarketAPI:
         step = int(pd.Timedelta(interval.replace("m", "min")).total_seconds() * 1000)
         rows = frame[(frame["open_ms"] >= start) & (frame["open_ms"] <= end)].head(limit)
         return [
-            [int(r.open_ms), f"{r.open:.8f}", f"{r.high:.8f}", f"{r.low:.8f}", f"{r.close:.8f}", f"{r.volume:.8f}",
-             int(r.open_ms) + step - 1, f"{r.quote_volume:.8f}", int(r.trade_count), "0.00000000", "0.00000000", "0"]
+            [
+                int(r.open_ms),
+                f"{r.open:.8f}",
+                f"{r.high:.8f}",
+                f"{r.low:.8f}",
+                f"{r.close:.8f}",
+                f"{r.volume:.8f}",
+                int(r.open_ms) + step - 1,
+                f"{r.quote_volume:.8f}",
+                int(r.trade_count),
+                "0.00000000",
+                "0.00000000",
+                "0",
+            ]
             for r in rows.itertuples()
         ]
 
@@ -124,16 +137,28 @@ class MarketAPI:
         path = self.cfg.sample_dir / "yahoo" / f"{ticker}.csv.gz"
         tz = ZoneInfo("America/New_York")
         meta = {
-            "currency": "USD", "symbol": ticker, "exchangeName": "NYB", "fullExchangeName": "NY Board",
-            "instrumentType": "FUTURE" if ticker.endswith("=F") else "INDEX", "firstTradeDate": 946857600,
-            "regularMarketTime": 1751313600, "gmtoffset": -14400, "timezone": "EDT",
-            "exchangeTimezoneName": "America/New_York", "dataGranularity": "1d", "range": "",
+            "currency": "USD",
+            "symbol": ticker,
+            "exchangeName": "NYB",
+            "fullExchangeName": "NY Board",
+            "instrumentType": "FUTURE" if ticker.endswith("=F") else "INDEX",
+            "firstTradeDate": 946857600,
+            "regularMarketTime": 1751313600,
+            "gmtoffset": -14400,
+            "timezone": "EDT",
+            "exchangeTimezoneName": "America/New_York",
+            "dataGranularity": "1d",
+            "range": "",
             "validRanges": ["1d", "5d", "1mo", "3mo", "6mo", "1y", "2y", "5y", "10y", "ytd", "max"],
         }
         if not path.exists():
-            return {"chart": {"result": None, "error": {"code": "Not Found",
-                                                         "description": "No data found, symbol may be delisted"}}}
-        bars = pd.read_csv(gzip.open(path))
+            return {
+                "chart": {
+                    "result": None,
+                    "error": {"code": "Not Found", "description": "No data found, symbol may be delisted"},
+                }
+            }
+        bars = pd.read_csv(path, compression="gzip")
         bars["day"] = pd.to_datetime(bars["date"])
         if "range" in query:
             bars = bars.tail(1)
@@ -144,12 +169,17 @@ class MarketAPI:
         if bars.empty:
             result = {"meta": meta, "indicators": {"quote": [{}], "adjclose": [{}]}}
             return {"chart": {"result": [result], "error": None}}
-        opening = timedelta(hours=0) if ticker.endswith("=F") or ticker.startswith("DX") else timedelta(hours=9, minutes=30)
+        opening = (
+            timedelta(hours=0) if ticker.endswith("=F") or ticker.startswith("DX") else timedelta(hours=9, minutes=30)
+        )
         stamps = [int((d.to_pydatetime() + opening).replace(tzinfo=tz).timestamp()) for d in bars["day"]]
         quote = {k: [float(x) for x in bars[k]] for k in ("open", "high", "low", "close")}
         quote["volume"] = [int(x) for x in bars["volume"].fillna(0)]
-        result = {"meta": meta, "timestamp": stamps,
-                  "indicators": {"quote": [quote], "adjclose": [{"adjclose": quote["close"]}]}}
+        result = {
+            "meta": meta,
+            "timestamp": stamps,
+            "indicators": {"quote": [quote], "adjclose": [{"adjclose": quote["close"]}]},
+        }
         return {"chart": {"result": [result], "error": None}}
 
     def _vintages(self, series_id: str) -> list[tuple[date, date, date, float]]:
@@ -169,7 +199,10 @@ class MarketAPI:
     def observations(self, query: dict[str, list[str]]) -> tuple[int, str]:
         series_id = query.get("series_id", [""])[0]
         if not (self.cfg.sample_dir / "fred" / f"{series_id}.csv.gz").exists():
-            return 400, '<?xml version="1.0" encoding="utf-8" ?>\n<error code="400" message="Bad Request.  The series does not exist."/>'
+            return (
+                400,
+                '<?xml version="1.0" encoding="utf-8" ?>\n<error code="400" message="Bad Request.  The series does not exist."/>',
+            )
         rs = date.fromisoformat(query.get("realtime_start", [str(date.today())])[0])
         re_ = date.fromisoformat(query.get("realtime_end", [str(date.today())])[0])
         rows = [
@@ -179,12 +212,15 @@ class MarketAPI:
         ]
         rows.sort(key=lambda r: (r[2], r[0]))
         body = "".join(
-            f'  <observation realtime_start="{a}" realtime_end="{b}" date="{d}" value="{v:g}"/>\n' for a, b, d, v in rows
+            f'  <observation realtime_start="{a}" realtime_end="{b}" date="{d}" value="{v:g}"/>\n'
+            for a, b, d, v in rows
         )
-        head = (f'<?xml version="1.0" encoding="utf-8" ?>\n<observations realtime_start={quoteattr(str(rs))} '
-                f'realtime_end={quoteattr(str(re_))} observation_start="1776-07-04" observation_end="9999-12-31" '
-                f'units="lin" output_type="1" file_type="xml" order_by="observation_date" sort_order="asc" '
-                f'count="{len(rows)}" offset="0" limit="100000">\n')
+        head = (
+            f'<?xml version="1.0" encoding="utf-8" ?>\n<observations realtime_start={quoteattr(str(rs))} '
+            f'realtime_end={quoteattr(str(re_))} observation_start="1776-07-04" observation_end="9999-12-31" '
+            f'units="lin" output_type="1" file_type="xml" order_by="observation_date" sort_order="asc" '
+            f'count="{len(rows)}" offset="0" limit="100000">\n'
+        )
         return 200, head + body + "</observations>\n"
 
     # -- HTTP -------------------------------------------------------------------------------------
@@ -224,7 +260,7 @@ class MarketAPI:
                     self._send(fault.status, fault.body, ctype, fault.headers)
                 return True
 
-            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+            def do_GET(self) -> None:
                 parts = urlsplit(self.path)
                 query = parse_qs(parts.query)
                 api.requests.append((parts.path, query))

@@ -11,20 +11,47 @@ import subprocess
 import sys
 from pathlib import Path
 
-CHECKS = ("not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance,"
-          "response_headers_conformance,negative_data_rejection,unsupported_method")
+CHECKS = (
+    "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance,"
+    "response_headers_conformance,negative_data_rejection,unsupported_method"
+)
 MIN_CASES = 1000
 
 
 def test_schemathesis_finds_nothing(served, tmp_path):
     url = served["server"].url
     report = tmp_path / "report.json"
-    command = [str(Path(sys.executable).with_name("schemathesis")), "run", f"{url}/docs.json", "--checks", CHECKS,
-               "--max-examples", "200", "--seed", "12", "--workers", "2",
-               "--request-timeout", "30", "--continue-on-failure",
-               "--report", "json", "--report-json-path", str(report), "--warnings", "off"]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False, cwd=tmp_path,
-                          env={**os.environ, "NO_COLOR": "1"})
+    command = [
+        str(Path(sys.executable).with_name("schemathesis")),
+        "run",
+        f"{url}/docs.json",
+        "--checks",
+        CHECKS,
+        "--max-examples",
+        "200",
+        "--seed",
+        "12",
+        "--workers",
+        "2",
+        "--request-timeout",
+        "30",
+        "--continue-on-failure",
+        "--report",
+        "json",
+        "--report-json-path",
+        str(report),
+        "--warnings",
+        "off",
+    ]
+    done = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        cwd=tmp_path,
+        env={**os.environ, "NO_COLOR": "1"},
+    )
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-6000:]
     run = json.loads(report.read_text())

@@ -50,11 +50,22 @@ def _status(url: str, authorization: str | None = None) -> int:
 
 def test_make_airflow_binds_loopback_and_stops_everything_it_started(tmp_path):
     home, port = tmp_path / "airflow", free_port(0)
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "AIRFLOW_HOME": str(home),
-           "AIRFLOW__API__PORT": str(port), "SOFARE_PATHS__VAR": str(tmp_path / "var"),
-           "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port(0))}
-    script = subprocess.Popen([str(ROOT / "scripts" / "airflow-standalone.sh")], env=env, cwd=ROOT,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "HOME": str(tmp_path),
+        "AIRFLOW_HOME": str(home),
+        "AIRFLOW__API__PORT": str(port),
+        "SOFARE_PATHS__VAR": str(tmp_path / "var"),
+        "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port(0)),
+    }
+    script = subprocess.Popen(
+        [str(ROOT / "scripts" / "airflow-standalone.sh")],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 300  # a bound, not a goal: standalone migrates its database first
         while True:
@@ -74,9 +85,12 @@ def test_make_airflow_binds_loopback_and_stops_everything_it_started(tmp_path):
         assert _status(page, "Bearer forged") == 403
         users = json.loads((home / "simple_auth_manager_passwords.json.generated").read_text())
         user, password = next(iter(users.items()))
-        request = urllib.request.Request(f"http://127.0.0.1:{port}/auth/token", method="POST",
-                                         data=json.dumps({"username": user, "password": password}).encode(),
-                                         headers={"Content-Type": "application/json"})
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/auth/token",
+            method="POST",
+            data=json.dumps({"username": user, "password": password}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
         with urllib.request.urlopen(request, timeout=30) as answer:
             token = json.loads(answer.read())["access_token"]
         assert _status(page, f"Bearer {token}") == 404, "logged in: past the check, to a page that does not exist"

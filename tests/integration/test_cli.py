@@ -11,8 +11,14 @@ import pytest
 
 
 def sofare(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "sofare.cli", *args], capture_output=True, text=True,
-                          env={**os.environ, **env}, timeout=600, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "sofare.cli", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        timeout=600,
+        check=False,
+    )
 
 
 @pytest.fixture
@@ -40,8 +46,10 @@ def test_backfill_then_status_reports_rows_ranges_and_the_real_gap(env):
     [
         (("backfill", "--source", "sample", "--start", "2023-02-30", "--end", "2023-03-01"), "day is out of range"),
         (("backfill", "--source", "sample", "--start", "2023-03-05", "--end", "2023-03-01"), "is before start"),
-        (("backfill", "--source", "sample", "--start", "2023-03-01", "--end", "2023-03-01", "--symbol", "DOGEUSDT"),
-         "no DOGEUSDT candles"),
+        (
+            ("backfill", "--source", "sample", "--start", "2023-03-01", "--end", "2023-03-01", "--symbol", "DOGEUSDT"),
+            "no DOGEUSDT candles",
+        ),
     ],
 )
 def test_bad_input_is_a_one_line_error_and_a_nonzero_exit(env, args, message):
@@ -52,8 +60,9 @@ def test_bad_input_is_a_one_line_error_and_a_nonzero_exit(env, args, message):
 
 
 def test_live_source_without_credentials_fails_clearly(env):
-    done = sofare("backfill", "--source", "fred", "--start", "2024-01-01", "--end", "2024-01-02",
-                  env={**env, "FRED_API_KEY": ""})
+    done = sofare(
+        "backfill", "--source", "fred", "--start", "2024-01-01", "--end", "2024-01-02", env={**env, "FRED_API_KEY": ""}
+    )
     assert done.returncode == 1 and "FRED needs an API key" in done.stderr
 
 
@@ -71,15 +80,23 @@ def test_init_creates_schema_airflow_db_and_connection(tmp_path, env):
     assert "Airflow connection 'sofare_warehouse' created" in first.stdout
     second = sofare("init", env=env)
     assert second.returncode == 0 and "exists (left as it is)" in second.stdout
-    listed = subprocess.run([sys.executable, "-m", "airflow", "connections", "get", "sofare_warehouse", "-o", "json"],
-                            capture_output=True, text=True, env={**os.environ, **env}, check=True)
+    listed = subprocess.run(
+        [sys.executable, "-m", "airflow", "connections", "get", "sofare_warehouse", "-o", "json"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        check=True,
+    )
     assert json.loads(listed.stdout)[0]["host"] == str(tmp_path / "var" / "warehouse.db")
 
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 def test_validate_exits_0_on_real_data_and_1_naming_a_broken_expectation(env, tmp_path):
     env = {**env, "SOFARE_INGEST__CONTEXT_DAYS": "40"}
-    assert sofare("backfill", "--source", "sample", "--start", "2023-02-10", "--end", "2023-03-23", env=env).returncode == 0
+    assert (
+        sofare("backfill", "--source", "sample", "--start", "2023-02-10", "--end", "2023-03-23", env=env).returncode
+        == 0
+    )
     ok = sofare("validate", "--start", "2023-03-21", "--end", "2023-03-23", env=env)
     assert ok.returncode == 0, ok.stderr
     docs = tmp_path / "var" / "data_docs" / "index.html"

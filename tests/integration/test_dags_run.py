@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import gzip
 import shutil
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pandas as pd
 import pytest
@@ -15,8 +15,6 @@ from sofare.config import load_config
 from sofare.data import ingest, report, warehouse
 from sofare.data.features import feature_spec
 
-UTC = timezone.utc
-
 
 @pytest.fixture
 def via_connection(monkeypatch, tmp_path, airflow_db, request):
@@ -25,8 +23,11 @@ def via_connection(monkeypatch, tmp_path, airflow_db, request):
     monkeypatch.delenv("SOFARE_WAREHOUSE__URL", raising=False)
     monkeypatch.setenv("SOFARE_INGEST__RETRY_DELAY_SECONDS", "0.2")  # keep an unexpected retry short
     monkeypatch.setenv("SOFARE_INGEST__MAX_RETRY_DELAY_SECONDS", "1")
-    url = (request.getfixturevalue("pg_url").replace("postgresql+psycopg2://", "postgresql://")
-           if getattr(request, "param", "sqlite") == "postgres" else f"sqlite:///{tmp_path / 'wh.db'}")
+    url = (
+        request.getfixturevalue("pg_url").replace("postgresql+psycopg2://", "postgresql://")
+        if getattr(request, "param", "sqlite") == "postgres"
+        else f"sqlite:///{tmp_path / 'wh.db'}"
+    )
     monkeypatch.setenv("AIRFLOW_CONN_SOFARE_WAREHOUSE", url)
     cfg = load_config()
     assert warehouse.warehouse_url(cfg).split("://")[0] in ("sqlite", "postgresql+psycopg2")
@@ -39,8 +40,9 @@ def _ingest_day(cfg, day: str, logfile) -> None:
     runtime.run_dag(cfg, "sofare_ingest", logical_date=end, logfile=logfile)
 
 
-@pytest.mark.parametrize("via_connection", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)],
-                         indirect=True)
+@pytest.mark.parametrize(
+    "via_connection", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True
+)
 def test_ingest_dag_runs_are_self_contained_in_any_order(via_connection, tmp_path):
     """Each run loads its day and what that day's features read (no depends_on_past): out of order, every
     feature row is complete and every target known but the last (its next candle is not loaded)."""
@@ -50,17 +52,22 @@ def test_ingest_dag_runs_are_self_contained_in_any_order(via_connection, tmp_pat
         _ingest_day(cfg, day, log)
     engine = warehouse.get_engine(cfg)
     status = report.warehouse_status(cfg, engine)
-    first = ingest.feature_inputs(cfg, "candles", datetime(2024, 3, 8, tzinfo=UTC), datetime(2024, 3, 9, tzinfo=UTC),
-                                  "1h")[0]
+    first = ingest.feature_inputs(
+        cfg, "candles", datetime(2024, 3, 8, tzinfo=UTC), datetime(2024, 3, 9, tzinfo=UTC), "1h"
+    )[0]
     candles = status["candles"][0]
     assert (candles["first"], candles["last"]) == (first.isoformat(), "2024-03-10T23:00:00+00:00")
     assert candles["rows"] == 72 + 2 * cfg.features.warmup_bars and candles["gaps"] == []
     with engine.connect() as conn:
-        assert max(warehouse.read_safe_haven(conn)["date"]).isoformat() == "2024-03-08", \
+        assert max(warehouse.read_safe_haven(conn)["date"]).isoformat() == "2024-03-08", (
             "Friday's bars last: the weekend has none, and no run loads a day after its own"
+        )
     feats = status["features"][0]
-    assert (feats["rows"], feats["first"], feats["last"]) == (72, "2024-03-08T00:00:00+00:00",
-                                                             "2024-03-10T23:00:00+00:00")
+    assert (feats["rows"], feats["first"], feats["last"]) == (
+        72,
+        "2024-03-08T00:00:00+00:00",
+        "2024-03-10T23:00:00+00:00",
+    )
     assert (feats["complete_rows"], feats["rows_with_target"]) == (72, 71)
     sums = report.table_checksums(engine, feature_spec(cfg).columns)
     _ingest_day(cfg, "2024-03-09", log)  # a rerun of a middle day changes nothing
@@ -102,7 +109,10 @@ def test_backfill_dag_maps_chunks_and_is_repeatable(via_connection, tmp_path, mo
     assert len(mapped) == len(plan) and sum(p["modality"] == "candles" for p in plan) == 4  # 31 days / 10
     engine = warehouse.get_engine(cfg)
     status = report.warehouse_status(cfg, engine)
-    assert (status["candles"][0]["first"], status["candles"][0]["rows"]) == ("2023-03-10T00:00:00+00:00", 31 * 24 - 1), status["candles"]
+    assert (status["candles"][0]["first"], status["candles"][0]["rows"]) == (
+        "2023-03-10T00:00:00+00:00",
+        31 * 24 - 1,
+    ), status["candles"]
     assert [g["first_missing"] for g in status["candles"][0]["gaps"]] == ["2023-03-24T13:00:00+00:00"]
     assert status["features"][0]["rows_with_target"] == 31 * 24 - 3
     sums = report.table_checksums(engine, feature_spec(cfg).columns)
@@ -112,9 +122,12 @@ def test_backfill_dag_maps_chunks_and_is_repeatable(via_connection, tmp_path, mo
 
 def test_backfill_dag_rejects_bad_params(via_connection, tmp_path):
     with pytest.raises(Exception, match="start|date|end"):
-        runtime.run_dag(via_connection, "sofare_backfill",
-                        conf={"sources": ["sample"], "start": "2023-04-09", "end": "2023-03-10"},
-                        logfile=tmp_path / "dag.log")
+        runtime.run_dag(
+            via_connection,
+            "sofare_backfill",
+            conf={"sources": ["sample"], "start": "2023-04-09", "end": "2023-03-10"},
+            logfile=tmp_path / "dag.log",
+        )
 
 
 def test_airflow_backfill_create_plans_one_run_per_day(airflow_db):
@@ -127,9 +140,26 @@ def test_airflow_backfill_create_plans_one_run_per_day(airflow_db):
     env = os.environ.copy()
     subprocess.run([sys.executable, "-m", "airflow", "dags", "reserialize"], env=env, capture_output=True, check=True)
     done = subprocess.run(
-        [sys.executable, "-m", "airflow", "backfill", "create", "--dag-id", "sofare_ingest", "--from-date", "2024-03-01",
-         "--to-date", "2024-03-04", "--dry-run", "--run-backwards"],
-        env=env, capture_output=True, text=True, check=False)
+        [
+            sys.executable,
+            "-m",
+            "airflow",
+            "backfill",
+            "create",
+            "--dag-id",
+            "sofare_ingest",
+            "--from-date",
+            "2024-03-01",
+            "--to-date",
+            "2024-03-04",
+            "--dry-run",
+            "--run-backwards",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     planned = [line for line in done.stdout.splitlines() if line.startswith("| 2024-03-0")]
     assert sorted(line.split()[1] for line in planned) == ["2024-03-01", "2024-03-02", "2024-03-03", "2024-03-04"]

@@ -126,8 +126,14 @@ def test_every_path_is_url_and_shell_safe_and_the_index_links_resolve(site):
     assert unsafe == []
     results = sorted(str(p.relative_to(root)) for p in (root / "validations").rglob("*.html"))
     assert len(results) == 5
-    assert any(re.fullmatch(r"validations/candles/BTCUSDT-1h_2023-03-22_high-bar/\d{8}T\d{6}\.\d{6}Z/"
-                            r"sofare_warehouse-candles\.html", r) for r in results), results
+    assert any(
+        re.fullmatch(
+            r"validations/candles/BTCUSDT-1h_2023-03-22_high-bar/\d{8}T\d{6}\.\d{6}Z/"
+            r"sofare_warehouse-candles\.html",
+            r,
+        )
+        for r in results
+    ), results
     assert any(r.startswith("validations/macro_observations/all_2023-03-22_") for r in results), results
     index = root / "index.html"
     text = index.read_text()
@@ -222,8 +228,10 @@ def _resolve(url: str) -> str:
     return "/".join(parts)
 
 
-@pytest.mark.skipif(not (shutil.which("chromium") and shutil.which("chromedriver")),
-                    reason="needs chromium and chromium-driver (the setup path installs them)")
+@pytest.mark.skipif(
+    not (shutil.which("chromium") and shutil.which("chromedriver")),
+    reason="needs chromium and chromium-driver (the setup path installs them)",
+)
 def test_pages_are_styled_and_their_scripts_run_in_a_browser_without_network(site):
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
@@ -231,8 +239,13 @@ def test_pages_are_styled_and_their_scripts_run_in_a_browser_without_network(sit
     _, root = site
     [failing] = (root / "validations" / "candles").glob("BTCUSDT-1h_2023-03-22_high-bar/*/*.html")
     options = webdriver.ChromeOptions()
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--host-resolver-rules=MAP * ~NOTFOUND"):  # no host resolves: a CDN reference would fail
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--host-resolver-rules=MAP * ~NOTFOUND",
+    ):  # no host resolves: a CDN reference would fail
         options.add_argument(arg)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
@@ -251,7 +264,8 @@ def test_pages_are_styled_and_their_scripts_run_in_a_browser_without_network(sit
             }""")
             icons = driver.execute_async_script(
                 "const done = arguments[arguments.length - 1];"
-                "document.fonts.load('900 1em \"Font Awesome 6 Free\"').then(f => done(f.length), e => done(0));")
+                "document.fonts.load('900 1em \"Font Awesome 6 Free\"').then(f => done(f.length), e => done(0));"
+            )
             errors = [e["message"] for e in driver.get_log("browser") if e["level"] in ("SEVERE", "WARNING")]
             name = page.relative_to(root)
             assert errors == [], f"{name}: {errors}"
@@ -263,10 +277,15 @@ def test_pages_are_styled_and_their_scripts_run_in_a_browser_without_network(sit
         driver.quit()
 
 
-@pytest.mark.parametrize(("text", "name"), [
-    ("BTCUSDT 1h_2023-03-20_2e825ed3", "BTCUSDT-1h_2023-03-20_2e825ed3"),
-    ("*_2023-03-20_d008047f", "all_2023-03-20_d008047f"),
-    ("* 2023-03-01 look-ahe", "all-2023-03-01-look-ahe"), ("a/b\\c?d#e%f", "a-b-c-d-e-f"), ("  ", "unnamed"),
-])
+@pytest.mark.parametrize(
+    ("text", "name"),
+    [
+        ("BTCUSDT 1h_2023-03-20_2e825ed3", "BTCUSDT-1h_2023-03-20_2e825ed3"),
+        ("*_2023-03-20_d008047f", "all_2023-03-20_d008047f"),
+        ("* 2023-03-01 look-ahe", "all-2023-03-01-look-ahe"),
+        ("a/b\\c?d#e%f", "a-b-c-d-e-f"),
+        ("  ", "unnamed"),
+    ],
+)
 def test_safe_names(text, name):
     assert data_docs.safe_name(text) == name and SAFE_PATH.fullmatch(name)

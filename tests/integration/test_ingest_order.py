@@ -8,7 +8,7 @@ from __future__ import annotations
 import sqlite3
 import uuid
 from collections import defaultdict
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -22,7 +22,6 @@ from sofare.data import ingest, report, warehouse
 from sofare.data.features import feature_spec
 
 ROOT = Path(__file__).resolve().parents[2]
-UTC = timezone.utc
 DAYS = [datetime(2024, 3, d, tzinfo=UTC) for d in (8, 9, 10)]  # Friday to Sunday: the weekend has no daily bars
 
 
@@ -47,8 +46,10 @@ def two_urls(request, tmp_path) -> list[str]:
 def run_day(dag, day: datetime) -> dict[str, dict]:
     """One sofare_ingest run for [day, day + 1): its load tasks, then build_features, as the DAG calls them."""
     interval = {"data_interval_start": day, "data_interval_end": day + timedelta(days=1)}
-    results = {task_id: dag.get_task(task_id).python_callable(**interval)
-               for task_id in ("load_candles", "load_safe_haven", "load_macro")}
+    results = {
+        task_id: dag.get_task(task_id).python_callable(**interval)
+        for task_id in ("load_candles", "load_safe_haven", "load_macro")
+    }
     events = defaultdict(SimpleNamespace)  # the task sets outlet_events[FEATURES].extra
     results["build_features"] = dag.get_task("build_features").python_callable(**interval, outlet_events=events)
     return results
@@ -75,8 +76,9 @@ def test_runs_in_reverse_order_give_the_rows_of_runs_in_order(ingest_dag, two_ur
     assert forward["target_return"].isna().tolist() == [False] * 71 + [True]  # the last waits for 03-11's candle
 
 
-def test_features_event_makes_validation_cover_the_day_whose_targets_changed(ingest_dag, two_urls, monkeypatch,
-                                                                             tmp_path):
+def test_features_event_makes_validation_cover_the_day_whose_targets_changed(
+    ingest_dag, two_urls, monkeypatch, tmp_path
+):
     """Day 2's run sets the target of day 1's last hour, which clears day 1's validation: the features event must
     send sofare_validate back to day 1 (else the validated span, and the default training window, breaks there)."""
     monkeypatch.setenv("SOFARE_PATHS__VAR", str(tmp_path / "var"))
@@ -98,9 +100,14 @@ def test_features_event_makes_validation_cover_the_day_whose_targets_changed(ing
 
 def _feature_rows(cfg, n: int, target: float | None, value: float) -> pd.DataFrame:
     spec = feature_spec(cfg)
-    frame = pd.DataFrame({"symbol": "BTCUSDT", "interval": "1h",
-                          "open_time": pd.date_range("2024-01-01", periods=n, freq="h", tz="UTC"),
-                          "feature_set_version": spec.version})
+    frame = pd.DataFrame(
+        {
+            "symbol": "BTCUSDT",
+            "interval": "1h",
+            "open_time": pd.date_range("2024-01-01", periods=n, freq="h", tz="UTC"),
+            "feature_set_version": spec.version,
+        }
+    )
     for name in spec.columns:
         frame[name] = value
     frame["target_return"] = target
@@ -186,8 +193,10 @@ def test_a_run_reports_its_interval_and_its_context_apart(db_cfg, engine):
     assert result.context.rows == result.context.written == bars
     summary = result.to_dict()
     assert (summary["rows"], summary["context"]["rows"], summary["note"]) == (0, bars, result.note)
-    assert str(result).endswith("; fetched with its context [2025-06-10 04:00 .. 2025-07-02 00:00): 500 rows around "
-                                "the interval, 500 of them new")
+    assert str(result).endswith(
+        "; fetched with its context [2025-06-10 04:00 .. 2025-07-02 00:00): 500 rows around "
+        "the interval, 500 of them new"
+    )
     assert ingest.materialize_features(db_cfg, engine, start, end) == 0
 
 
@@ -200,8 +209,13 @@ def test_context_rows_fill_holes_and_leave_stored_rows_and_their_marks(db_cfg, e
     with warehouse.transaction(engine) as conn:
         conn.execute(sa.update(c).where(c.c.open_time == kept).values(close=c.c.close + 1))
         conn.execute(sa.delete(c).where(c.c.open_time == hole))
-        conn.execute(sa.insert(v), [{"suite": "candles", "scope": "BTCUSDT 1h", "day": d, "status": "passed",
-                                     "run_id": "r"} for d in (kept.date(), hole.date(), day[0].date())])
+        conn.execute(
+            sa.insert(v),
+            [
+                {"suite": "candles", "scope": "BTCUSDT 1h", "day": d, "status": "passed", "run_id": "r"}
+                for d in (kept.date(), hole.date(), day[0].date())
+            ],
+        )
     with engine.connect() as conn:
         before = warehouse.read_candles(conn, "BTCUSDT", "1h", kept, kept + timedelta(hours=1))["close"].item()
     again = ingest.load_interval(db_cfg, engine, "sample", "candles", *day, context=True)

@@ -43,11 +43,21 @@ def test_binance_pages_through_klines_and_matches_the_sample(live_cfg, wh, marke
     assert market_api.data_requests("binance") == 3  # 1000 + 1000 + 880
     live = _rows(wh, warehouse.candles).drop(columns="source").sort_values("open_time").reset_index(drop=True)
     src = get_source("sample", live_cfg)
-    expected = ingest._prepare_candles(
-        src.fetch(ingest.FetchRequest("candles", *ingest.day_range("2024-12-02", "2024-12-03"), symbol="BTCUSDT",
-                                      interval="1m")),
-        ingest.FetchRequest("candles", *ingest.day_range("2024-12-02", "2024-12-03"), symbol="BTCUSDT", interval="1m"),
-        "sample").drop(columns="source").reset_index(drop=True)
+    expected = (
+        ingest._prepare_candles(
+            src.fetch(
+                ingest.FetchRequest(
+                    "candles", *ingest.day_range("2024-12-02", "2024-12-03"), symbol="BTCUSDT", interval="1m"
+                )
+            ),
+            ingest.FetchRequest(
+                "candles", *ingest.day_range("2024-12-02", "2024-12-03"), symbol="BTCUSDT", interval="1m"
+            ),
+            "sample",
+        )
+        .drop(columns="source")
+        .reset_index(drop=True)
+    )
     for column in ("open", "high", "low", "close", "volume", "quote_volume"):
         assert live[column].tolist() == pytest.approx(expected[column].tolist(), rel=1e-9)
     assert list(live["trade_count"]) == list(expected["trade_count"])
@@ -59,10 +69,12 @@ def test_binance_reports_the_real_gap(live_cfg, wh, sleeps):
 
 
 def test_binance_retries_429_5xx_and_timeouts_with_backoff(live_cfg, wh, market_api, sleeps):
-    market_api.fail("binance",
-                    status(429, b'{"code":-1003,"msg":"Too many requests"}', Retry_After="2"),
-                    status(503, b"<html>Service Unavailable</html>"),
-                    timeout(1.5))
+    market_api.fail(
+        "binance",
+        status(429, b'{"code":-1003,"msg":"Too many requests"}', Retry_After="2"),
+        status(503, b"<html>Service Unavailable</html>"),
+        timeout(1.5),
+    )
     result = _load(live_cfg, wh, "binance", "candles", "2024-01-01", "2024-01-01", sleeps)
     assert result.rows == 24
     assert len(sleeps.calls) == 3 and sleeps.calls[0] >= 2.0, "Retry-After is honoured"
@@ -77,9 +89,14 @@ def test_binance_gives_up_after_max_attempts_and_writes_nothing(live_cfg, wh, ma
 
 
 def test_binance_malformed_second_page_rejects_the_whole_interval(live_cfg, wh, market_api, sleeps):
-    good = market_api.klines({"symbol": ["BTCUSDT"], "interval": ["1m"], "startTime": ["1733097600000"], "limit": ["1000"]})
-    market_api.fail("binance", malformed(json.dumps(good).encode()),
-                    malformed(b'[[1733157600000,"97000.1","97100","96900","oops","1.0",1733157659999,"9","1","0","0","0"]]'))
+    good = market_api.klines(
+        {"symbol": ["BTCUSDT"], "interval": ["1m"], "startTime": ["1733097600000"], "limit": ["1000"]}
+    )
+    market_api.fail(
+        "binance",
+        malformed(json.dumps(good).encode()),
+        malformed(b'[[1733157600000,"97000.1","97100","96900","oops","1.0",1733157659999,"9","1","0","0","0"]]'),
+    )
     with pytest.raises(MalformedDataError, match="page 2 row 0: field 'close' is not a number: 'oops'"):
         _load(live_cfg, wh, "binance", "candles", "2024-12-02", "2024-12-02", sleeps, interval="1m")
     assert _rows(wh, warehouse.candles).empty
@@ -133,8 +150,14 @@ def test_yfinance_weekend_is_empty_not_an_error(live_cfg, wh, sleeps):
 
 
 def test_yfinance_retries_rate_limits_server_errors_and_timeouts(live_cfg, wh, market_api, sleeps):
-    market_api.fail("yahoo", status(429, b"Too Many Requests\r\n"), status(429, b"Too Many Requests\r\n"),
-                    status(500, b"<html>oops</html>"), status(500, b"<html>oops</html>"), timeout(1.5))
+    market_api.fail(
+        "yahoo",
+        status(429, b"Too Many Requests\r\n"),
+        status(429, b"Too Many Requests\r\n"),
+        status(500, b"<html>oops</html>"),
+        status(500, b"<html>oops</html>"),
+        timeout(1.5),
+    )
     result = _load(live_cfg, wh, "yfinance", "safe_haven", "2024-03-04", "2024-03-04", sleeps)
     assert result.rows == 6 and len(sleeps.calls) >= 3
 
@@ -158,8 +181,9 @@ def test_fred_observations_known_in_the_interval_match_the_sample(live_cfg, wh, 
     sample_rows = _rows(wh, warehouse.macro_observations).drop(columns="source")
     assert live.rows == sample.rows > 0
     key = ["series_id", "observation_date", "known_at"]
-    pd.testing.assert_frame_equal(live_rows.sort_values(key).reset_index(drop=True),
-                                  sample_rows.sort_values(key).reset_index(drop=True))
+    pd.testing.assert_frame_equal(
+        live_rows.sort_values(key).reset_index(drop=True), sample_rows.sort_values(key).reset_index(drop=True)
+    )
 
 
 def test_fred_revisions_are_kept_as_vintages_and_used_point_in_time(live_cfg, wh, market_api, sleeps):
@@ -172,20 +196,30 @@ def test_fred_revisions_are_kept_as_vintages_and_used_point_in_time(live_cfg, wh
     _load(live_cfg, wh, "sample", "candles", "2024-02-01", "2024-03-05")
     ingest.materialize_features(live_cfg, wh, *ingest.day_range("2024-02-20", "2024-03-05"))
     with wh.connect() as conn:
-        feats = warehouse.read_features(conn, warehouse.features_table(feature_spec(live_cfg).columns), "BTCUSDT", "1h",
-                                        start=pd.Timestamp("2024-02-28 20:00", tz="UTC"),
-                                        end=pd.Timestamp("2024-02-29 02:00", tz="UTC")).set_index("open_time")
+        feats = warehouse.read_features(
+            conn,
+            warehouse.features_table(feature_spec(live_cfg).columns),
+            "BTCUSDT",
+            "1h",
+            start=pd.Timestamp("2024-02-28 20:00", tz="UTC"),
+            end=pd.Timestamp("2024-02-29 02:00", tz="UTC"),
+        ).set_index("open_time")
     q3 = gdp[gdp["observation_date"] == date(2023, 7, 1)]["value"].iloc[0]
     before = feats.loc[pd.Timestamp("2024-02-28 22:00", tz="UTC"), "macro_gdp_growth"]
     after = feats.loc[pd.Timestamp("2024-02-28 23:00", tz="UTC"), "macro_gdp_growth"]
     assert before == pytest.approx(math.log(q4["value"].iloc[0] / q3)), "the first release until the revision is known"
-    assert after == pytest.approx(math.log(28000.0 / q3)), "the revision from 2024-02-29 00:00 (the 23:00 candle's close)"
+    assert after == pytest.approx(math.log(28000.0 / q3)), (
+        "the revision from 2024-02-29 00:00 (the 23:00 candle's close)"
+    )
 
 
 def test_fred_retries_and_classifies_failures(live_cfg, wh, market_api, sleeps):
-    market_api.fail("fred",
-                    status(429, b'<?xml version="1.0"?><error code="429" message="Too Many Requests.  Exceeded Rate Limit"/>'),
-                    status(503, b"<html>down</html>"), timeout(1.5))
+    market_api.fail(
+        "fred",
+        status(429, b'<?xml version="1.0"?><error code="429" message="Too Many Requests.  Exceeded Rate Limit"/>'),
+        status(503, b"<html>down</html>"),
+        timeout(1.5),
+    )
     assert _load(live_cfg, wh, "fred", "macro", "2024-02-01", "2024-02-05", sleeps).rows > 0
     assert len(sleeps.calls) == 3
 

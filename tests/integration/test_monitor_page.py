@@ -9,7 +9,7 @@ import re
 import shutil
 import subprocess
 import urllib.parse
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -18,21 +18,30 @@ import pytest
 import sqlalchemy as sa
 import yaml
 from fastapi.testclient import TestClient
-
-from tests.conftest import logged_in
 from prometheus_client.parser import text_string_to_metric_families
 
 from sofare.contracts import Decision, DriftResult, Finding, LiveQuality, LiveScore, ServiceHealth
 from sofare.data import warehouse
+from tests.conftest import logged_in
 
 ROOT = Path(__file__).resolve().parents[2]
-H0 = datetime(2024, 3, 1, 0, tzinfo=timezone.utc)
+H0 = datetime(2024, 3, 1, 0, tzinfo=UTC)
 REPORT = "reports/drift/drift-2024-03-01T02.html"
 GAUGES = {
-    "sofare_live_accuracy", "sofare_live_accuracy_ci_low", "sofare_live_accuracy_ci_high",
-    "sofare_live_persistence_accuracy", "sofare_live_roc_auc", "sofare_live_brier", "sofare_live_outcomes",
-    "sofare_drift_share", "sofare_drift_drifted_features", "sofare_monitor_severity", "sofare_monitor_action",
-    "sofare_outcomes_pending", "sofare_variant_error_rate", "sofare_variant_p95_latency_seconds",
+    "sofare_live_accuracy",
+    "sofare_live_accuracy_ci_low",
+    "sofare_live_accuracy_ci_high",
+    "sofare_live_persistence_accuracy",
+    "sofare_live_roc_auc",
+    "sofare_live_brier",
+    "sofare_live_outcomes",
+    "sofare_drift_share",
+    "sofare_drift_drifted_features",
+    "sofare_monitor_severity",
+    "sofare_monitor_action",
+    "sofare_outcomes_pending",
+    "sofare_variant_error_rate",
+    "sofare_variant_p95_latency_seconds",
     "sofare_monitor_last_run_timestamp_seconds",
 }
 BENTOML = {"bentoml_service_request_total", "bentoml_service_request_duration_seconds_bucket"}
@@ -50,39 +59,85 @@ def _score(value: float, half: float = 0.05) -> LiveScore:
 
 
 def _quality(version: str, variant: str, window: str, n: int, accuracy: float | None) -> LiveQuality:
-    base = {"model_version": version, "variant": variant, "window": window, "start": "x", "end": "y", "n": n,
-            "pending": 3}
+    base = {
+        "model_version": version,
+        "variant": variant,
+        "window": window,
+        "start": "x",
+        "end": "y",
+        "n": n,
+        "pending": 3,
+    }
     if accuracy is None:
         return LiveQuality(**base, status="insufficient")
-    return LiveQuality(**base, status="ok", accuracy=_score(accuracy), roc_auc=_score(0.64), brier=_score(0.231, 0.01),
-                       persistence_accuracy=_score(0.52), always_up_accuracy=_score(0.55),
-                       vs_persistence=_score(accuracy - 0.52))
+    return LiveQuality(
+        **base,
+        status="ok",
+        accuracy=_score(accuracy),
+        roc_auc=_score(0.64),
+        brier=_score(0.231, 0.01),
+        persistence_accuracy=_score(0.52),
+        always_up_accuracy=_score(0.55),
+        vs_persistence=_score(accuracy - 0.52),
+    )
 
 
-def _row(hour: int, *, share: float | None, severity: str = "none", action: str = "none",
-         ran_late: int = 0) -> dict[str, Any]:
+def _row(
+    hour: int, *, share: float | None, severity: str = "none", action: str = "none", ran_late: int = 0
+) -> dict[str, Any]:
     """One monitor run of hour H0 + hour: v1 stable measured in 24h (ok) and 7d; v2 canary always insufficient."""
     at = H0 + timedelta(hours=hour)
-    quality = [_quality("v1", "stable", "24h", 60 + hour, 0.60 + hour / 100),
-               _quality("v1", "stable", "7d", 150, 0.58),
-               _quality("v2", "canary", "24h", 12, None)]
-    drift = DriftResult(status="ok" if share is not None else "insufficient", model_version="v1",
-                        reference_rows=1000, current_rows=168, columns=10, drifted_columns=4 if share else 0,
-                        share=share, drifted=("rsi_14", "vol_24h", "ret_1", "macd") if share else (),
-                        report=REPORT if hour == 2 else None)
-    service = [ServiceHealth(variant="stable", model_version="v1", requests=1000, server_errors=2,
-                             error_rate=0.002, p95_ms=12.5 + hour),
-               ServiceHealth(variant="canary", model_version="v2", requests=100, server_errors=3, error_rate=0.03,
-                             p95_ms=20.0)]
-    findings = (Finding(rule="drift", severity="low", action="alert", model_version="v1",
-                        message="drifted share 0.40 >= 0.3"),) if severity != "none" else ()
+    quality = [
+        _quality("v1", "stable", "24h", 60 + hour, 0.60 + hour / 100),
+        _quality("v1", "stable", "7d", 150, 0.58),
+        _quality("v2", "canary", "24h", 12, None),
+    ]
+    drift = DriftResult(
+        status="ok" if share is not None else "insufficient",
+        model_version="v1",
+        reference_rows=1000,
+        current_rows=168,
+        columns=10,
+        drifted_columns=4 if share else 0,
+        share=share,
+        drifted=("rsi_14", "vol_24h", "ret_1", "macd") if share else (),
+        report=REPORT if hour == 2 else None,
+    )
+    service = [
+        ServiceHealth(
+            variant="stable", model_version="v1", requests=1000, server_errors=2, error_rate=0.002, p95_ms=12.5 + hour
+        ),
+        ServiceHealth(
+            variant="canary", model_version="v2", requests=100, server_errors=3, error_rate=0.03, p95_ms=20.0
+        ),
+    ]
+    findings = (
+        (
+            Finding(
+                rule="drift", severity="low", action="alert", model_version="v1", message="drifted share 0.40 >= 0.3"
+            ),
+        )
+        if severity != "none"
+        else ()
+    )
     reason = "drifted share 0.40 >= 0.3 <on v1>" if severity != "none" else "nothing fired"
     decision = Decision(severity=severity, action=action, wanted=action, reason=reason, findings=findings)
-    return {"run_id": f"run-{hour}-{ran_late}", "at": at, "ran_at": at + timedelta(minutes=5 + ran_late),
-            "actor": "test", "outcomes_filled": 5, "outcomes_pending": 7,
-            "quality": "[" + ",".join(q.model_dump_json() for q in quality) + "]", "drift": drift.model_dump_json(),
-            "drift_share": share, "service": "[" + ",".join(s.model_dump_json() for s in service) + "]",
-            "severity": severity, "action": action, "reason": reason, "decision": decision.model_dump_json()}
+    return {
+        "run_id": f"run-{hour}-{ran_late}",
+        "at": at,
+        "ran_at": at + timedelta(minutes=5 + ran_late),
+        "actor": "test",
+        "outcomes_filled": 5,
+        "outcomes_pending": 7,
+        "quality": "[" + ",".join(q.model_dump_json() for q in quality) + "]",
+        "drift": drift.model_dump_json(),
+        "drift_share": share,
+        "service": "[" + ",".join(s.model_dump_json() for s in service) + "]",
+        "severity": severity,
+        "action": action,
+        "reason": reason,
+        "decision": decision.model_dump_json(),
+    }
 
 
 @pytest.fixture
@@ -90,9 +145,12 @@ def runs(cfg: Any) -> Any:
     """Three hours monitored, the last one twice (the later rerun wins), and its Evidently report on disk."""
     engine = warehouse.get_engine(cfg)
     warehouse.metadata.create_all(engine)
-    rows = [_row(0, share=None), _row(1, share=0.1),
-            _row(2, share=0.9, severity="high", action="retrain"),  # superseded by the rerun below
-            _row(2, share=0.4, severity="low", action="alert", ran_late=30)]
+    rows = [
+        _row(0, share=None),
+        _row(1, share=0.1),
+        _row(2, share=0.9, severity="high", action="retrain"),  # superseded by the rerun below
+        _row(2, share=0.4, severity="low", action="alert", ran_late=30),
+    ]
     with warehouse.transaction(engine) as conn:
         conn.execute(sa.insert(warehouse.monitoring_runs), rows)
     report = cfg.var_dir / REPORT
@@ -129,8 +187,11 @@ def test_metrics_are_the_latest_run_as_gauges(runs):
     client = TestClient(_plugin(runs, "sofare_plugin_metrics").app)  # no login: Prometheus scrapes it
     answer = client.get("/monitor/metrics")
     assert answer.status_code == 200 and answer.headers["content-type"].startswith("text/plain; version=0.0.4")
-    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
-               for family in text_string_to_metric_families(answer.text) for s in family.samples}
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(answer.text)
+        for s in family.samples
+    }
     families = {name for name, _ in samples}
     assert families == GAUGES
     stable_24h = (("model_version", "v1"), ("variant", "stable"), ("window", "24h"))
@@ -147,11 +208,16 @@ def test_metrics_are_the_latest_run_as_gauges(runs):
     assert samples[("sofare_drift_drifted_features", ())] == 4
     assert samples[("sofare_monitor_severity", ())] == 1
     assert {dict(k[1])["action"]: v for k, v in samples.items() if k[0] == "sofare_monitor_action"} == {
-        "none": 0, "alert": 1, "retrain": 0, "rollback": 0}
+        "none": 0,
+        "alert": 1,
+        "retrain": 0,
+        "rollback": 0,
+    }
     assert samples[("sofare_outcomes_pending", ())] == 7
     assert samples[("sofare_variant_error_rate", (("model_version", "v2"), ("variant", "canary")))] == 0.03
-    assert samples[("sofare_variant_p95_latency_seconds", (("model_version", "v1"), ("variant", "stable")))] == \
-        pytest.approx(0.0145)
+    assert samples[
+        ("sofare_variant_p95_latency_seconds", (("model_version", "v1"), ("variant", "stable")))
+    ] == pytest.approx(0.0145)
     last_run = (H0 + timedelta(hours=2, minutes=35)).timestamp()  # the rerun's wall clock
     assert samples[("sofare_monitor_last_run_timestamp_seconds", ())] == last_run
 
@@ -171,7 +237,7 @@ def test_monitor_is_in_the_navigation():
     from airflow import plugins_manager
 
     plugins, _ = plugins_manager._get_plugins()
-    views = [p for p in plugins if p.name == "sofare"][0].external_views
+    views = next(p for p in plugins if p.name == "sofare").external_views
     assert {"name": "SOFARE monitor", "href": "/sofare/monitor"}.items() <= views[-1].items()
 
 
@@ -203,6 +269,11 @@ def test_prometheus_scrapes_both_variants_and_the_monitor():
     promtool = shutil.which("promtool")
     if promtool is None:
         pytest.skip("promtool is not installed: the config was checked as YAML only")
-    done = subprocess.run([promtool, "check", "config", "--syntax-only", str(path)], capture_output=True, text=True,
-                          timeout=60, check=False)
+    done = subprocess.run(
+        [promtool, "check", "config", "--syntax-only", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert done.returncode == 0, done.stdout + done.stderr

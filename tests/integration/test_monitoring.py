@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import pandas as pd
@@ -16,7 +16,6 @@ import sqlalchemy as sa
 from sofare.data import warehouse as wh
 from sofare.monitoring import monitor, outcomes
 
-UTC = timezone.utc
 H = timedelta(hours=1)
 T0 = datetime(2025, 6, 1, tzinfo=UTC)
 
@@ -26,20 +25,44 @@ def _candles(first: int, last: int, seed: int = 0) -> pd.DataFrame:
     rng = np.random.default_rng(seed)
     close = 100 * np.exp(np.cumsum(rng.normal(0, 0.01, 400)))
     ks = range(first, last + 1)
-    return pd.DataFrame({"symbol": "BTCUSDT", "interval": "1h", "open_time": [T0 + k * H for k in ks],
-                         "open": [close[k] for k in ks], "high": [close[k] * 1.01 for k in ks],
-                         "low": [close[k] * 0.99 for k in ks], "close": [close[k] for k in ks],
-                         "volume": 1.0, "source": "test"})
+    return pd.DataFrame(
+        {
+            "symbol": "BTCUSDT",
+            "interval": "1h",
+            "open_time": [T0 + k * H for k in ks],
+            "open": [close[k] for k in ks],
+            "high": [close[k] * 1.01 for k in ks],
+            "low": [close[k] * 0.99 for k in ks],
+            "close": [close[k] for k in ks],
+            "volume": 1.0,
+            "source": "test",
+        }
+    )
 
 
-def _predictions(as_of_hours: range, prob, version: str = "1", variant: str = "stable", copies: int = 1) -> pd.DataFrame:
+def _predictions(
+    as_of_hours: range, prob, version: str = "1", variant: str = "stable", copies: int = 1
+) -> pd.DataFrame:
     rows = []
     for k in as_of_hours:
         for _ in range(copies):
             p = prob(k) if callable(prob) else prob
-            rows.append({"prediction_id": uuid.uuid4().hex, "created_at": T0 + k * H, "endpoint": "predict",
-                         "model_version": version, "variant": variant, "symbol": "BTCUSDT", "interval": "1h",
-                         "as_of": T0 + k * H, "horizon": 1, "prob_up": p, "expected_return": 0.0, "latency_ms": 1.0})
+            rows.append(
+                {
+                    "prediction_id": uuid.uuid4().hex,
+                    "created_at": T0 + k * H,
+                    "endpoint": "predict",
+                    "model_version": version,
+                    "variant": variant,
+                    "symbol": "BTCUSDT",
+                    "interval": "1h",
+                    "as_of": T0 + k * H,
+                    "horizon": 1,
+                    "prob_up": p,
+                    "expected_return": 0.0,
+                    "latency_ms": 1.0,
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -136,14 +159,22 @@ def test_the_monitor_dag_emits_the_retrain_asset_event_with_its_reason(cfg, over
 
     from sofare import runtime
 
-    run = runtime.run_dag(cfg, "sofare_monitor", conf={"at": (T0 + 190 * H).isoformat(), "start": T0.isoformat()},
-                          logfile=tmp_path / "dag.log")
+    run = runtime.run_dag(
+        cfg,
+        "sofare_monitor",
+        conf={"at": (T0 + 190 * H).isoformat(), "start": T0.isoformat()},
+        logfile=tmp_path / "dag.log",
+    )
     states = {ti.task_id: str(ti.state) for ti in run.get_task_instances()}
     assert states["request_retrain"] == "success" and states["alert"] == "success"
     assert states["trigger_rollback"] == "skipped" and states["done"] == "skipped"
     with create_session() as session:
-        events = session.query(AssetEvent).join(AssetModel, AssetEvent.asset_id == AssetModel.id).filter(
-            AssetModel.name == "sofare_retrain_request", AssetEvent.source_run_id == run.run_id).all()
+        events = (
+            session.query(AssetEvent)
+            .join(AssetModel, AssetEvent.asset_id == AssetModel.id)
+            .filter(AssetModel.name == "sofare_retrain_request", AssetEvent.source_run_id == run.run_id)
+            .all()
+        )
         assert len(events) == 1
         extra = events[0].extra
     assert extra["severity"] == "high" and "Brier" in extra["reason"] and extra["at"] == (T0 + 190 * H).isoformat()
@@ -162,12 +193,20 @@ def test_a_critical_canary_triggers_the_rollback_dag(cfg, airflow_db, tmp_path):
 
     engine = monitor.engine_of(cfg)
     _write(engine, wh.candles, _candles(0, 200, seed=4))
-    _write(engine, wh.predictions, pd.concat([_predictions(range(10, 190), 0.5, "1", "stable"),
-                                              _predictions(range(10, 190), 0.99, "2", "canary")]))
+    _write(
+        engine,
+        wh.predictions,
+        pd.concat(
+            [_predictions(range(10, 190), 0.5, "1", "stable"), _predictions(range(10, 190), 0.99, "2", "canary")]
+        ),
+    )
     dead = 2**22 + 12345  # no such process: the variants are not scraped, the state is what counts
-    state = State(stable=Backend(version="1", bento="sofare:a", port=1, pid=dead, variant="stable"),
-                  canary=Backend(version="2", bento="sofare:b", port=2, pid=dead, variant="canary"),
-                  canary_weight=0.5, deployment_id="d1")
+    state = State(
+        stable=Backend(version="1", bento="sofare:a", port=1, pid=dead, variant="stable"),
+        canary=Backend(version="2", bento="sofare:b", port=2, pid=dead, variant="canary"),
+        canary_weight=0.5,
+        deployment_id="d1",
+    )
     deployment = Deployment(cfg)
     deployment.dir.mkdir(parents=True, exist_ok=True)
     deployment.state_path.write_text(state.model_dump_json())

@@ -10,8 +10,6 @@ from sofare.config import load_config
 from tests.conftest import logged_in
 
 
-
-
 def test_plugin_is_registered_with_airflow():
     from airflow import plugins_manager
 

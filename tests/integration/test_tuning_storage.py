@@ -28,4 +28,6 @@ def test_parallel_workers_share_one_study_in_the_warehouse(db_cfg, engine):
     assert 8 <= finished <= 9, "the workers stop together once the study holds n_trials (one may overlap)"
     assert sum(done) == len(study.get_trials()) and all(n > 0 for n in done), "both workers took trials"
     again = tuning.load_study(db_cfg, "shared", 0)
-    assert tuning.optimize(again, lambda t: 0.0, n_trials=8, timeout=60) == 0, "a finished study resumes with nothing to do"
+    assert tuning.optimize(again, lambda t: 0.0, n_trials=8, timeout=60) == 0, (
+        "a finished study resumes with nothing to do"
+    )

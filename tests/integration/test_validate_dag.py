@@ -29,7 +29,7 @@ class Webhook:
         received = self.received
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+            def do_POST(self) -> None:
                 received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
                 self.send_response(204)
                 self.end_headers()
@@ -86,8 +86,11 @@ def test_a_broken_value_fails_the_run_loudly_and_alerts(loaded, webhook, capsys)
     engine = warehouse.get_engine(cfg)
     with engine.begin() as conn:
         c = warehouse.candles
-        conn.execute(sa.update(c).where(c.c.open_time == pd.Timestamp("2023-03-22 05:00", tz="UTC").to_pydatetime())
-                     .values(high=c.c.low - 10))
+        conn.execute(
+            sa.update(c)
+            .where(c.c.open_time == pd.Timestamp("2023-03-22 05:00", tz="UTC").to_pydatetime())
+            .values(high=c.c.low - 10)
+        )
     with pytest.raises(runtime.DagRunFailed, match=r"failed tasks: \['validate\[0\]', 'verdict'\]"):
         runtime.run_dag(cfg, "sofare_validate", conf={"start": DAYS[0], "end": DAYS[1]})
     output = capsys.readouterr()
@@ -111,8 +114,12 @@ def test_a_broken_value_fails_the_run_loudly_and_alerts(loaded, webhook, capsys)
 def test_a_scheduled_run_validates_its_data_interval(loaded, tmp_path):
     cfg = loaded
     # the daily run for logical date 2023-03-22 covers [2023-03-21, 2023-03-22)
-    runtime.run_dag(cfg, "sofare_validate", logical_date=pd.Timestamp("2023-03-22", tz="UTC").to_pydatetime(),
-                    logfile=tmp_path / "dag.log")
+    runtime.run_dag(
+        cfg,
+        "sofare_validate",
+        logical_date=pd.Timestamp("2023-03-22", tz="UTC").to_pydatetime(),
+        logfile=tmp_path / "dag.log",
+    )
     marks = _marks(warehouse.get_engine(cfg))
     assert sorted(marks) == sorted((suite, "2023-03-21") for suite in suites.SUITES)
 
@@ -140,9 +147,13 @@ def test_backfilling_the_next_week_keeps_the_validated_history_and_the_training_
     lost = sorted(key for key in before if key not in after)
     assert lost == [("features", "2023-02-28")], "only the day whose last targets the week's features set"
     assert features[0]["validate_from"].startswith("2023-02-28T00:00"), "... which the features event revalidates"
-    windows = tasks.validation_windows(None, None, None, [{"start": features[0]["validate_from"],
-                                                           "end": features[-1]["end"]}])
+    windows = tasks.validation_windows(
+        None, None, None, [{"start": features[0]["validate_from"], "end": features[-1]["end"]}]
+    )
     for suite in suites.SUITES:
         tasks.validate(cfg, suite, windows)
     with engine.connect() as conn:
-        assert dataset.validated_span(conn, cfg) == (pd.Timestamp("2023-02-01").date(), pd.Timestamp("2023-03-07").date())
+        assert dataset.validated_span(conn, cfg) == (
+            pd.Timestamp("2023-02-01").date(),
+            pd.Timestamp("2023-03-07").date(),
+        )

@@ -61,8 +61,9 @@ def test_real_data_passes_and_the_real_gap_is_reported_as_known(loaded, engine):
     assert [r.suite for r in results] == list(suites.SUITES)
     assert all(r.success for r in results), "\n".join(r.summary() for r in results if not r.success)
     candles = results[0]
-    assert candles.known_gaps == [{"first": "2023-03-24T13:00:00+00:00", "last": "2023-03-24T13:00:00+00:00",
-                                   "reason": "Binance trading halt"}]
+    assert candles.known_gaps == [
+        {"first": "2023-03-24T13:00:00+00:00", "last": "2023-03-24T13:00:00+00:00", "reason": "Binance trading halt"}
+    ]
     with engine.connect() as conn:
         marks = conn.execute(sa.select(warehouse.validated_days)).mappings().all()
         runs = conn.execute(sa.select(warehouse.validation_runs)).mappings().all()
@@ -110,12 +111,22 @@ def _corrupt_candles(frame: pd.DataFrame, how: str) -> pd.DataFrame:
     return f
 
 
-@pytest.mark.parametrize(("how", "rule"), [
-    ("schema", "schema"), ("type", "type: close is a float"), ("null", "not null: close"),
-    ("unique", "unique (symbol, interval, open_time)"), ("missing bar", "bars per day"),
-    ("high", "high >= max(open, close)"), ("low", "low <= min(open, close)"), ("positive", "prices > 0"),
-    ("volume", "volume >= 0"), ("log return", "bounded |log return|"), ("freshness", "freshness"),
-])
+@pytest.mark.parametrize(
+    ("how", "rule"),
+    [
+        ("schema", "schema"),
+        ("type", "type: close is a float"),
+        ("null", "not null: close"),
+        ("unique", "unique (symbol, interval, open_time)"),
+        ("missing bar", "bars per day"),
+        ("high", "high >= max(open, close)"),
+        ("low", "low <= min(open, close)"),
+        ("positive", "prices > 0"),
+        ("volume", "volume >= 0"),
+        ("log return", "bounded |log return|"),
+        ("freshness", "freshness"),
+    ],
+)
 def test_each_candle_rule_fails_on_a_corrupted_real_day(real, how, rule):
     cfg, frames = real
     frame = frames["candles"]
@@ -130,12 +141,22 @@ def test_each_candle_rule_fails_on_a_corrupted_real_day(real, how, rule):
         assert named[0].rows >= 1
 
 
-@pytest.mark.parametrize(("how", "rule"), [
-    ("schema", "schema"), ("null", "not null: close"), ("unique", "unique (ticker, date)"),
-    ("ticker", "ticker is configured"), ("high", "high >= max(open, close)"), ("low", "low <= min(open, close)"),
-    ("positive", "prices > 0"), ("volume", "volume >= 0"), ("log return", "bounded daily |log return|"),
-    ("visibility", "visible only after its market closed"), ("rows", "at most one bar per ticker"),
-])
+@pytest.mark.parametrize(
+    ("how", "rule"),
+    [
+        ("schema", "schema"),
+        ("null", "not null: close"),
+        ("unique", "unique (ticker, date)"),
+        ("ticker", "ticker is configured"),
+        ("high", "high >= max(open, close)"),
+        ("low", "low <= min(open, close)"),
+        ("positive", "prices > 0"),
+        ("volume", "volume >= 0"),
+        ("log return", "bounded daily |log return|"),
+        ("visibility", "visible only after its market closed"),
+        ("rows", "at most one bar per ticker"),
+    ],
+)
 def test_each_safe_haven_rule_fails_on_a_corrupted_real_day(real, how, rule):
     loaded, frames = real
     frame = frames["safe_haven_bars"]
@@ -167,11 +188,17 @@ def test_each_safe_haven_rule_fails_on_a_corrupted_real_day(real, how, rule):
     assert not ok and any(rule in x.rule for x in failures), [x.rule for x in failures]
 
 
-@pytest.mark.parametrize(("how", "rule"), [
-    ("schema", "schema"), ("null", "not null: value"), ("unique", "unique (series_id"),
-    ("series", "series is configured"), ("look-ahead", "known only after its period ended"),
-    ("jump", "bounded change"),
-])
+@pytest.mark.parametrize(
+    ("how", "rule"),
+    [
+        ("schema", "schema"),
+        ("null", "not null: value"),
+        ("unique", "unique (series_id"),
+        ("series", "series is configured"),
+        ("look-ahead", "known only after its period ended"),
+        ("jump", "bounded change"),
+    ],
+)
 def test_each_macro_rule_fails_on_a_corrupted_real_interval(real, how, rule):
     loaded, frames = real
     window = ingest.day_range("2023-03-01", "2023-03-26")
@@ -195,12 +222,21 @@ def test_each_macro_rule_fails_on_a_corrupted_real_interval(real, how, rule):
     assert not ok and any(rule in x.rule for x in failures), [x.rule for x in failures]
 
 
-@pytest.mark.parametrize(("how", "rule"), [
-    ("schema", "schema"), ("version", "current feature-set version"), ("unique", "unique (symbol"),
-    ("null", "no NULL feature after warm-up"), ("rsi", "range: rsi_14 in [0, 100]"),
-    ("willr", "range: willr_14 in [-100, 0]"), ("atr", "range: atr_pct_14 >= 0"), ("hour", "range: hour_sin"),
-    ("target", "targets present exactly where the horizon has passed"), ("sign", "target_up is the sign"),
-])
+@pytest.mark.parametrize(
+    ("how", "rule"),
+    [
+        ("schema", "schema"),
+        ("version", "current feature-set version"),
+        ("unique", "unique (symbol"),
+        ("null", "no NULL feature after warm-up"),
+        ("rsi", "range: rsi_14 in [0, 100]"),
+        ("willr", "range: willr_14 in [-100, 0]"),
+        ("atr", "range: atr_pct_14 >= 0"),
+        ("hour", "range: hour_sin"),
+        ("target", "targets present exactly where the horizon has passed"),
+        ("sign", "target_up is the sign"),
+    ],
+)
 def test_each_feature_rule_fails_on_a_corrupted_real_day(real, how, rule):
     loaded, frames = real
     frame = frames["features"]
@@ -240,13 +276,17 @@ def test_breaking_one_value_in_the_warehouse_fails_the_next_validation_and_block
     assert len(dataset.training_frame(loaded, engine, *week)) == 7 * 24 - 1
     with engine.begin() as conn:
         c = warehouse.candles
-        conn.execute(sa.update(c).where(c.c.open_time == pd.Timestamp("2023-03-22 05:00", tz="UTC").to_pydatetime())
-                     .values(high=c.c.low - 10))
+        conn.execute(
+            sa.update(c)
+            .where(c.c.open_time == pd.Timestamp("2023-03-22 05:00", tz="UTC").to_pydatetime())
+            .values(high=c.c.low - 10)
+        )
     results = {r.suite: r for r in tasks.validate_range(load_config(), *WEEK)}
     assert not results["candles"].success and results["candles"].days_failed == ["2023-03-22"]
     assert "high >= max(open, close): 1 row(s) break it; days: 2023-03-22" in results["candles"].summary()
-    with pytest.raises(suites.UnvalidatedIntervalError,
-                       match=r"candles \[BTCUSDT 1h\] failed validation: 2023-03-22 \(run "):
+    with pytest.raises(
+        suites.UnvalidatedIntervalError, match=r"candles \[BTCUSDT 1h\] failed validation: 2023-03-22 \(run "
+    ):
         dataset.training_frame(loaded, engine, *week)
     other_days = ingest.day_range("2023-03-23", "2023-03-26")
     assert len(dataset.training_frame(loaded, engine, *other_days)) == 4 * 24 - 1

@@ -12,10 +12,21 @@ from sofare.data.features import feature_spec
 
 def _candles(closes: list[float]) -> pd.DataFrame:
     times = pd.date_range("2024-01-01", periods=len(closes), freq="h", tz="UTC")
-    return pd.DataFrame({"symbol": "BTCUSDT", "interval": "1h", "open_time": times, "open": closes,
-                         "high": [c + 1 for c in closes], "low": [c - 1 for c in closes], "close": closes,
-                         "volume": 1.0, "quote_volume": float("nan"), "trade_count": pd.array([1] * len(closes), "Int64"),
-                         "source": "test"})
+    return pd.DataFrame(
+        {
+            "symbol": "BTCUSDT",
+            "interval": "1h",
+            "open_time": times,
+            "open": closes,
+            "high": [c + 1 for c in closes],
+            "low": [c - 1 for c in closes],
+            "close": closes,
+            "volume": 1.0,
+            "quote_volume": float("nan"),
+            "trade_count": pd.array([1] * len(closes), "Int64"),
+            "source": "test",
+        }
+    )
 
 
 def _count(engine, table) -> int:
@@ -56,8 +67,13 @@ def test_reads_filter_half_open_ranges(engine):
     with warehouse.transaction(engine) as conn:
         warehouse.upsert(conn, warehouse.candles, _candles([1.0, 2.0, 3.0, 4.0, 5.0]))
     with engine.connect() as conn:
-        rows = warehouse.read_candles(conn, "BTCUSDT", "1h", pd.Timestamp("2024-01-01 01:00", tz="UTC"),
-                                      pd.Timestamp("2024-01-01 03:00", tz="UTC"))
+        rows = warehouse.read_candles(
+            conn,
+            "BTCUSDT",
+            "1h",
+            pd.Timestamp("2024-01-01 01:00", tz="UTC"),
+            pd.Timestamp("2024-01-01 03:00", tz="UTC"),
+        )
         last = warehouse.read_candles_before(conn, "BTCUSDT", "1h", pd.Timestamp("2024-01-01 04:00", tz="UTC"), 2)
     assert rows["close"].tolist() == [2.0, 3.0]
     assert last["close"].tolist() == [3.0, 4.0]
@@ -98,13 +114,21 @@ def test_airflow_postgres_connection_becomes_a_psycopg2_url(monkeypatch):
 
 def test_text_and_missing_values_round_trip_exactly(engine):
     """Bulk paths (executemany on SQLite, binary COPY on PostgreSQL) keep every value and NULL."""
-    bars = pd.DataFrame({
-        "ticker": ["GC=F", "^GSPC", "DX-Y.NYB"], "date": pd.to_datetime(["2024-01-02", "2024-01-02", "2024-01-03"]).date,
-        "open": [2063.4, 4745.2, 101.3], "high": [2079.5, 4754.3, 102.1], "low": [2058.1, 4722.7, 101.0],
-        "close": [2064.4, 4742.8, 102.0], "volume": [110.0, None, float("nan")],
-        "known_at": pd.to_datetime(["2024-01-02 22:30:00", "2024-01-02 21:30:00", "2024-01-03 22:30:00.123456"], utc=True, format="ISO8601"),
-        "source": "sample",
-    })
+    bars = pd.DataFrame(
+        {
+            "ticker": ["GC=F", "^GSPC", "DX-Y.NYB"],
+            "date": pd.to_datetime(["2024-01-02", "2024-01-02", "2024-01-03"]).date,
+            "open": [2063.4, 4745.2, 101.3],
+            "high": [2079.5, 4754.3, 102.1],
+            "low": [2058.1, 4722.7, 101.0],
+            "close": [2064.4, 4742.8, 102.0],
+            "volume": [110.0, None, float("nan")],
+            "known_at": pd.to_datetime(
+                ["2024-01-02 22:30:00", "2024-01-02 21:30:00", "2024-01-03 22:30:00.123456"], utc=True, format="ISO8601"
+            ),
+            "source": "sample",
+        }
+    )
     with warehouse.transaction(engine) as conn:
         warehouse.upsert(conn, warehouse.safe_haven_bars, bars)
     with engine.connect() as conn:
@@ -143,9 +167,19 @@ def test_bulk_copy_refuses_what_it_cannot_carry_exactly(pg_url):
 
 
 def test_booleans_and_text_round_trip(engine):
-    row = pd.DataFrame([{"alert_id": "a1", "raised_at": pd.Timestamp("2024-01-01", tz="UTC"), "source": "test",
-                         "severity": "high", "message": "line one\nline two ", "details": '{"k": 1}',
-                         "delivered": False}])
+    row = pd.DataFrame(
+        [
+            {
+                "alert_id": "a1",
+                "raised_at": pd.Timestamp("2024-01-01", tz="UTC"),
+                "source": "test",
+                "severity": "high",
+                "message": "line one\nline two ",
+                "details": '{"k": 1}',
+                "delivered": False,
+            }
+        ]
+    )
     with warehouse.transaction(engine) as conn:
         warehouse.upsert(conn, warehouse.alerts, row)
     with engine.connect() as conn:

@@ -15,8 +15,16 @@ from sofare.training.windows import predict, seed_everything
 
 TRAIN_WINDOW = ("2024-01-12", "2024-03-31")
 
-HYPER = {"hidden_size": 64, "num_layers": 1, "num_heads": 6, "dropout": 0.1, "learning_rate": 3e-3, "batch_size": 64,
-         "weight_decay": 1e-4, "lookback": 24}
+HYPER = {
+    "hidden_size": 64,
+    "num_layers": 1,
+    "num_heads": 6,
+    "dropout": 0.1,
+    "learning_rate": 3e-3,
+    "batch_size": 64,
+    "weight_decay": 1e-4,
+    "lookback": 24,
+}
 
 
 def test_head_multiple_makes_every_width_divisible():
@@ -26,14 +34,17 @@ def test_head_multiple_makes_every_width_divisible():
 def test_forward_shapes_for_widths_the_heads_do_not_divide(train_cfg):
     spec = feature_spec(train_cfg)
     model = SofareM3(len(spec.micro), len(spec.safe_haven), len(spec.macro), HYPER)
-    logits, ret = model(torch.zeros(5, 24, len(spec.micro)), torch.zeros(5, 24, len(spec.safe_haven)),
-                        torch.zeros(5, 24, len(spec.macro)))
+    logits, ret = model(
+        torch.zeros(5, 24, len(spec.micro)),
+        torch.zeros(5, 24, len(spec.safe_haven)),
+        torch.zeros(5, 24, len(spec.macro)),
+    )
     assert logits.shape == (5, 2) and ret.shape == (5,)
 
 
 def test_rows_after_t_change_no_prediction_at_or_before_t(train_cfg):
     data = pipeline.load_data(train_cfg, *TRAIN_WINDOW)
-    rows = range(0, len(data.frame))
+    rows = range(len(data.frame))
     seed_everything(0, 1)
     spec = data.spec
     model = SofareM3(len(spec.micro), len(spec.safe_haven), len(spec.macro), HYPER).eval()
@@ -43,7 +54,7 @@ def test_rows_after_t_change_no_prediction_at_or_before_t(train_cfg):
     t = int(test_ends[len(test_ends) // 2])  # after every fitted row: the scaler cannot see the change
     perturbed = data.frame.copy()
     columns = list(spec.columns)
-    perturbed.loc[t + 1:, columns] = perturbed.loc[t + 1:, columns] * 3 + 7
+    perturbed.loc[t + 1 :, columns] = perturbed.loc[t + 1 :, columns] * 3 + 7
     later = perturbed.index > t
     perturbed.loc[later, "target_return"] = perturbed.loc[later, "target_return"] * -2
     data2 = pipeline.Data(perturbed, spec, data.parts, data.delta)
@@ -59,7 +70,7 @@ def test_rows_after_t_change_no_prediction_at_or_before_t(train_cfg):
 
 def test_same_seed_same_metrics(train_cfg):
     data = pipeline.load_data(train_cfg, *TRAIN_WINDOW)
-    fit_rows = range(0, data.parts["validation"].stop)
+    fit_rows = range(data.parts["validation"].stop)
     a = pipeline.evaluate(train_cfg, data, HYPER, 2, fit_rows, data.parts["test"])
     b = pipeline.evaluate(train_cfg, data, HYPER, 2, fit_rows, data.parts["test"])
     assert a.scores == b.scores
@@ -70,7 +81,7 @@ def _balanced_accuracy_ci(cfg, data, shuffle: bool, seeds: tuple[int, ...]) -> d
     """Accuracy [95% CI] of the mean P(up) of models fitted with `seeds`, taken at the median
     prediction (the ensemble says "up" for half the windows): a predictor without information then
     scores 50% whatever the test window's up-rate, and averaging seeds removes the luck of one fit."""
-    fit_rows = range(0, data.parts["validation"].stop)
+    fit_rows = range(data.parts["validation"].stop)
     runs = []
     for seed in seeds:
         cfg_seed = cfg.model_copy(update={"training": cfg.training.model_copy(update={"seed": seed})})

@@ -4,12 +4,14 @@ study that resumes, and the `sofare train` CLI."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -26,8 +28,9 @@ def _conf(**extra):
     return {"n_trials": 3, "timeout": 600, "max_epochs": 2, **WINDOW, **extra}
 
 
-def test_train_dag_registers_a_version_with_honest_metrics_and_reproduces_them(train_cfg, airflow_db, tmp_path,
-                                                                               monkeypatch):
+def test_train_dag_registers_a_version_with_honest_metrics_and_reproduces_them(
+    train_cfg, airflow_db, tmp_path, monkeypatch
+):
     monkeypatch.setenv("SOFARE_TRAINING__WALK_FORWARD__FOLDS", "3")  # the full evidence: folds and ablations
     monkeypatch.setenv("SOFARE_EVALUATION__ABLATIONS", "true")
     from sofare.config import load_config
@@ -35,8 +38,9 @@ def test_train_dag_registers_a_version_with_honest_metrics_and_reproduces_them(t
     cfg = load_config()
     before = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
     runtime.run_dag(cfg, "sofare_train", conf=_conf(), logfile=tmp_path / "dag.log")
-    assert (mlflow.get_tracking_uri(), mlflow.get_registry_uri()) == before, \
+    assert (mlflow.get_tracking_uri(), mlflow.get_registry_uri()) == before, (
         "training leaves MLflow's process-wide URIs as it found them (dag.test runs the tasks in this process)"
+    )
     c = versions.client(cfg)
     [v1] = c.search_model_versions("name = 'sofare-m3'")
     tags = v1.tags
@@ -46,25 +50,49 @@ def test_train_dag_registers_a_version_with_honest_metrics_and_reproduces_them(t
     metrics = run.data.metrics
     for name in ("accuracy", "precision", "recall", "f1", "roc_auc", "mcc", "brier", "mae", "rmse", "r2", "ic"):
         for prefix in ("test", "wf_sofare_m3"):
-            assert metrics[f"{prefix}_{name}_ci_low"] <= metrics[f"{prefix}_{name}"] <= metrics[f"{prefix}_{name}_ci_high"]
+            assert (
+                metrics[f"{prefix}_{name}_ci_low"] <= metrics[f"{prefix}_{name}"] <= metrics[f"{prefix}_{name}_ci_high"]
+            )
         for baseline in ("persistence", "majority", "linear", "gbm"):
             assert f"baseline_{baseline}_{name}" in metrics and f"wf_{baseline}_{name}_ci_low" in metrics
-    assert {"backtest_strategy_sharpe", "backtest_buy_and_hold_total_return", "backtest_strategy_max_drawdown"} <= set(metrics)
+    assert {"backtest_strategy_sharpe", "backtest_buy_and_hold_total_return", "backtest_strategy_max_drawdown"} <= set(
+        metrics
+    )
     assert metrics["wf_folds"] == 3 and {f"wf_fold{k}_sofare_m3" for k in range(3)} <= set(metrics)
     assert {f"wf_paired_{b}_diff" for b in ("persistence", "majority", "linear", "gbm")} <= set(metrics)
     assert {"wf_ablation_micro", "wf_ablation_micro_safe", "wf_ablation_micro_safe_macro"} <= set(metrics)
-    assert {"wf_policy_sofare_m3_fees_paid", "wf_policy_sofare_m3_turnover", "wf_policy_buy_and_hold_total_return",
-            "policy_test_fees_paid", "calibration_scale"} <= set(metrics)
+    assert {
+        "wf_policy_sofare_m3_fees_paid",
+        "wf_policy_sofare_m3_turnover",
+        "wf_policy_buy_and_hold_total_return",
+        "policy_test_fees_paid",
+        "calibration_scale",
+    } <= set(metrics)
     artifacts = {a.path for a in c.list_artifacts(v1.run_id, "plots")}
-    assert artifacts == {f"plots/{p}.png" for p in ("learning_curves", "confusion_matrix", "calibration", "equity_curve",
-                                                     "walk_forward", "reliability", "policy_equity")}
-    report = json.loads(open(mlflow.artifacts.download_artifacts(run_id=v1.run_id, artifact_path="evaluation.json",
-                                                                  tracking_uri=cfg.mlflow_tracking_uri)).read())
+    assert artifacts == {
+        f"plots/{p}.png"
+        for p in (
+            "learning_curves",
+            "confusion_matrix",
+            "calibration",
+            "equity_curve",
+            "walk_forward",
+            "reliability",
+            "policy_equity",
+        )
+    }
+    report = json.loads(
+        Path(
+            mlflow.artifacts.download_artifacts(
+                run_id=v1.run_id, artifact_path="evaluation.json", tracking_uri=cfg.mlflow_tracking_uri
+            )
+        ).read_text()
+    )
     assert report["purge_rows"] >= 24 + 1 and report["parts"]["test"] > 0
     wf = report["wf"]
     folds = wf["folds"]
-    assert len(folds) == 3 and all(a["test_end"] < b["test_start"] for a, b in zip(folds, folds[1:]))
-    assert all(f["train_rows"] < g["train_rows"] for f, g in zip(folds, folds[1:])), "expanding windows"
+    assert len(folds) == 3 and all(a["test_end"] < b["test_start"] for a, b in itertools.pairwise(folds))
+    assert all(f["train_rows"] < g["train_rows"] for f, g in itertools.pairwise(folds)), "expanding windows"
     assert folds[-1]["test_end"][:10] == report["test_end"][:10], "the last fold ends where the data end"
     assert {p["baseline"] for p in wf["paired"]} == {"persistence", "majority", "linear", "gbm"}
     assert set(wf["ablations"]) == {"micro", "micro+safe", "micro+safe+macro"}
@@ -79,8 +107,16 @@ def test_train_dag_registers_a_version_with_honest_metrics_and_reproduces_them(t
     assert len(children) == 3 and {r.data.tags["sofare.kind"] for r in children} == {"trial"}
     card = (cfg.var_dir / "reports" / "model_card.md").read_text()
     assert f"MLflow run `{v1.run_id}`" in card and "| ROC-AUC |" in card and "nan" not in card.lower()
-    for section in ("## Walk-forward evidence", "### Ablations", "## Calibration", "## Decision policy",
-                    "gradient-boosted trees", "logistic / ridge", "the study took", "fees + slippage paid"):
+    for section in (
+        "## Walk-forward evidence",
+        "### Ablations",
+        "## Calibration",
+        "## Decision policy",
+        "gradient-boosted trees",
+        "logistic / ridge",
+        "the study took",
+        "fees + slippage paid",
+    ):
         assert section in card, section
     for plot in ("walk_forward", "reliability", "policy_equity"):
         assert (cfg.var_dir / "reports" / "model_card_plots" / f"{plot}.png").stat().st_size > 1000
@@ -103,24 +139,35 @@ def test_train_dag_registers_a_version_with_honest_metrics_and_reproduces_them(t
     reproduced = ("test_", "baseline_", "backtest_", "wf_", "policy_")
     same = {k for k in metrics if k.startswith(reproduced) and k != "wf_seconds" and "ablation" not in k}
     assert len(same) > 200 and {k: again[k] for k in same} == {k: metrics[k] for k in same}
-    study = optuna.load_study(study_name=tags.get("study") or c.get_run(v2.run_id).data.tags["study"],
-                              storage=tuning.storage(cfg))
+    study = optuna.load_study(
+        study_name=tags.get("study") or c.get_run(v2.run_id).data.tags["study"], storage=tuning.storage(cfg)
+    )
     assert tuning.finished_trials(study) == 3
 
 
 def test_a_killed_study_resumes(train_cfg, monkeypatch):
     cfg = train_cfg
     plan = tasks.train_plan(cfg, n_trials=3, timeout=600, max_epochs=3, **WINDOW)
-    code = ("import json, sys; from sofare import tasks; "
-            "from sofare.config import load_config; tasks.train_tune(load_config(), json.loads(sys.argv[1]), 0)")
-    worker = subprocess.Popen([sys.executable, "-c", code, json.dumps(plan)], env=os.environ.copy(),
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    code = (
+        "import json, sys; from sofare import tasks; "
+        "from sofare.config import load_config; tasks.train_tune(load_config(), json.loads(sys.argv[1]), 0)"
+    )
+    worker = subprocess.Popen(
+        [sys.executable, "-c", code, json.dumps(plan)],
+        env=os.environ.copy(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     study = optuna.load_study(study_name=plan["study"], storage=tuning.storage(cfg))
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:  # kill at a known point: trial 1 finished, a later one has parameters
         trials = study.get_trials(deepcopy=False)
-        if (trials[:1] and trials[0].state == optuna.trial.TrialState.COMPLETE
-                and trials[-1].state == optuna.trial.TrialState.RUNNING and trials[-1].params):
+        if (
+            trials[:1]
+            and trials[0].state == optuna.trial.TrialState.COMPLETE
+            and trials[-1].state == optuna.trial.TrialState.RUNNING
+            and trials[-1].params
+        ):
             break
         assert worker.poll() is None, "the worker ended before it could be killed"
         time.sleep(0.2)
@@ -149,8 +196,14 @@ def test_cli_train_prints_the_version_beside_the_baselines_and_refuses_unvalidat
     env = {**os.environ}
 
     def sofare(*args):
-        return subprocess.run([sys.executable, "-m", "sofare.cli", *args], capture_output=True, text=True, env=env,
-                              timeout=600, check=False)
+        return subprocess.run(
+            [sys.executable, "-m", "sofare.cli", *args],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=600,
+            check=False,
+        )
 
     done = sofare("train", "--trials", "2", "--max-epochs", "1", "--start", WINDOW["start"], "--end", WINDOW["end"])
     assert done.returncode == 0, done.stderr[-3000:]

@@ -27,8 +27,9 @@ class Client:
 
     def post(self, path: str, body: Any, raw: bytes | None = None) -> tuple[int, Any]:
         data = raw if raw is not None else json.dumps(body).encode()
-        request = urllib.request.Request(self.url + path, data=data, method="POST",
-                                         headers={"Content-Type": "application/json"})
+        request = urllib.request.Request(
+            self.url + path, data=data, method="POST", headers={"Content-Type": "application/json"}
+        )
         try:
             with urllib.request.urlopen(request, timeout=60) as response:
                 return response.status, json.loads(response.read())
@@ -49,13 +50,20 @@ def served(model_home):
     from sofare.serving import bento
 
     cfg = model_home["cfg"]
-    server = bento.Server(cfg, model_home["built"]["bento"], free_port(), "stable",
-                          SOFARE_SERVING__MAX_BATCH_WINDOWS="8", SOFARE_SERVING__LOG_MAX_BYTES="16384",
-                          SOFARE_SERVING__LOG_BACKUPS="2")  # small: the hostile tests make it rotate
+    server = bento.Server(
+        cfg,
+        model_home["built"]["bento"],
+        free_port(),
+        "stable",
+        SOFARE_SERVING__MAX_BATCH_WINDOWS="8",
+        SOFARE_SERVING__LOG_MAX_BYTES="16384",
+        SOFARE_SERVING__LOG_BACKUPS="2",
+    )  # small: the hostile tests make it rotate
     with server:
         yield {**model_home, "client": Client(server.url), "server": server}
 
 
-def window_payload(cfg, end: str = "2024-03-20T12:00:00+00:00", candles: int | None = None,
-                   context: bool = False) -> dict[str, Any]:
+def window_payload(
+    cfg, end: str = "2024-03-20T12:00:00+00:00", candles: int | None = None, context: bool = False
+) -> dict[str, Any]:
     return schemas.request_body(cfg, datetime.fromisoformat(end), candles, context)

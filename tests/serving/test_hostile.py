@@ -18,8 +18,20 @@ from openapi_spec_validator import validate
 from sofare.serving import bento
 from tests.serving.conftest import window_payload
 
-KNOWN_ENDPOINTS = {"/predict", "/predict_batch", "/predict_latest", "/model_info", "/docs.json", "/", "/metrics",
-                   "/static_content", "/livez", "/readyz", "/healthz", "other"}
+KNOWN_ENDPOINTS = {
+    "/predict",
+    "/predict_batch",
+    "/predict_latest",
+    "/model_info",
+    "/docs.json",
+    "/",
+    "/metrics",
+    "/static_content",
+    "/livez",
+    "/readyz",
+    "/healthz",
+    "other",
+}
 
 
 def raw_request(url: str, request: bytes, read_limit: int = 1 << 20) -> tuple[int, dict[str, str], bytes]:
@@ -50,8 +62,9 @@ def _expected(data: bytes) -> int:
     return len(head) + 4 + int(match[1]) if match else 1 << 62
 
 
-def post(url: str, path: str, body: bytes, content_type: str | None = "application/json",
-         extra: str = "") -> tuple[int, dict[str, str], bytes]:
+def post(
+    url: str, path: str, body: bytes, content_type: str | None = "application/json", extra: str = ""
+) -> tuple[int, dict[str, str], bytes]:
     head = f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\nConnection: close\r\n{extra}"
     if content_type is not None:
         head += f"Content-Type: {content_type}\r\n"
@@ -82,8 +95,14 @@ def good(served):
 
 def test_media_types_other_than_json_are_415(url, good):
     body = json.dumps(good).encode()
-    for content_type in ("multipart/form-data", "multipart/form-data; boundary=", "text/plain",
-                         "application/x-www-form-urlencoded", "application/json; charset=latin-1", None):
+    for content_type in (
+        "multipart/form-data",
+        "multipart/form-data; boundary=",
+        "text/plain",
+        "application/x-www-form-urlencoded",
+        "application/json; charset=latin-1",
+        None,
+    ):
         status, _, answer = post(url, "/predict", body, content_type)
         error = assert_error_shape(status, answer, 415)
         assert error["code"] == "unsupported_media_type" and error["details"][0]["field"] == "Content-Type"
@@ -91,23 +110,41 @@ def test_media_types_other_than_json_are_415(url, good):
     assert status == 200
 
 
-@pytest.mark.parametrize(("where", "value", "field"), [
-    ("candle", "0001-01-01T00:00:00+00:00", "candles[0].open_time"),
-    ("candle", "9999-12-31T23:00:00+00:00", "candles[299].open_time"),
-    ("candle", "1600-01-01T00:00:00+00:00", "candles[0].open_time"),
-    ("macro", "1600-01-01T00:00:00+00:00", "macro[0].known_at"),
-    ("macro_date", "0001-01-01", "macro[0].observation_date"),
-    ("safe_haven", "1000-01-01T00:00:00+00:00", "safe_haven[0].known_at"),
-])
+@pytest.mark.parametrize(
+    ("where", "value", "field"),
+    [
+        ("candle", "0001-01-01T00:00:00+00:00", "candles[0].open_time"),
+        ("candle", "9999-12-31T23:00:00+00:00", "candles[299].open_time"),
+        ("candle", "1600-01-01T00:00:00+00:00", "candles[0].open_time"),
+        ("macro", "1600-01-01T00:00:00+00:00", "macro[0].known_at"),
+        ("macro_date", "0001-01-01", "macro[0].observation_date"),
+        ("safe_haven", "1000-01-01T00:00:00+00:00", "safe_haven[0].known_at"),
+    ],
+)
 def test_dates_out_of_range_are_422_naming_the_field(url, good, where, value, field):
     body = copy.deepcopy(good)
     if where == "candle":
         body["candles"][0 if field.startswith("candles[0]") else -1]["open_time"] = value
     else:
-        body["macro"] = [{"series_id": "DGS10", "observation_date": "2024-01-02", "known_at": "2024-01-03T21:00:00+00:00",
-                          "value": 4.0}]
-        body["safe_haven"] = [{"ticker": "GC=F", "date": "2024-01-02", "open": 1, "high": 1, "low": 1, "close": 1,
-                               "known_at": "2024-01-02T22:00:00+00:00"}]
+        body["macro"] = [
+            {
+                "series_id": "DGS10",
+                "observation_date": "2024-01-02",
+                "known_at": "2024-01-03T21:00:00+00:00",
+                "value": 4.0,
+            }
+        ]
+        body["safe_haven"] = [
+            {
+                "ticker": "GC=F",
+                "date": "2024-01-02",
+                "open": 1,
+                "high": 1,
+                "low": 1,
+                "close": 1,
+                "known_at": "2024-01-02T22:00:00+00:00",
+            }
+        ]
         if where == "macro":
             body["macro"][0]["known_at"] = value
         elif where == "macro_date":
@@ -168,8 +205,19 @@ def test_any_bytes_get_a_4xx(url, good):
     """Random bytes, truncations and byte flips of a real window, on every endpoint: never a 5xx."""
     rng = random.Random(12)
     real = json.dumps(good).encode()
-    cases = [b"", b"null", b"[]", b"{}", b'"x"', b"1e999", b"\xff\xfe\x00", b'{"symbol": "\\ud800"}',
-             b'{"symbol": "\x85"}', b"[" * 100_000, real[: len(real) // 2]]
+    cases = [
+        b"",
+        b"null",
+        b"[]",
+        b"{}",
+        b'"x"',
+        b"1e999",
+        b"\xff\xfe\x00",
+        b'{"symbol": "\\ud800"}',
+        b'{"symbol": "\x85"}',
+        b"[" * 100_000,
+        real[: len(real) // 2],
+    ]
     for _ in range(40):
         mutated = bytearray(real)
         for _ in range(rng.randint(1, 20)):
@@ -201,7 +249,9 @@ def test_client_errors_are_logged_at_info_in_one_line(url, served):
     """One line at INFO per refusal, no traceback, in a rotating file per worker (16 KB in this fixture)."""
     port = url.rsplit(":", 1)[1]
     for _ in range(8):  # reaches every worker (the kernel spreads connections over them)
-        status, _, _ = post(url, "/predict", b'{"symbol": "BTCUSDT", "interval": "1h", "candles": [], "marker": "log-me"}')
+        status, _, _ = post(
+            url, "/predict", b'{"symbol": "BTCUSDT", "interval": "1h", "candles": [], "marker": "log-me"}'
+        )
         assert status == 422
     logs = sorted((Path(served["cfg"].var_dir) / "logs").glob(f"service-stable-{port}*.log"))
     assert logs, "no service log"

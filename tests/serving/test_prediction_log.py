@@ -26,8 +26,11 @@ def _count(url: str) -> int:
 
 def _dropped(client: Client) -> float:
     """Prediction-log rows dropped because of the database, summed over the server's workers."""
-    lines = [line for line in client.get("/metrics")[1].splitlines()
-             if line.startswith('sofare_prediction_log_dropped_total{reason="database",variant="canary"}')]
+    lines = [
+        line
+        for line in client.get("/metrics")[1].splitlines()
+        if line.startswith('sofare_prediction_log_dropped_total{reason="database",variant="canary"}')
+    ]
     return float(lines[0].rsplit(" ", 1)[1]) if lines else 0.0
 
 
@@ -47,8 +50,14 @@ def test_predictions_survive_a_database_outage(model_home):
     with LocalPostgres() as pg:
         url = pg.create_database("served")
         warehouse.init_schema(warehouse.engine_for(url), feature_spec(cfg).columns)
-        with bento.Server(cfg, model_home["built"]["bento"], free_port(), "canary",
-                          SOFARE_WAREHOUSE__URL=url, SOFARE_SERVING__LOG_FLUSH_SECONDS="0.2") as server:
+        with bento.Server(
+            cfg,
+            model_home["built"]["bento"],
+            free_port(),
+            "canary",
+            SOFARE_WAREHOUSE__URL=url,
+            SOFARE_SERVING__LOG_FLUSH_SECONDS="0.2",
+        ) as server:
             client = Client(server.url)
             for _ in range(3):
                 status, answer = client.post("/predict", body)

@@ -16,8 +16,23 @@ from sofare.registry import versions
 from sofare.serving import predictor, schemas
 from tests.serving.conftest import window_payload
 
-CONTRACT = {"prediction_id", "model_version", "variant", "latency_ms", "direction", "prob_up", "confidence",
-            "expected_return", "heads_agree", "signal", "policy_id", "horizon", "as_of", "symbol", "interval"}
+CONTRACT = {
+    "prediction_id",
+    "model_version",
+    "variant",
+    "latency_ms",
+    "direction",
+    "prob_up",
+    "confidence",
+    "expected_return",
+    "heads_agree",
+    "signal",
+    "policy_id",
+    "horizon",
+    "as_of",
+    "symbol",
+    "interval",
+}
 
 
 def test_every_endpoint_answers(served):
@@ -29,11 +44,17 @@ def test_every_endpoint_answers(served):
     assert 0 <= answer["prob_up"] <= 1 and answer["latency_ms"] > 0
     status, info = client.post("/model_info", {})
     policy = info["policy"]  # the version's cost-aware policy, stored with it, decides `signal`
-    assert answer["policy_id"] == policy["id"] and policy["chosen_on"] and info["calibration"]["method"] in ("platt", "none")
+    assert (
+        answer["policy_id"] == policy["id"]
+        and policy["chosen_on"]
+        and info["calibration"]["method"] in ("platt", "none")
+    )
     want = "long" if policy["threshold"] is not None and answer["prob_up"] > policy["threshold"] else "flat"
     assert answer["signal"] == want
-    windows = [window_payload(served["cfg"], end) for end in
-               ("2024-03-20T12:00:00+00:00", "2024-03-21T12:00:00+00:00", "2024-03-22T12:00:00+00:00")]
+    windows = [
+        window_payload(served["cfg"], end)
+        for end in ("2024-03-20T12:00:00+00:00", "2024-03-21T12:00:00+00:00", "2024-03-22T12:00:00+00:00")
+    ]
     status, answers = client.post("/predict_batch", {"windows": windows})
     assert status == 200 and [a["as_of"][:10] for a in answers] == ["2024-03-20", "2024-03-21", "2024-03-22"]
     assert answers[0]["prob_up"] == answer["prob_up"]
@@ -86,8 +107,17 @@ def _mutate(body, how):
     elif how == "high below close":
         c[20]["high"] = c[20]["close"] / 2
     elif how == "unknown ticker":
-        b["safe_haven"] = [{"ticker": "BTC-USD", "date": "2024-03-19", "open": 1, "high": 1, "low": 1, "close": 1,
-                            "known_at": "2024-03-19T22:00:00+00:00"}]
+        b["safe_haven"] = [
+            {
+                "ticker": "BTC-USD",
+                "date": "2024-03-19",
+                "open": 1,
+                "high": 1,
+                "low": 1,
+                "close": 1,
+                "known_at": "2024-03-19T22:00:00+00:00",
+            }
+        ]
         b["macro"] = []
     elif how == "gap in the lookback":
         del c[-3]
@@ -95,20 +125,32 @@ def _mutate(body, how):
 
 
 BAD = [  # how, message fragment that names the field
-    ("missing field", "candles"), ("extra field", "comment"), ("extra candle field", "vwap"),
-    ("wrong type", "close"), ("nan", "close"), ("infinity", "volume"), ("negative price", "low"),
-    ("too short", "candles: 100 given, at least 273 needed"), ("unsorted", "candles[11].open_time: not sorted"),
-    ("duplicate", "candles[12].open_time: duplicate"), ("off grid", "not on the 1h grid"),
-    ("future", "is in the future"), ("wrong symbol", "symbol: 'ETHUSDT' is not served here"),
-    ("wrong interval", "interval: '5m' is not served here"), ("unknown interval", "interval: unknown interval '7m'"),
-    ("high below close", "candles[20]: high/low"), ("unknown ticker", "safe_haven[0].ticker"),
+    ("missing field", "candles"),
+    ("extra field", "comment"),
+    ("extra candle field", "vwap"),
+    ("wrong type", "close"),
+    ("nan", "close"),
+    ("infinity", "volume"),
+    ("negative price", "low"),
+    ("too short", "candles: 100 given, at least 273 needed"),
+    ("unsorted", "candles[11].open_time: not sorted"),
+    ("duplicate", "candles[12].open_time: duplicate"),
+    ("off grid", "not on the 1h grid"),
+    ("future", "is in the future"),
+    ("wrong symbol", "symbol: 'ETHUSDT' is not served here"),
+    ("wrong interval", "interval: '5m' is not served here"),
+    ("unknown interval", "interval: unknown interval '7m'"),
+    ("high below close", "candles[20]: high/low"),
+    ("unknown ticker", "safe_haven[0].ticker"),
     ("gap in the lookback", "must be consecutive"),
 ]
 
 
 @pytest.mark.parametrize(("how", "message"), BAD, ids=[b[0] for b in BAD])
 def test_bad_input_is_a_4xx_naming_the_field(served, how, message):
-    status, answer = served["client"].post("/predict", None, raw=_mutate(window_payload(served["cfg"], candles=300), how))
+    status, answer = served["client"].post(
+        "/predict", None, raw=_mutate(window_payload(served["cfg"], candles=300), how)
+    )
     assert 400 <= status < 500, (status, answer)
     assert set(answer["error"]) == {"code", "message", "details", "truncated"}, answer
     assert message in json.dumps(answer), answer
@@ -167,21 +209,30 @@ def test_served_prediction_equals_the_in_process_prediction(served):
     assert answer["expected_return"] == pytest.approx(local["expected_return"], rel=1e-6, abs=1e-12)
     without_context = {k: v for k, v in body.items() if k not in ("safe_haven", "macro")}
     status, from_warehouse = served["client"].post("/predict", without_context)
-    assert status == 200 and from_warehouse["prob_up"] == answer["prob_up"], \
+    assert status == 200 and from_warehouse["prob_up"] == answer["prob_up"], (
         "the service reads the same safe-haven and macro rows from the warehouse"
+    )
 
 
 def test_metrics_expose_labelled_series(served):
     client, version = served["client"], served["version"]
     assert client.post("/predict", window_payload(served["cfg"]))[0] == 200
-    client.post("/predict", {"symbol": "ETHUSDT", "interval": "1h", "candles": window_payload(served["cfg"])["candles"]})
+    client.post(
+        "/predict", {"symbol": "ETHUSDT", "interval": "1h", "candles": window_payload(served["cfg"])["candles"]}
+    )
     time.sleep(0.5)
     metrics = client.get("/metrics")[1]
-    served_line = next(line for line in metrics.splitlines() if line.startswith("sofare_predictions_total{")
-                       and 'endpoint="predict"' in line)
+    served_line = next(
+        line
+        for line in metrics.splitlines()
+        if line.startswith("sofare_predictions_total{") and 'endpoint="predict"' in line
+    )
     assert f'model_version="{version}"' in served_line and 'variant="stable"' in served_line
     assert float(served_line.rsplit(" ", 1)[1]) >= 1
-    assert f'sofare_prediction_latency_seconds_bucket{{endpoint="predict",le="0.05",model_version="{version}",variant="stable"}}' in metrics
+    assert (
+        f'sofare_prediction_latency_seconds_bucket{{endpoint="predict",le="0.05",model_version="{version}",variant="stable"}}'
+        in metrics
+    )
     assert 'sofare_bad_requests_total{endpoint="predict",variant="stable"}' in metrics
     assert 'variant="canary"' not in metrics, "each server exports only its own series (its own Prometheus folder)"
     for code in ("200", "422"):  # what canary analysis reads, labelled as BentoML labels it
@@ -222,9 +273,23 @@ def test_predict_latest_is_served_from_memory_and_follows_new_candles(served):
     engine = warehouse.get_engine(cfg)
     with engine.connect() as conn:
         last = warehouse.read_candles_before(conn, "BTCUSDT", "1h", opens, 1).iloc[-1]
-    row = pd.DataFrame([{"symbol": "BTCUSDT", "interval": "1h", "open_time": opens, "open": last["close"],
-                         "high": last["close"] * 1.01, "low": last["close"] * 0.99, "close": last["close"] * 1.005,
-                         "volume": last["volume"], "quote_volume": None, "trade_count": None, "source": "test"}])
+    row = pd.DataFrame(
+        [
+            {
+                "symbol": "BTCUSDT",
+                "interval": "1h",
+                "open_time": opens,
+                "open": last["close"],
+                "high": last["close"] * 1.01,
+                "low": last["close"] * 0.99,
+                "close": last["close"] * 1.005,
+                "volume": last["volume"],
+                "quote_volume": None,
+                "trade_count": None,
+                "source": "test",
+            }
+        ]
+    )
     with warehouse.transaction(engine) as conn:
         warehouse.upsert(conn, warehouse.candles, row)
     try:
@@ -246,9 +311,12 @@ def test_an_unreadable_warehouse_is_a_503_never_a_500(served, tmp_path):
     from sofare.serving.schemas import Unavailable
 
     cfg = served["cfg"]
-    gone = cfg.model_copy(update={"warehouse": cfg.warehouse.model_copy(
-        update={"url": f"sqlite:///{tmp_path}/missing/dir/warehouse.db"})})
-    local = predictor.Predictor.from_directory(gone, versions.download(cfg, served["version"]), served["version"], "stable")
+    gone = cfg.model_copy(
+        update={"warehouse": cfg.warehouse.model_copy(update={"url": f"sqlite:///{tmp_path}/missing/dir/warehouse.db"})}
+    )
+    local = predictor.Predictor.from_directory(
+        gone, versions.download(cfg, served["version"]), served["version"], "stable"
+    )
     body = json.dumps(window_payload(cfg)).encode()  # no safe_haven/macro: the warehouse's are needed
     with pytest.raises(Unavailable) as refused:
         local.predict(schemas.decode(body, schemas.Window))

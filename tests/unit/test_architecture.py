@@ -17,7 +17,7 @@ PACKAGE = ROOT / "include" / "sofare"
 STAGES = ("data", "validation", "training", "registry", "serving", "deploy", "monitoring")
 FOUNDATIONS = {"config": {"errors"}, "errors": set(), "contracts": {"errors"}}  # module -> foundations it may import
 TOP = ("tasks", "orchestration", "runtime", "cli")
-ALLOWED = {stage: set(STAGES[:i + 1]) for i, stage in enumerate(STAGES)}
+ALLOWED = {stage: set(STAGES[: i + 1]) for i, stage in enumerate(STAGES)}
 ALLOWED["serving"] = {"data", "serving"}  # serving runs without training code: not training, not the registry
 TRAINING_ONLY = ("mlflow", "lightning", "optuna", "optuna_integration", "evidently", "great_expectations")
 
@@ -96,10 +96,12 @@ def test_serving_source_never_names_training_libraries():
 
 def test_importing_all_of_serving_loads_no_training_library():
     """What a bento imports, checked in a fresh interpreter: no MLflow, Lightning, Optuna, Evidently, GX."""
-    code = ("import importlib, json, pkgutil, sys, sofare.serving as s\n"
-            "for m in pkgutil.walk_packages(s.__path__, 'sofare.serving.'):\n"
-            "    importlib.import_module(m.name)\n"
-            f"print(json.dumps(sorted(m for m in {list(TRAINING_ONLY)!r} if m in sys.modules)))\n")
+    code = (
+        "import importlib, json, pkgutil, sys, sofare.serving as s\n"
+        "for m in pkgutil.walk_packages(s.__path__, 'sofare.serving.'):\n"
+        "    importlib.import_module(m.name)\n"
+        f"print(json.dumps(sorted(m for m in {list(TRAINING_ONLY)!r} if m in sys.modules)))\n"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
     assert json.loads(done.stdout.strip().splitlines()[-1]) == []
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+import itertools
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -10,11 +11,13 @@ from sofare.config import load_config
 from sofare.data import ingest
 
 CFG = load_config(env={})
-UTC = timezone.utc
 
 
 def test_day_range_is_inclusive_utc_days():
-    assert ingest.day_range("2023-01-01", "2023-01-01") == (datetime(2023, 1, 1, tzinfo=UTC), datetime(2023, 1, 2, tzinfo=UTC))
+    assert ingest.day_range("2023-01-01", "2023-01-01") == (
+        datetime(2023, 1, 1, tzinfo=UTC),
+        datetime(2023, 1, 2, tzinfo=UTC),
+    )
     from sofare.errors import InputError
 
     with pytest.raises(InputError, match="^end: 2023-01-01 is before start 2023-01-05"):
@@ -29,7 +32,7 @@ def test_chunks_cover_the_range_exactly_once():
     start, end = ingest.day_range("2023-01-01", "2025-06-30")
     chunks = ingest.plan_chunks(start, end, 31)
     assert chunks[0][0] == start and chunks[-1][1] == end
-    assert all(a[1] == b[0] for a, b in zip(chunks, chunks[1:]))
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(chunks))
     assert all(hi - lo <= timedelta(days=31) for lo, hi in chunks)
 
 
@@ -42,7 +45,7 @@ def test_plan_loads_every_modality_of_sample_with_context_for_daily_data():
     assert by_modality["macro"][0]["start"] == context and by_modality["safe_haven"][0]["start"] == context
     for modality, chunks in by_modality.items():  # history before the range only fills gaps; the range is loaded
         assert all(c["history"] == (c["start"] < start.isoformat()) for c in chunks), modality
-        assert [c["start"] for c in chunks if not c["history"]][0] == start.isoformat()
+        assert next(c["start"] for c in chunks if not c["history"]) == start.isoformat()
         assert chunks[-1]["end"] == end.isoformat()
     assert not any(c["history"] for c in by_modality["candles"])
     assert [sum(c["history"] for c in by_modality[m]) for m in ("safe_haven", "macro")] == [1, 1], "one load each"

@@ -23,13 +23,15 @@ def test_defaults_are_typed():
 
 
 def test_env_overrides_nested_keys_with_yaml_types(tmp_path):
-    cfg = load_config(env={
-        "SOFARE_WAREHOUSE__URL": "postgresql://u@h/db",
-        "SOFARE_SOURCES__BINANCE__PAGE_LIMIT": "500",
-        "SOFARE_FEATURES__RETURN_LAGS": "[1, 2]",
-        "SOFARE_PATHS__VAR": str(tmp_path / "elsewhere"),
-        "SOFARE_market__interval": "5m",
-    })
+    cfg = load_config(
+        env={
+            "SOFARE_WAREHOUSE__URL": "postgresql://u@h/db",
+            "SOFARE_SOURCES__BINANCE__PAGE_LIMIT": "500",
+            "SOFARE_FEATURES__RETURN_LAGS": "[1, 2]",
+            "SOFARE_PATHS__VAR": str(tmp_path / "elsewhere"),
+            "SOFARE_market__interval": "5m",
+        }
+    )
     assert cfg.warehouse.url == "postgresql://u@h/db"
     assert cfg.sources.binance.page_limit == 500
     assert cfg.features.return_lags == [1, 2]

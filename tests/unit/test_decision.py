@@ -42,8 +42,10 @@ def test_calibration_none_or_too_little_data_is_the_identity():
 
 def test_model_meta_outputs_apply_the_calibration():
     logits = np.array([[0.0, 2.0], [1.0, 0.0]], dtype=np.float32)
-    meta = ModelMeta.model_construct(calibration=Calibration(method="platt", scale=0.5, bias=0.1),
-                                     scaler=type("S", (), {"ret_std": 1.0, "ret_mean": 0.0})())
+    meta = ModelMeta.model_construct(
+        calibration=Calibration(method="platt", scale=0.5, bias=0.1),
+        scaler=type("S", (), {"ret_std": 1.0, "ret_mean": 0.0})(),
+    )
     prob, _ = ModelMeta.outputs(meta, logits, np.zeros(2, dtype=np.float32))
     np.testing.assert_allclose(prob, 1 / (1 + np.exp(-(0.5 * np.array([2.0, -1.0]) + 0.1))), rtol=1e-9)
     plain = ModelMeta.model_construct(calibration=Calibration(), scaler=meta.scaler)
@@ -125,5 +127,7 @@ def test_gradient_boosted_baseline_learns_a_nonlinear_rule_a_linear_model_cannot
     ret = np.where(y == 1, 0.01, -0.01)
     tree = evaluation.gbm(x[:5000], y[:5000], ret[:5000], x[5000:], 0)
     line = evaluation.linear(x[:5000], y[:5000], ret[:5000], x[5000:], 0)
-    auc = {name: evaluation.metric("roc_auc", y[5000:], ret[5000:], p, 0.5) for name, p in (("tree", tree), ("line", line))}
+    auc = {
+        name: evaluation.metric("roc_auc", y[5000:], ret[5000:], p, 0.5) for name, p in (("tree", tree), ("line", line))
+    }
     assert auc["tree"] > 0.9 and auc["line"] < 0.6, auc

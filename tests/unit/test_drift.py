@@ -27,12 +27,23 @@ def config(tmp_path: Path, **env: str):
     """Evidently's own defaults (K-S p-values at 0.05 up to 1,000 rows): the synthetic samples here are independent,
     which is what K-S assumes; the configured default (Wasserstein, for autocorrelated hourly features) is tested
     on its own below."""
-    return load_config(env={"SOFARE_PATHS__VAR": str(tmp_path / "var"), "SOFARE_MONITORING__DRIFT_METHOD": "",
-                            "SOFARE_MONITORING__DRIFT_THRESHOLD": "", **env})
+    return load_config(
+        env={
+            "SOFARE_PATHS__VAR": str(tmp_path / "var"),
+            "SOFARE_MONITORING__DRIFT_METHOD": "",
+            "SOFARE_MONITORING__DRIFT_THRESHOLD": "",
+            **env,
+        }
+    )
 
 
-def sample(rng: np.random.Generator, rows: int, shift: dict[str, float] | None = None, prob_shift: float = 0.0,
-           ret_scale: float = 1.0) -> pd.DataFrame:
+def sample(
+    rng: np.random.Generator,
+    rows: int,
+    shift: dict[str, float] | None = None,
+    prob_shift: float = 0.0,
+    ret_scale: float = 1.0,
+) -> pd.DataFrame:
     frame = pd.DataFrame(rng.normal(size=(rows, len(COLUMNS))), columns=COLUMNS)
     for column, sd in (shift or {}).items():
         frame[column] += sd
@@ -75,11 +86,13 @@ def test_same_distribution_false_alarm_rate(tmp_path, capsys):
         target += bool(result.target_drifted)
     rate = flagged / tested
     with capsys.disabled():
-        print(f"\nDRIFT FALSE-ALARM RATE (same distribution, K-S at 0.05, {seeds} seeds x 10 features, 300 current vs "
-              f"1000 reference rows): per column {rate:.3f} ({flagged}/{tested}); dataset drifted share >= medium "
-              f"{cfg.monitoring.drift.medium}: {dataset_medium / seeds:.3f} ({dataset_medium}/{seeds}), >= low "
-              f"{cfg.monitoring.drift.low}: {dataset_low / seeds:.3f} ({dataset_low}/{seeds}); prediction "
-              f"{pred}/{seeds}, target {target}/{seeds}")
+        print(
+            f"\nDRIFT FALSE-ALARM RATE (same distribution, K-S at 0.05, {seeds} seeds x 10 features, 300 current vs "
+            f"1000 reference rows): per column {rate:.3f} ({flagged}/{tested}); dataset drifted share >= medium "
+            f"{cfg.monitoring.drift.medium}: {dataset_medium / seeds:.3f} ({dataset_medium}/{seeds}), >= low "
+            f"{cfg.monitoring.drift.low}: {dataset_low / seeds:.3f} ({dataset_low}/{seeds}); prediction "
+            f"{pred}/{seeds}, target {target}/{seeds}"
+        )
     assert rate <= 0.10
     assert dataset_medium == 0
 
@@ -88,8 +101,9 @@ def test_too_few_served_hours_is_insufficient_and_writes_nothing(tmp_path):
     cfg = config(tmp_path)
     rng = np.random.default_rng(1)
     reports = cfg.var_dir / "reports" / "drift"
-    result = drift.measure(cfg, sample(rng, 1000), sample(rng, cfg.monitoring.min_drift_rows - 1), COLUMNS, "1",
-                           reports, "few")
+    result = drift.measure(
+        cfg, sample(rng, 1000), sample(rng, cfg.monitoring.min_drift_rows - 1), COLUMNS, "1", reports, "few"
+    )
     assert result.status == "insufficient" and result.share is None and result.report is None
     assert str(cfg.monitoring.min_drift_rows) in result.message
     assert not reports.exists() or not any(reports.iterdir())
@@ -138,22 +152,50 @@ def test_html_report_written_relative_to_var_and_pruned(tmp_path):
 def test_parse_reads_by_type_and_column_not_position():
     snapshot = {
         "metrics": [
-            {"id": "b", "config": {"type": "evidently:metric_v2:ValueDrift", "column": "x", "method": "K-S p_value",
-                                   "threshold": 0.05}, "value": 0.01},
-            {"id": "a", "config": {"type": "evidently:metric_v2:DriftedColumnsCount", "columns": ["x", "y"]},
-             "value": {"count": 1.0, "share": 0.5}},
-            {"id": "c", "config": {"type": "evidently:metric_v2:ValueDrift", "column": "y",
-                                   "method": "Wasserstein distance (normed)", "threshold": 0.1}, "value": 0.2},
-            {"id": "d", "config": {"type": "evidently:metric_v2:ValueDrift", "column": "z", "method": "psi",
-                                   "threshold": 0.1}, "value": 0.05},
+            {
+                "id": "b",
+                "config": {
+                    "type": "evidently:metric_v2:ValueDrift",
+                    "column": "x",
+                    "method": "K-S p_value",
+                    "threshold": 0.05,
+                },
+                "value": 0.01,
+            },
+            {
+                "id": "a",
+                "config": {"type": "evidently:metric_v2:DriftedColumnsCount", "columns": ["x", "y"]},
+                "value": {"count": 1.0, "share": 0.5},
+            },
+            {
+                "id": "c",
+                "config": {
+                    "type": "evidently:metric_v2:ValueDrift",
+                    "column": "y",
+                    "method": "Wasserstein distance (normed)",
+                    "threshold": 0.1,
+                },
+                "value": 0.2,
+            },
+            {
+                "id": "d",
+                "config": {"type": "evidently:metric_v2:ValueDrift", "column": "z", "method": "psi", "threshold": 0.1},
+                "value": 0.05,
+            },
         ],
         "tests": [  # z has no test: its verdict follows the method's direction
-            {"metric_config": {"metric_id": "c", "params": {"type": "evidently:metric_v2:ValueDrift"}},
-             "status": "FAIL"},
-            {"metric_config": {"metric_id": "a", "params": {"type": "evidently:metric_v2:DriftedColumnsCount"}},
-             "status": "FAIL"},
-            {"metric_config": {"metric_id": "b", "params": {"type": "evidently:metric_v2:ValueDrift"}},
-             "status": "SUCCESS"},
+            {
+                "metric_config": {"metric_id": "c", "params": {"type": "evidently:metric_v2:ValueDrift"}},
+                "status": "FAIL",
+            },
+            {
+                "metric_config": {"metric_id": "a", "params": {"type": "evidently:metric_v2:DriftedColumnsCount"}},
+                "status": "FAIL",
+            },
+            {
+                "metric_config": {"metric_id": "b", "params": {"type": "evidently:metric_v2:ValueDrift"}},
+                "status": "SUCCESS",
+            },
         ],
     }
     got = drift.parse(snapshot)
@@ -164,11 +206,24 @@ def test_parse_reads_by_type_and_column_not_position():
 
 
 def _meta(**extra) -> ModelMeta:
-    return ModelMeta(architecture="SofareM3", hyper={}, lookback=2, columns=("f0", "f1"),
-                     groups={"micro": (0,), "safe": (1,), "macro": ()}, n_inputs={"micro": 1, "safe": 1, "macro": 0},
-                     loss={}, scaler={"mean": (0.0, 0.0), "std": (1.0, 1.0), "ret_mean": 0.0, "ret_std": 1.0},
-                     feature_set_version="v1", symbol="BTCUSDT", interval="1h", horizon=1, warmup_bars=0,
-                     threshold=0.5, data_window={"start": "2024-01-01", "end": "2024-01-31"}, **extra)
+    return ModelMeta(
+        architecture="SofareM3",
+        hyper={},
+        lookback=2,
+        columns=("f0", "f1"),
+        groups={"micro": (0,), "safe": (1,), "macro": ()},
+        n_inputs={"micro": 1, "safe": 1, "macro": 0},
+        loss={},
+        scaler={"mean": (0.0, 0.0), "std": (1.0, 1.0), "ret_mean": 0.0, "ret_std": 1.0},
+        feature_set_version="v1",
+        symbol="BTCUSDT",
+        interval="1h",
+        horizon=1,
+        warmup_bars=0,
+        threshold=0.5,
+        data_window={"start": "2024-01-01", "end": "2024-01-31"},
+        **extra,
+    )
 
 
 def test_reference_round_trip_and_meta_without_it(tmp_path, monkeypatch):
@@ -213,10 +268,20 @@ def test_evidently_is_imported_inside_functions_only():
     assert "evidently.legacy" not in Path(drift.__file__).read_text()
 
 
-@pytest.mark.parametrize("method, distance", [("K-S p_value", False), ("ks", False), ("Z-test p_value", False),
-                                              ("Wasserstein distance (normed)", True), ("psi", True), ("PSI", True),
-                                              ("Jensen-Shannon distance", True), ("ed", True),
-                                              ("Total-Variation-Distance", False)])
+@pytest.mark.parametrize(
+    "method, distance",
+    [
+        ("K-S p_value", False),
+        ("ks", False),
+        ("Z-test p_value", False),
+        ("Wasserstein distance (normed)", True),
+        ("psi", True),
+        ("PSI", True),
+        ("Jensen-Shannon distance", True),
+        ("ed", True),
+        ("Total-Variation-Distance", False),
+    ],
+)
 def test_score_direction_of_evidently_methods(method, distance):
     assert drift._is_distance(method) is distance
 
@@ -228,8 +293,14 @@ def test_the_configured_wasserstein_rule_flags_real_shifts_only(tmp_path):
     assert (cfg.monitoring.drift_method, cfg.monitoring.drift_threshold) == ("wasserstein", 0.5)
     rng = np.random.default_rng(11)
     reference = sample(rng, 1000)
-    shifted = drift.measure(cfg, reference, sample(rng, 168, {"f0": 1.0, "f1": 0.8, "f2": 0.2}), COLUMNS, "3", None, "w")
-    assert "wasserstein" in shifted.method.lower() and {"f0", "f1"} <= set(shifted.drifted) and "f2" not in shifted.drifted
-    alarms = [drift.measure(cfg, reference, sample(np.random.default_rng(seed), 168), COLUMNS, "3", None, "w").drifted_columns
-              for seed in range(5)]
+    shifted = drift.measure(
+        cfg, reference, sample(rng, 168, {"f0": 1.0, "f1": 0.8, "f2": 0.2}), COLUMNS, "3", None, "w"
+    )
+    assert (
+        "wasserstein" in shifted.method.lower() and {"f0", "f1"} <= set(shifted.drifted) and "f2" not in shifted.drifted
+    )
+    alarms = [
+        drift.measure(cfg, reference, sample(np.random.default_rng(seed), 168), COLUMNS, "3", None, "w").drifted_columns
+        for seed in range(5)
+    ]
     assert alarms == [0] * 5

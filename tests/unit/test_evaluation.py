@@ -28,10 +28,15 @@ def test_metrics_match_scikit_learn(sample):
     y_up, y_ret, p = sample
     pred = (p.prob_up > 0.5).astype(int)
     expected = {
-        "accuracy": m.accuracy_score(y_up, pred), "precision": m.precision_score(y_up, pred),
-        "recall": m.recall_score(y_up, pred), "f1": m.f1_score(y_up, pred), "roc_auc": m.roc_auc_score(y_up, p.prob_up),
-        "mcc": m.matthews_corrcoef(y_up, pred), "mae": m.mean_absolute_error(y_ret, p.expected_return),
-        "rmse": math.sqrt(m.mean_squared_error(y_ret, p.expected_return)), "r2": m.r2_score(y_ret, p.expected_return),
+        "accuracy": m.accuracy_score(y_up, pred),
+        "precision": m.precision_score(y_up, pred),
+        "recall": m.recall_score(y_up, pred),
+        "f1": m.f1_score(y_up, pred),
+        "roc_auc": m.roc_auc_score(y_up, p.prob_up),
+        "mcc": m.matthews_corrcoef(y_up, pred),
+        "mae": m.mean_absolute_error(y_ret, p.expected_return),
+        "rmse": math.sqrt(m.mean_squared_error(y_ret, p.expected_return)),
+        "r2": m.r2_score(y_ret, p.expected_return),
         "ic": spearmanr(p.expected_return, y_ret).statistic,
     }
     scores = evaluation.score(y_up, y_ret, p, 0.5, 200, 24, 0)
@@ -50,8 +55,9 @@ def test_bootstrap_is_seeded_and_uses_blocks():
 def test_a_coin_flip_has_a_ci_around_one_half():
     rng = np.random.default_rng(2)
     y_ret = rng.normal(size=2000)
-    scores = evaluation.score((y_ret > 0).astype(int), y_ret, evaluation.Predictions(rng.random(2000), rng.normal(size=2000)),
-                              0.5, 300, 24, 0)
+    scores = evaluation.score(
+        (y_ret > 0).astype(int), y_ret, evaluation.Predictions(rng.random(2000), rng.normal(size=2000)), 0.5, 300, 24, 0
+    )
     assert scores["accuracy"]["ci_low"] < 0.5 < scores["accuracy"]["ci_high"]
     assert scores["roc_auc"]["ci_low"] < 0.5 < scores["roc_auc"]["ci_high"]
 

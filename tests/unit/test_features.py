@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import timedelta, timezone
+from datetime import timedelta
 
 import numpy as np
 import pandas as pd
@@ -28,7 +28,6 @@ from sofare.data.visibility import macro_known_at, safe_haven_known_at
 
 CFG = load_config(env={})
 SPEC = feature_spec(CFG)
-UTC = timezone.utc
 HOUR = timedelta(hours=1)
 
 
@@ -43,8 +42,10 @@ def _real_inputs(start: str, end: str) -> tuple[pd.DataFrame, pd.DataFrame, pd.D
     )
     macro = src.fetch(FetchRequest("macro", lo, hi, series=tuple(CFG.macro.series)))
     macro = pd.concat(
-        [part.assign(known_at=macro_known_at(CFG, s, part["observation_date"], part["realtime_start"]))
-         for s, part in macro.groupby("series_id")]
+        [
+            part.assign(known_at=macro_known_at(CFG, s, part["observation_date"], part["realtime_start"]))
+            for s, part in macro.groupby("series_id")
+        ]
     )
     return candles, bars, macro
 
@@ -61,8 +62,20 @@ def features(inputs):
 
 def test_feature_set_shape_and_version():
     assert len(SPEC.micro) >= 19, "the seeds ask for 19+ technical features"
-    assert {"rsi_14", "macd", "bb_pctb", "sma_ratio_25", "ema_ratio_12", "atr_pct_14", "obv_flow_14",
-            "stoch_k", "log_ret_lag_1", "vol_24", "hour_sin", "dow_cos"} <= set(SPEC.micro)
+    assert {
+        "rsi_14",
+        "macd",
+        "bb_pctb",
+        "sma_ratio_25",
+        "ema_ratio_12",
+        "atr_pct_14",
+        "obv_flow_14",
+        "stoch_k",
+        "log_ret_lag_1",
+        "vol_24",
+        "hour_sin",
+        "dow_cos",
+    } <= set(SPEC.micro)
     assert "sh_spx_ret1" in SPEC.safe_haven and "macro_dff" in SPEC.macro and "macro_cpiaucsl_growth" in SPEC.macro
     assert len(set(SPEC.columns)) == len(SPEC.columns)
     assert feature_spec(load_config(env={})).version == SPEC.version
@@ -109,8 +122,9 @@ def test_same_window_same_features_whatever_history_came_before(inputs, features
     window = candles.tail(CFG.features.warmup_bars + 50)
     served = compute_features(window, bars, macro, CFG, "1h").tail(50)
     stored = features.tail(50)
-    np.testing.assert_allclose(served[list(SPEC.columns)].to_numpy(), stored[list(SPEC.columns)].to_numpy(),
-                               rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(
+        served[list(SPEC.columns)].to_numpy(), stored[list(SPEC.columns)].to_numpy(), rtol=1e-6, atol=1e-9
+    )
 
 
 def _hourly(day: str, hours: int = 400) -> pd.DataFrame:
@@ -118,13 +132,23 @@ def _hourly(day: str, hours: int = 400) -> pd.DataFrame:
     end = pd.Timestamp(day, tz="UTC") + pd.Timedelta(days=1)
     times = pd.date_range(end=end - HOUR, periods=hours, freq="h")
     close = 100 + np.sin(np.arange(hours) / 7.0)
-    return pd.DataFrame({"open_time": times, "open": close, "high": close + 1, "low": close - 1, "close": close,
-                         "volume": 10.0})
+    return pd.DataFrame(
+        {"open_time": times, "open": close, "high": close + 1, "low": close - 1, "close": close, "volume": 10.0}
+    )
 
 
 def _spx(days: list[str], closes: list[float]) -> pd.DataFrame:
-    frame = pd.DataFrame({"ticker": "^GSPC", "date": pd.to_datetime(days).date, "open": closes, "high": closes,
-                          "low": closes, "close": closes, "volume": 1.0})
+    frame = pd.DataFrame(
+        {
+            "ticker": "^GSPC",
+            "date": pd.to_datetime(days).date,
+            "open": closes,
+            "high": closes,
+            "low": closes,
+            "close": closes,
+            "volume": 1.0,
+        }
+    )
     return frame.assign(known_at=safe_haven_known_at(CFG, "^GSPC", frame["date"]))
 
 
@@ -134,16 +158,21 @@ def test_us_close_becomes_visible_at_the_first_candle_closing_after_it(day, firs
     prev = (pd.Timestamp(day) - pd.Timedelta(days=1)).strftime("%Y-%m-%d")
     feats = compute_features(_hourly(day), _spx([prev, day], [100.0, 110.0]), pd.DataFrame(), CFG, "1h")
     ret = feats.set_index("open_time")["sh_spx_ret1"]
-    hour = lambda h: pd.Timestamp(f"{day} {h:02d}:00", tz="UTC")  # noqa: E731
+    hour = lambda h: pd.Timestamp(f"{day} {h:02d}:00", tz="UTC")
     assert np.isnan(ret[hour(first_visible_open - 1)]), "the day's close leaked into an earlier candle"
     assert ret[hour(first_visible_open)] == pytest.approx(np.log(110 / 100))
 
 
 def test_fred_value_becomes_visible_exactly_at_its_release():
     """CPI for January 2024 is visible from 2024-02-21 00:00 UTC (period end + 20 days)."""
-    macro = pd.DataFrame({"series_id": "CPIAUCSL",
-                          "observation_date": pd.to_datetime(["2023-12-01", "2024-01-01"]).date,
-                          "value": [300.0, 303.0], "realtime_start": pd.NaT})
+    macro = pd.DataFrame(
+        {
+            "series_id": "CPIAUCSL",
+            "observation_date": pd.to_datetime(["2023-12-01", "2024-01-01"]).date,
+            "value": [300.0, 303.0],
+            "realtime_start": pd.NaT,
+        }
+    )
     macro["known_at"] = macro_known_at(CFG, "CPIAUCSL", macro["observation_date"], macro["realtime_start"])
     feats = compute_features(_hourly("2024-02-20"), pd.DataFrame(), macro, CFG, "1h").set_index("open_time")
     growth = feats["macro_cpiaucsl_growth"]
@@ -152,14 +181,16 @@ def test_fred_value_becomes_visible_exactly_at_its_release():
 
 
 def test_revised_vintage_is_used_only_after_it_became_known():
-    macro = pd.DataFrame({
-        "series_id": "DFF",
-        "observation_date": pd.to_datetime(["2024-02-01", "2024-02-02", "2024-02-02"]).date,
-        "value": [5.33, 5.30, 5.40],
-        "known_at": pd.to_datetime(["2024-02-02 12:00", "2024-02-03 12:00", "2024-02-04 12:00"], utc=True),
-    })
+    macro = pd.DataFrame(
+        {
+            "series_id": "DFF",
+            "observation_date": pd.to_datetime(["2024-02-01", "2024-02-02", "2024-02-02"]).date,
+            "value": [5.33, 5.30, 5.40],
+            "known_at": pd.to_datetime(["2024-02-02 12:00", "2024-02-03 12:00", "2024-02-04 12:00"], utc=True),
+        }
+    )
     feats = compute_features(_hourly("2024-02-04"), pd.DataFrame(), macro, CFG, "1h").set_index("open_time")
-    at = lambda s: feats.loc[pd.Timestamp(s, tz="UTC"), ["macro_dff", "macro_dff_chg"]].tolist()  # noqa: E731
+    at = lambda s: feats.loc[pd.Timestamp(s, tz="UTC"), ["macro_dff", "macro_dff_chg"]].tolist()
     assert at("2024-02-03 10:00") == pytest.approx([5.33, np.nan], nan_ok=True)
     assert at("2024-02-03 11:00") == pytest.approx([5.30, -0.03])
     assert at("2024-02-04 11:00") == pytest.approx([5.40, 0.07])
@@ -180,7 +211,6 @@ def test_targets_are_null_when_the_future_candle_is_missing():
 def test_empty_input_gives_empty_frame_with_all_columns():
     out = compute_features(pd.DataFrame(), pd.DataFrame(), pd.DataFrame(), CFG, "1h")
     assert out.empty and list(out.columns) == ["open_time", *SPEC.columns, "target_return", "target_up"]
-
 
 
 # --- the numpy core: serving's window path against training's whole-history path -------------------------------
@@ -228,12 +258,15 @@ def test_feature_matrix_of_a_window_equals_compute_features_over_the_whole_histo
         assert np.isnan(got[: warm - 1]).all()
         served.append(got[warm - 1 :])
         expected.append(stored.iloc[end - size + warm - 1 : end][list(SPEC.columns)].to_numpy())
-        assert (stored["open_time"].iloc[end - size : end].to_numpy() == candles["open_time"].iloc[end - size : end]
-                .to_numpy()).all()
+        assert (
+            stored["open_time"].iloc[end - size : end].to_numpy()
+            == candles["open_time"].iloc[end - size : end].to_numpy()
+        ).all()
         if k % 30 == 0:  # and the pandas entry on the same window is the very same computation
             frame = candles.iloc[end - size : end]
             np.testing.assert_array_equal(
-                compute_features(frame, None, None, CFG, "1h", context=context)[list(SPEC.columns)].to_numpy(), got)
+                compute_features(frame, None, None, CFG, "1h", context=context)[list(SPEC.columns)].to_numpy(), got
+            )
     served, expected = np.concatenate(served), np.concatenate(expected)
     assert np.isfinite(expected).mean() > 0.99  # real values, not NaN against NaN
     recursive = [SPEC.columns.index(c) for c in RECURSIVE]
@@ -285,7 +318,7 @@ def test_merged_context_answers_as_the_separate_tables_do(history, context):
     assert np.isnan(merged.asof(instants[:1])).all()
     # a table without data stays NaN; one table alone is left as it is
     with_gap = [tables[0], (("sh_none_x",), None), tables[-1]]
-    (gap_names, gap_events), = merge_events(with_gap)
+    ((gap_names, gap_events),) = merge_events(with_gap)
     assert np.isnan(gap_events.asof(instants)[:, len(tables[0][0])]).all()
     alone = tables[:1]
     assert merge_events(alone) is alone
@@ -347,8 +380,10 @@ def _reference_micro_features(candles: pd.DataFrame, cfg) -> pd.DataFrame:
     hour = (times.dt.hour + times.dt.minute / 60.0).to_numpy()
     dow = times.dt.dayofweek.to_numpy() + hour / 24.0
     out.update(
-        hour_sin=np.sin(2 * np.pi * hour / 24), hour_cos=np.cos(2 * np.pi * hour / 24),
-        dow_sin=np.sin(2 * np.pi * dow / 7), dow_cos=np.cos(2 * np.pi * dow / 7),
+        hour_sin=np.sin(2 * np.pi * hour / 24),
+        hour_cos=np.cos(2 * np.pi * hour / 24),
+        dow_sin=np.sin(2 * np.pi * dow / 7),
+        dow_cos=np.cos(2 * np.pi * dow / 7),
     )
     f = cfg.features
     for k in f.return_lags:

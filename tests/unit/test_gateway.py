@@ -14,7 +14,12 @@ from sofare.serving.schemas import MAX_ERROR_BYTES, BadRequest, Problems, error_
 class Stub:
     max_pending = 2
     max_pending_batches = 1
-    limits: ClassVar[dict[str, int]] = {"/predict": 1000, "/predict_batch": 1000, "/predict_latest": 1000, "/model_info": 1000}
+    limits: ClassVar[dict[str, int]] = {
+        "/predict": 1000,
+        "/predict_batch": 1000,
+        "/predict_latest": 1000,
+        "/model_info": 1000,
+    }
     openapi = b"{}"
     index = b"<html></html>"
 
@@ -29,12 +34,21 @@ class Stub:
         return b"{}"
 
 
-async def call(gateway: Gateway, method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None,
-               chunks: list[bytes] | None = None) -> tuple[int, dict[bytes, bytes], bytes]:
+async def call(
+    gateway: Gateway,
+    method: str,
+    path: str,
+    body: bytes = b"",
+    headers: dict[str, str] | None = None,
+    chunks: list[bytes] | None = None,
+) -> tuple[int, dict[bytes, bytes], bytes]:
     sent: list[dict[str, Any]] = []
     parts = chunks if chunks is not None else [body]
-    headers = {"content-type": "application/json", **({} if chunks is not None else {"content-length": str(len(body))}),
-               **(headers or {})}
+    headers = {
+        "content-type": "application/json",
+        **({} if chunks is not None else {"content-length": str(len(body))}),
+        **(headers or {}),
+    }
 
     async def receive() -> dict[str, Any]:
         part = parts.pop(0)
@@ -43,8 +57,12 @@ async def call(gateway: Gateway, method: str, path: str, body: bytes = b"", head
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
 
-    scope = {"type": "http", "method": method, "path": path,
-             "headers": [(k.encode(), v.encode()) for k, v in headers.items() if v is not None]}
+    scope = {
+        "type": "http",
+        "method": method,
+        "path": path,
+        "headers": [(k.encode(), v.encode()) for k, v in headers.items() if v is not None],
+    }
     await gateway(scope, receive, send)
     return sent[0]["status"], dict(sent[0]["headers"]), sent[1]["body"]
 
@@ -59,9 +77,12 @@ def gateway(stub: Stub | None = None, observed: list | None = None) -> Gateway:
     async def inner(scope: Any, receive: Any, send: Any) -> None:
         raise AssertionError("only probes reach BentoML")
 
-    return Gateway(inner, resolve=lambda: stub,
-                   observe=lambda endpoint, status, seconds: (observed if observed is not None else []).append((endpoint, status)),
-                   metrics=lambda: (b"m 1\n", "text/plain"))
+    return Gateway(
+        inner,
+        resolve=lambda: stub,
+        observe=lambda endpoint, status, seconds: (observed if observed is not None else []).append((endpoint, status)),
+        metrics=lambda: (b"m 1\n", "text/plain"),
+    )
 
 
 def window() -> bytes:
@@ -108,7 +129,10 @@ def test_routes_methods_and_media_types():
     assert run(g, "GET", "/predict")[0] == 405
     assert run(g, "POST", "/predict", window(), headers={"content-type": "text/plain"})[0] == 415
     assert run(g, "POST", "/predict", b"{", headers={})[0] == 400
-    assert run(g, "GET", "/model_info")[0] == 200 and run(g, "POST", "/model_info", b"", headers={"content-type": None})[0] == 200
+    assert (
+        run(g, "GET", "/model_info")[0] == 200
+        and run(g, "POST", "/model_info", b"", headers={"content-type": None})[0] == 200
+    )
     assert [e for e, _ in observed] == ["other", "/predict", "/predict", "/predict", "/model_info", "/model_info"]
 
 
@@ -138,7 +162,11 @@ def test_the_error_body_is_capped_whatever_the_problems():
     except BadRequest as exc:
         body = error_body(exc)
     error = json.loads(body)["error"]
-    assert len(body) <= MAX_ERROR_BYTES and len(error["details"]) <= 20 and error["truncated"] == 5000 - len(error["details"])
+    assert (
+        len(body) <= MAX_ERROR_BYTES
+        and len(error["details"]) <= 20
+        and error["truncated"] == 5000 - len(error["details"])
+    )
 
 
 class _Timeout:

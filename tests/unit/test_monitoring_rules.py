@@ -3,7 +3,7 @@ minimum samples and the cool-down."""
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import pandas as pd
@@ -13,7 +13,6 @@ from sofare.config import load_config
 from sofare.contracts import DriftResult, LiveQuality, LiveScore, ServiceHealth
 from sofare.monitoring import outcomes, policy, quality
 
-UTC = timezone.utc
 H = timedelta(hours=1)
 T0 = datetime(2025, 6, 1, tzinfo=UTC)
 
@@ -32,8 +31,14 @@ def _closes(n: int, missing: tuple[int, ...] = ()) -> pd.Series:
 
 
 def _pending(as_of: list[datetime], prob: float = 0.7, horizon: int = 1) -> pd.DataFrame:
-    return pd.DataFrame({"prediction_id": [f"p{k}" for k in range(len(as_of))], "as_of": as_of,
-                         "horizon": [horizon] * len(as_of), "prob_up": [prob] * len(as_of)})
+    return pd.DataFrame(
+        {
+            "prediction_id": [f"p{k}" for k in range(len(as_of))],
+            "as_of": as_of,
+            "horizon": [horizon] * len(as_of),
+            "prob_up": [prob] * len(as_of),
+        }
+    )
 
 
 def test_an_outcome_is_the_log_return_to_the_close_horizon_bars_later():
@@ -74,14 +79,26 @@ def test_live_scores_sit_beside_persistence_and_always_up_on_the_same_hours():
     assert calibrated == pytest.approx(0.0)
 
 
-def _q(version: str, variant: str, window: str, vs: tuple[float, float, float] | None = None,
-       status: str = "ok") -> LiveQuality:
+def _q(
+    version: str, variant: str, window: str, vs: tuple[float, float, float] | None = None, status: str = "ok"
+) -> LiveQuality:
     extra = {}
     if vs is not None:
-        extra = {"accuracy": LiveScore(value=0.4, ci_low=0.35, ci_high=0.45),
-                 "vs_persistence": LiveScore(value=vs[0], ci_low=vs[1], ci_high=vs[2])}
-    return LiveQuality(model_version=version, variant=variant, window=window, start="s", end="e",
-                       n=200 if status == "ok" else 5, pending=0, status=status, **extra)
+        extra = {
+            "accuracy": LiveScore(value=0.4, ci_low=0.35, ci_high=0.45),
+            "vs_persistence": LiveScore(value=vs[0], ci_low=vs[1], ci_high=vs[2]),
+        }
+    return LiveQuality(
+        model_version=version,
+        variant=variant,
+        window=window,
+        start="s",
+        end="e",
+        n=200 if status == "ok" else 5,
+        pending=0,
+        status=status,
+        **extra,
+    )
 
 
 def test_quality_below_persistence_retrains_or_rolls_back_the_change_at_fault(cfg):
@@ -92,29 +109,47 @@ def test_quality_below_persistence_retrains_or_rolls_back_the_change_at_fault(cf
     assert policy.quality_findings(cfg, [_q("3", "stable", "7d", (-0.05, -0.1, 0.01))], set()) == []  # CI spans 0
     assert policy.quality_findings(cfg, [_q("3", "stable", "7d", status="insufficient")], set()) == []
     # the longest window with enough outcomes is the one judged
-    longest = policy.quality_findings(cfg, [_q("3", "stable", "24h", worse), _q("3", "stable", "7d", (0, -0.05, 0.05))],
-                                      set())
+    longest = policy.quality_findings(
+        cfg, [_q("3", "stable", "24h", worse), _q("3", "stable", "7d", (0, -0.05, 0.05))], set()
+    )
     assert longest == []
 
 
 def test_drift_and_error_rules_respect_thresholds_and_minimum_samples(cfg):
     def drift(share: float, slow: float = 0.0) -> DriftResult:
-        return DriftResult(status="ok", model_version="3", columns=10, drifted_columns=round(share * 10), share=share,
-                           drifted=("a",), shares={"micro": share, "macro": slow})
+        return DriftResult(
+            status="ok",
+            model_version="3",
+            columns=10,
+            drifted_columns=round(share * 10),
+            share=share,
+            drifted=("a",),
+            shares={"micro": share, "macro": slow},
+        )
 
-    levels = [[(f.severity, f.action) for f in policy.drift_findings(cfg, drift(s))] for s in (0.1, 0.2, 0.35, 0.5, 1.0)]
+    levels = [
+        [(f.severity, f.action) for f in policy.drift_findings(cfg, drift(s))] for s in (0.1, 0.2, 0.35, 0.5, 1.0)
+    ]
     assert levels == [[], [("low", "none")], [("medium", "alert")], [("high", "retrain")], [("high", "retrain")]]
     slow = policy.drift_findings(cfg, drift(0.0, slow=1.0))  # a week of monthly values: recorded, never acted on
     assert [(f.severity, f.action) for f in slow] == [("low", "none")] and "recorded" in slow[0].message
     assert policy.drift_findings(cfg, DriftResult(status="insufficient", current_rows=3)) == []
 
     def health(rate: float, requests: float = 1000, variant: str = "canary") -> ServiceHealth:
-        return ServiceHealth(variant=variant, model_version="4", requests=requests, server_errors=rate * requests,
-                             error_rate=rate, p95_ms=10.0)
+        return ServiceHealth(
+            variant=variant,
+            model_version="4",
+            requests=requests,
+            server_errors=rate * requests,
+            error_rate=rate,
+            p95_ms=10.0,
+        )
 
     assert policy.error_findings(cfg, [health(0.5, requests=10)], {"4"}) == []  # too few requests
     assert policy.error_findings(cfg, [health(0.001)], {"4"}) == []
-    assert [(f.severity, f.action) for f in policy.error_findings(cfg, [health(0.3)], {"4"})] == [("critical", "rollback")]
+    assert [(f.severity, f.action) for f in policy.error_findings(cfg, [health(0.3)], {"4"})] == [
+        ("critical", "rollback")
+    ]
     assert [(f.severity, f.action) for f in policy.error_findings(cfg, [health(0.3)], set())] == [("high", "alert")]
     assert [(f.severity, f.action) for f in policy.error_findings(cfg, [health(0.02)], set())] == [("medium", "alert")]
 
@@ -127,8 +162,9 @@ def test_the_cool_down_holds_an_action_back_and_says_why(cfg):
     held = policy.decide(cfg, at + H, finding, [{"at": at, "action": "retrain"}], None)
     assert (held.severity, held.wanted, held.action) == ("high", "retrain", "none")
     assert "cool-down" in held.reason and at.isoformat() in held.cooldown
-    later = policy.decide(cfg, at + timedelta(hours=cfg.monitoring.cooldown_hours) + H, finding,
-                          [{"at": at, "action": "retrain"}], None)
+    later = policy.decide(
+        cfg, at + timedelta(hours=cfg.monitoring.cooldown_hours) + H, finding, [{"at": at, "action": "retrain"}], None
+    )
     assert later.action == "retrain"
     # a different action is not held back by the cool-down of another
     assert policy.decide(cfg, at + H, finding, [{"at": at, "action": "alert"}], None).action == "retrain"

@@ -26,12 +26,30 @@ NGINX_TEMPLATE = DOCKER / "nginx" / "templates" / "default.conf.template"
 SPLIT_SCRIPT = DOCKER / "nginx" / "15-sofare-split.envsh"
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 
-LONG_RUNNING = {"postgres", "redis", "airflow-apiserver", "airflow-scheduler", "airflow-dag-processor",
-                "airflow-triggerer", "airflow-worker", "mlflow", "serving-stable", "serving-canary", "frontdoor",
-                "prometheus", "grafana"}
+LONG_RUNNING = {
+    "postgres",
+    "redis",
+    "airflow-apiserver",
+    "airflow-scheduler",
+    "airflow-dag-processor",
+    "airflow-triggerer",
+    "airflow-worker",
+    "mlflow",
+    "serving-stable",
+    "serving-canary",
+    "frontdoor",
+    "prometheus",
+    "grafana",
+}
 ONE_SHOT = {"airflow-init"}
-AIRFLOW = {"airflow-init", "airflow-apiserver", "airflow-scheduler", "airflow-dag-processor", "airflow-triggerer",
-           "airflow-worker"}
+AIRFLOW = {
+    "airflow-init",
+    "airflow-apiserver",
+    "airflow-scheduler",
+    "airflow-dag-processor",
+    "airflow-triggerer",
+    "airflow-worker",
+}
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +74,7 @@ def _mounts(service: dict) -> dict[str, str]:
 
 # -- the compose file -------------------------------------------------------------------------------------------------
 
+
 def test_compose_file_is_valid_against_the_compose_spec(compose):
     schema = json.loads((ROOT / "tests" / "fixtures" / "compose-spec.json").read_text())
     jsonschema.Draft7Validator.check_schema(schema)
@@ -69,16 +88,25 @@ def test_compose_config_accepts_the_file_when_a_compose_binary_exists(tmp_path):
     `make test`); nothing is installed by a test, so a machine set up another way skips with the reason."""
     command = None
     docker = shutil.which("docker")
-    if docker and subprocess.run([docker, "compose", "version"], capture_output=True, timeout=20,
-                                 check=False).returncode == 0:
+    if (
+        docker
+        and subprocess.run([docker, "compose", "version"], capture_output=True, timeout=20, check=False).returncode == 0
+    ):
         command = [docker, "compose"]
     elif shutil.which("docker-compose"):
         command = [shutil.which("docker-compose")]
     if command is None:
         pytest.skip("no `docker compose` plugin and no docker-compose binary: validated against the JSON schema only")
     env = {**os.environ, "FRED_API_KEY": "test-key"}
-    done = subprocess.run([*command, "-f", str(COMPOSE_FILE), "config", "-q"], capture_output=True, text=True,
-                          env=env, cwd=tmp_path, timeout=60, check=False)
+    done = subprocess.run(
+        [*command, "-f", str(COMPOSE_FILE), "config", "-q"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=60,
+        check=False,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
 
 
@@ -115,8 +143,13 @@ def test_ports_are_published_on_loopback_only(services):
         for port in service.get("ports", []):
             assert isinstance(port, str) and port.startswith("127.0.0.1:"), f"{name} publishes {port!r}"
             published[name] = port.rsplit(":", 1)[1]
-    assert published == {"airflow-apiserver": "8080", "mlflow": "5000", "frontdoor": "8000", "prometheus": "9090",
-                         "grafana": "3000"}
+    assert published == {
+        "airflow-apiserver": "8080",
+        "mlflow": "5000",
+        "frontdoor": "8000",
+        "prometheus": "9090",
+        "grafana": "3000",
+    }
 
 
 def test_compose_file_wires_celery_postgres_and_the_warehouse_connection(services):
@@ -148,8 +181,15 @@ def test_secrets_come_from_the_environment_with_documented_defaults():
     used = set(re.findall(r"(?<!\$)\$\{([A-Z_][A-Z0-9_]*)[:?}-]", text))  # $${X}: the container's own
     for name in used:
         assert name in header, f"{name} is used but not documented in the header"
-    for secret in ("POSTGRES_PASSWORD", "SOFARE_DB_PASSWORD", "AIRFLOW_FERNET_KEY", "AIRFLOW_API_SECRET_KEY",
-                   "AIRFLOW_JWT_SECRET", "_AIRFLOW_WWW_USER_PASSWORD", "GRAFANA_ADMIN_PASSWORD"):
+    for secret in (
+        "POSTGRES_PASSWORD",
+        "SOFARE_DB_PASSWORD",
+        "AIRFLOW_FERNET_KEY",
+        "AIRFLOW_API_SECRET_KEY",
+        "AIRFLOW_JWT_SECRET",
+        "_AIRFLOW_WWW_USER_PASSWORD",
+        "GRAFANA_ADMIN_PASSWORD",
+    ):
         assert secret in used
     # no password written into the file except through a ${VAR:-default}
     assert not re.search(r"//\w+:(?!\$\{)\w+@", text), "a connection URL with a literal password"
@@ -183,8 +223,11 @@ def test_serving_variants_run_the_bento_image_with_their_variant(services):
 def test_compose_overrides_are_valid_config(services):
     env = {k: str(v) for k, v in services["airflow-worker"]["environment"].items() if k.startswith("SOFARE_")}
     cfg = load_config(env=env)
-    assert (cfg.ingest.sources.candles, cfg.ingest.sources.safe_haven, cfg.ingest.sources.macro) == \
-        ("binance", "yfinance", "fred")
+    assert (cfg.ingest.sources.candles, cfg.ingest.sources.safe_haven, cfg.ingest.sources.macro) == (
+        "binance",
+        "yfinance",
+        "fred",
+    )
     assert cfg.mlflow_tracking_uri == "http://mlflow:5000"
     for name in ("serving-stable", "serving-canary"):
         env = {k: str(v) for k, v in services[name]["environment"].items() if k.startswith("SOFARE_")}
@@ -194,11 +237,17 @@ def test_compose_overrides_are_valid_config(services):
 
 # -- the front door (nginx) -------------------------------------------------------------------------------------------
 
+
 def _split_lines(weight: str) -> subprocess.CompletedProcess:
     """Source the image's envsh hook the way /docker-entrypoint.sh does, and print what it exported."""
-    return subprocess.run(["sh", "-c", f'. "{SPLIT_SCRIPT}" && printf "%s" "$SOFARE_SPLIT_LINES"'],
-                          env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "SOFARE_CANARY_WEIGHT": weight},
-                          capture_output=True, text=True, timeout=20, check=False)
+    return subprocess.run(
+        ["sh", "-c", f'. "{SPLIT_SCRIPT}" && printf "%s" "$SOFARE_SPLIT_LINES"'],
+        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "SOFARE_CANARY_WEIGHT": weight},
+        capture_output=True,
+        text=True,
+        timeout=20,
+        check=False,
+    )
 
 
 def _render(weight: str) -> str:
@@ -207,8 +256,9 @@ def _render(weight: str) -> str:
     done = _split_lines(weight)
     assert done.returncode == 0, done.stderr
     env = {"SOFARE_CANARY_WEIGHT": weight, "SOFARE_SPLIT_LINES": done.stdout}
-    return re.sub(r"\$(?:\{(SOFARE_\w+)\}|(SOFARE_\w+))",
-                  lambda m: env.get(m[1] or m[2], m[0]), NGINX_TEMPLATE.read_text())
+    return re.sub(
+        r"\$(?:\{(SOFARE_\w+)\}|(SOFARE_\w+))", lambda m: env.get(m[1] or m[2], m[0]), NGINX_TEMPLATE.read_text()
+    )
 
 
 def _nginx_test(conf_d: str, prefix: Path) -> subprocess.CompletedProcess:
@@ -244,8 +294,13 @@ http {{
 }}
 """
     (prefix / "nginx.conf").write_text(main)
-    return subprocess.run([NGINX, "-t", "-p", f"{prefix}/", "-c", str(prefix / "nginx.conf")],
-                          capture_output=True, text=True, timeout=30, check=False)
+    return subprocess.run(
+        [NGINX, "-t", "-p", f"{prefix}/", "-c", str(prefix / "nginx.conf")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
 
 
 def test_frontdoor_mounts_the_template_and_the_split_hook(services):
@@ -260,13 +315,16 @@ def test_frontdoor_mounts_the_template_and_the_split_hook(services):
     assert door["healthcheck"]["test"][-1] == "http://localhost:8000/frontdoor/healthz"
 
 
-@pytest.mark.parametrize(("weight", "lines"), [
-    ("0", ["*  stable;"]),
-    ("0.1", ["10.00%  canary;", "*  stable;"]),
-    ("0.00001", ["0.01%  canary;", "*  stable;"]),
-    ("0.99999", ["99.99%  canary;", "*  stable;"]),
-    ("1", ["*  canary;"]),
-])
+@pytest.mark.parametrize(
+    ("weight", "lines"),
+    [
+        ("0", ["*  stable;"]),
+        ("0.1", ["10.00%  canary;", "*  stable;"]),
+        ("0.00001", ["0.01%  canary;", "*  stable;"]),
+        ("0.99999", ["99.99%  canary;", "*  stable;"]),
+        ("1", ["*  canary;"]),
+    ],
+)
 def test_split_hook_renders_what_the_embedded_front_door_renders(weight, lines):
     from sofare.deploy.frontdoor import _split_lines as embedded
 
@@ -286,7 +344,7 @@ def test_frontdoor_config_routes_like_the_embedded_front_door():
     assert re.search(r"map \$http_x_client_id \$sofare_split_key", text)
     assert 'split_clients "${sofare_split_key}" $sofare_split_variant' in text and "25.00%  canary;" in text
     assert re.search(r"map \$http_x_variant \$sofare_variant \{\s*stable\s+stable;\s*canary\s+canary;", text)
-    canary = re.search(r"upstream sofare_canary \{(.*?)\}", text, re.S)[1]
+    canary = re.search(r"upstream sofare_canary \{(.*?)\}", text, re.DOTALL)[1]
     assert "serving-canary:3001" in canary and re.search(r"serving-stable:3000 [^;]*\bbackup;", canary)
     assert "proxy_next_upstream error timeout http_502 http_503 non_idempotent;" in text
     assert "add_header X-Served-By $sofare_served_by always;" in text
@@ -301,6 +359,7 @@ def test_frontdoor_config_passes_nginx_t(weight, tmp_path):
 
 
 # -- Prometheus and Grafana -------------------------------------------------------------------------------------------
+
 
 def test_prometheus_config_is_mounted_and_scrapes_serving_and_airflow(services):
     assert _mounts(services["prometheus"])["/etc/prometheus/prometheus.yml"] == "docker/prometheus/prometheus.yml"
@@ -319,15 +378,23 @@ def test_prometheus_config_passes_promtool():
     promtool = shutil.which("promtool")
     if promtool is None:
         pytest.skip("promtool is not installed (scripts/system-deps.sh installs it): config checked as YAML only")
-    done = subprocess.run([promtool, "check", "config", str(DOCKER / "prometheus" / "prometheus.yml")],
-                          capture_output=True, text=True, timeout=60, check=False)
+    done = subprocess.run(
+        [promtool, "check", "config", str(DOCKER / "prometheus" / "prometheus.yml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
 
 
 def _exported_metric_names() -> str:
     """Every metric name the project defines, as text: the package, the bento's service and the Airflow plugin."""
-    files = [*(ROOT / "include" / "sofare").rglob("*.py"), *(ROOT / "bentos" / "sofare").glob("*.py"),
-             *(ROOT / "plugins").glob("*.py")]
+    files = [
+        *(ROOT / "include" / "sofare").rglob("*.py"),
+        *(ROOT / "bentos" / "sofare").glob("*.py"),
+        *(ROOT / "plugins").glob("*.py"),
+    ]
     return "\n".join(path.read_text() for path in files)
 
 
@@ -337,8 +404,11 @@ def test_grafana_dashboard_queries_metrics_the_project_exports():
     exprs = [t["expr"] for p in panels for t in p.get("targets", [])]
     exprs += [v["definition"] for v in dashboard["templating"]["list"] if v["type"] == "query"]
     assert exprs and all(exprs)
-    names = {re.sub(r"_(bucket|count|sum|total)$", "", name)
-             for expr in exprs for name in re.findall(r"\b(?:sofare|bentoml)_[a-z0-9_]+", expr)}
+    names = {
+        re.sub(r"_(bucket|count|sum|total)$", "", name)
+        for expr in exprs
+        for name in re.findall(r"\b(?:sofare|bentoml)_[a-z0-9_]+", expr)
+    }
     assert {"sofare_live_accuracy", "bentoml_service_request", "bentoml_service_request_duration_seconds"} <= names
     source = _exported_metric_names()
     missing = sorted(n for n in names if not re.search(rf"\b{n}(?:_total)?\b", source))

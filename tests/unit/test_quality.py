@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 
 import numpy as np
 import pandas as pd
@@ -12,7 +12,6 @@ from sofare.data import quality
 from sofare.data.sources.base import MalformedDataError
 
 HOUR = timedelta(hours=1)
-UTC = timezone.utc
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +34,10 @@ def test_gap_edges_inside_requested_interval():
     times = [datetime(2024, 1, 1, h, tzinfo=UTC) for h in (2, 3, 6)]
     gaps = quality.candle_gaps(times, HOUR, datetime(2024, 1, 1, tzinfo=UTC), datetime(2024, 1, 1, 9, tzinfo=UTC))
     assert [(g.first_missing.hour, g.last_missing.hour, g.missing) for g in gaps] == [(0, 1, 2), (4, 5, 2), (7, 8, 2)]
-    assert quality.candle_gaps([], HOUR, datetime(2024, 1, 1, tzinfo=UTC), datetime(2024, 1, 1, 3, tzinfo=UTC))[0].missing == 3
+    assert (
+        quality.candle_gaps([], HOUR, datetime(2024, 1, 1, tzinfo=UTC), datetime(2024, 1, 1, 3, tzinfo=UTC))[0].missing
+        == 3
+    )
 
 
 def test_date_gaps_ignore_weekends_but_report_long_runs():
@@ -45,8 +47,16 @@ def test_date_gaps_ignore_weekends_but_report_long_runs():
 
 
 def _bar(**overrides):
-    row = {"open_time": "2024-01-01 00:00:00+00:00", "open": 10.0, "high": 12.0, "low": 9.0, "close": 11.0,
-           "volume": 5.0, "quote_volume": 50.0, "trade_count": 7}
+    row = {
+        "open_time": "2024-01-01 00:00:00+00:00",
+        "open": 10.0,
+        "high": 12.0,
+        "low": 9.0,
+        "close": 11.0,
+        "volume": 5.0,
+        "quote_volume": 50.0,
+        "trade_count": 7,
+    }
     row.update(overrides)
     return pd.DataFrame([row])
 
@@ -83,8 +93,9 @@ def test_exact_repeats_are_collapsed_but_conflicting_rows_rejected():
 
 
 def test_safe_haven_and_macro_checks():
-    bars = pd.DataFrame([{"ticker": "GC=F", "date": "2024-01-02", "open": 1.0, "high": 1.0, "low": 1.0,
-                          "close": 1.0, "volume": None}])
+    bars = pd.DataFrame(
+        [{"ticker": "GC=F", "date": "2024-01-02", "open": 1.0, "high": 1.0, "low": 1.0, "close": 1.0, "volume": None}]
+    )
     assert quality.check_safe_haven(bars, "t")["volume"].isna().all()  # flat bars and missing volume are real
     with pytest.raises(MalformedDataError, match="date value"):
         quality.check_safe_haven(bars.assign(date="not a date"), "t")

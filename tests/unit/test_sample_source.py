@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pandas as pd
 import pytest
@@ -12,13 +12,16 @@ from sofare.data.sources import SourceError, get_source
 from sofare.data.sources.base import CANDLE_COLUMNS, MACRO_COLUMNS, SAFE_HAVEN_COLUMNS, FetchRequest
 
 CFG = load_config(env={})
-UTC = timezone.utc
 SRC = get_source("sample", CFG)
 
 
 def _req(modality: str, start: str, end: str, **kw) -> FetchRequest:
-    return FetchRequest(modality, datetime.fromisoformat(start).replace(tzinfo=UTC),
-                        datetime.fromisoformat(end).replace(tzinfo=UTC), **kw)
+    return FetchRequest(
+        modality,
+        datetime.fromisoformat(start).replace(tzinfo=UTC),
+        datetime.fromisoformat(end).replace(tzinfo=UTC),
+        **kw,
+    )
 
 
 def test_candles_are_exactly_the_requested_half_open_interval():
@@ -37,7 +40,8 @@ def test_minute_file_and_coarser_intervals_from_complete_buckets_only():
     hourly = SRC.fetch(_req("candles", "2023-03-24", "2023-03-25", symbol="BTCUSDT", interval="1h"))
     first = hourly.head(4)
     assert four.iloc[0][["open", "high", "low", "close", "volume"]].tolist() == pytest.approx(
-        [first["open"].iloc[0], first["high"].max(), first["low"].min(), first["close"].iloc[-1], first["volume"].sum()])
+        [first["open"].iloc[0], first["high"].max(), first["low"].min(), first["close"].iloc[-1], first["volume"].sum()]
+    )
 
 
 def test_unknown_symbol_or_series_is_a_clear_error():

@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 
 from sofare import tasks
 
-UTC = timezone.utc
-
 
 def test_manual_params_win_and_cover_inclusive_days():
-    windows = tasks.validation_windows({"start": "2024-01-01", "end": "2024-01-03"},
-                                       datetime(2024, 5, 1, tzinfo=UTC), datetime(2024, 5, 2, tzinfo=UTC),
-                                       [{"start": "2024-06-01T00:00:00+00:00", "end": "2024-06-02T00:00:00+00:00"}])
+    windows = tasks.validation_windows(
+        {"start": "2024-01-01", "end": "2024-01-03"},
+        datetime(2024, 5, 1, tzinfo=UTC),
+        datetime(2024, 5, 2, tzinfo=UTC),
+        [{"start": "2024-06-01T00:00:00+00:00", "end": "2024-06-02T00:00:00+00:00"}],
+    )
     assert windows == [{"start": "2024-01-01T00:00:00+00:00", "end": "2024-01-04T00:00:00+00:00"}]
 
 
@@ -33,7 +34,8 @@ def test_asset_events_are_merged_where_they_touch_and_kept_apart_otherwise():
 
 def test_a_scheduled_run_covers_its_data_interval():
     assert tasks.validation_windows({}, datetime(2024, 3, 1, tzinfo=UTC), datetime(2024, 3, 2, tzinfo=UTC)) == [
-        {"start": "2024-03-01T00:00:00+00:00", "end": "2024-03-02T00:00:00+00:00"}]
+        {"start": "2024-03-01T00:00:00+00:00", "end": "2024-03-02T00:00:00+00:00"}
+    ]
 
 
 def test_nothing_to_validate_is_a_clear_error():

@@ -18,18 +18,28 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def send(cfg: Config, source: str, severity: str, message: str, details: dict[str, Any] | None = None) -> dict[str, Any]:
+def send(
+    cfg: Config, source: str, severity: str, message: str, details: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Record and deliver one alert; returns what was recorded."""
     import pandas as pd
 
-    alert = {"alert_id": uuid.uuid4().hex, "raised_at": pd.Timestamp.now(tz="UTC"), "source": source,
-             "severity": severity, "message": message, "details": json.dumps(details or {}, default=str)}
+    alert = {
+        "alert_id": uuid.uuid4().hex,
+        "raised_at": pd.Timestamp.now(tz="UTC"),
+        "source": source,
+        "severity": severity,
+        "message": message,
+        "details": json.dumps(details or {}, default=str),
+    }
     delivered = False
     if cfg.alerts.webhook_url:
-        body = json.dumps({**alert, "raised_at": alert["raised_at"].isoformat(), "details": details or {}},
-                          default=str).encode()
-        request = urllib.request.Request(cfg.alerts.webhook_url, data=body, method="POST",
-                                         headers={"Content-Type": "application/json"})
+        body = json.dumps(
+            {**alert, "raised_at": alert["raised_at"].isoformat(), "details": details or {}}, default=str
+        ).encode()
+        request = urllib.request.Request(
+            cfg.alerts.webhook_url, data=body, method="POST", headers={"Content-Type": "application/json"}
+        )
         try:
             with urllib.request.urlopen(request, timeout=cfg.alerts.timeout_seconds) as response:
                 delivered = 200 <= response.status < 300

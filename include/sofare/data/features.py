@@ -39,12 +39,35 @@ if TYPE_CHECKING:
 FEATURE_CODE_VERSION = "2"
 
 MICRO_FIXED = (
-    "log_ret_1", "hl_range", "oc_body", "parkinson_24",
-    "rsi_14", "macd", "macd_signal", "macd_hist", "bb_pctb", "bb_width",
-    "sma_ratio_7", "sma_ratio_25", "sma_ratio_99", "ema_ratio_12", "ema_ratio_26",
-    "atr_pct_14", "obv_flow_14", "stoch_k", "stoch_d", "willr_14", "cci_20", "adx_14", "mfi_14",
-    "log_volume", "volume_ratio_24",
-    "hour_sin", "hour_cos", "dow_sin", "dow_cos",
+    "log_ret_1",
+    "hl_range",
+    "oc_body",
+    "parkinson_24",
+    "rsi_14",
+    "macd",
+    "macd_signal",
+    "macd_hist",
+    "bb_pctb",
+    "bb_width",
+    "sma_ratio_7",
+    "sma_ratio_25",
+    "sma_ratio_99",
+    "ema_ratio_12",
+    "ema_ratio_26",
+    "atr_pct_14",
+    "obv_flow_14",
+    "stoch_k",
+    "stoch_d",
+    "willr_14",
+    "cci_20",
+    "adx_14",
+    "mfi_14",
+    "log_volume",
+    "volume_ratio_24",
+    "hour_sin",
+    "hour_cos",
+    "dow_sin",
+    "dow_cos",
 )
 SAFE_HAVEN_PARTS = ("ret1", "ret5", "vol20", "z20")
 TARGET_COLUMNS = ("target_return", "target_up")
@@ -309,13 +332,23 @@ def safe_haven_events(bars: pd.DataFrame, cfg: Config) -> EventTables:
         log_close = np.log(close)
         ret1 = log_close.diff()
         mean20, std20 = close.rolling(20).mean(), close.rolling(20).std()
-        tables.append((names, Events.of(pd.DataFrame({
-            "known_at": pd.to_datetime(own["known_at"], utc=True).array,
-            names[0]: ret1,
-            names[1]: log_close - log_close.shift(5),
-            names[2]: ret1.rolling(20).std(),
-            names[3]: _safe_div((close - mean20).to_numpy(), std20.to_numpy(), 0.0),
-        }), names)))
+        tables.append(
+            (
+                names,
+                Events.of(
+                    pd.DataFrame(
+                        {
+                            "known_at": pd.to_datetime(own["known_at"], utc=True).array,
+                            names[0]: ret1,
+                            names[1]: log_close - log_close.shift(5),
+                            names[2]: ret1.rolling(20).std(),
+                            names[3]: _safe_div((close - mean20).to_numpy(), std20.to_numpy(), 0.0),
+                        }
+                    ),
+                    names,
+                ),
+            )
+        )
     return tables
 
 

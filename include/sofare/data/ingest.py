@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from sofare.config import interval_delta
@@ -70,17 +70,24 @@ class LoadResult:
         """Why an interval loaded nothing, in words (a green run with 0 rows must not look like success)."""
         if self.rows or self.history:
             return ""
-        why = (" — the embedded sample is a fixed history (include/sample_data/SOURCES.md): backfill inside it, or "
-               "configure a live source in ingest.sources") if self.source == "sample" else \
-            " — the source published nothing for it yet (weekend/holiday for daily markets, a release calendar for macro)"
+        why = (
+            (
+                " — the embedded sample is a fixed history (include/sample_data/SOURCES.md): backfill inside it, or "
+                "configure a live source in ingest.sources"
+            )
+            if self.source == "sample"
+            else " — the source published nothing for it yet (weekend/holiday for daily markets, a release calendar for macro)"
+        )
         return f"no rows: {self.source} has no {self.modality} for this interval{why}"
 
     def __str__(self) -> str:
         gaps = f", {len(self.gaps)} gap(s): " + "; ".join(map(str, self.gaps)) if self.gaps else ""
         note = f" ({self.note})" if self.note else ""
         context = f"; {self.context}" if self.context else ""
-        return (f"{self.modality} from {self.source} [{self.start:%Y-%m-%d %H:%M} .. {self.end:%Y-%m-%d %H:%M}): "
-                f"{self.rows} rows{gaps}{note}{context}")
+        return (
+            f"{self.modality} from {self.source} [{self.start:%Y-%m-%d %H:%M} .. {self.end:%Y-%m-%d %H:%M}): "
+            f"{self.rows} rows{gaps}{note}{context}"
+        )
 
 
 @dataclass
@@ -96,12 +103,18 @@ class Context:
     written: int
 
     def to_dict(self) -> dict[str, Any]:
-        return {"start": self.start.isoformat(), "end": self.end.isoformat(), "rows": self.rows,
-                "written": self.written}
+        return {
+            "start": self.start.isoformat(),
+            "end": self.end.isoformat(),
+            "rows": self.rows,
+            "written": self.written,
+        }
 
     def __str__(self) -> str:
-        return (f"fetched with its context [{self.start:%Y-%m-%d %H:%M} .. {self.end:%Y-%m-%d %H:%M}): {self.rows} "
-                f"rows around the interval, {self.written} of them new")
+        return (
+            f"fetched with its context [{self.start:%Y-%m-%d %H:%M} .. {self.end:%Y-%m-%d %H:%M}): {self.rows} "
+            f"rows around the interval, {self.written} of them new"
+        )
 
 
 def utc(moment: datetime | date | str) -> datetime:
@@ -111,9 +124,9 @@ def utc(moment: datetime | date | str) -> datetime:
     if not isinstance(moment, datetime):
         moment = datetime(moment.year, moment.month, moment.day)
     if moment.tzinfo is not None:
-        moment = moment.astimezone(timezone.utc)
+        moment = moment.astimezone(UTC)
     # a plain datetime, whatever came in (Airflow hands out pendulum DateTimes pandas cannot compare)
-    return datetime(*moment.timetuple()[:6], moment.microsecond, tzinfo=timezone.utc)
+    return datetime(*moment.timetuple()[:6], moment.microsecond, tzinfo=UTC)
 
 
 def day_range(start: date | str, end: date | str) -> tuple[datetime, datetime]:
@@ -158,21 +171,32 @@ def _prepare_safe_haven(raw: pd.DataFrame, req: FetchRequest, source: str, cfg: 
     first, last = trading_dates(req.start, req.end)
     rows = quality.check_safe_haven(raw, what)
     rows = rows[(rows["date"] >= first) & (rows["date"] < last)]
-    rows = _per_key(rows, "ticker", cfg.safe_haven.tickers, what,
-                    lambda ticker, part: safe_haven_known_at(cfg, ticker, part["date"]))
+    rows = _per_key(
+        rows,
+        "ticker",
+        cfg.safe_haven.tickers,
+        what,
+        lambda ticker, part: safe_haven_known_at(cfg, ticker, part["date"]),
+    )
     return rows.assign(source=source)
 
 
 def _prepare_macro(raw: pd.DataFrame, req: FetchRequest, source: str, cfg: Config) -> pd.DataFrame:
     what = f"{source} macro observations known in [{req.start:%Y-%m-%d}, {req.end:%Y-%m-%d})"
-    rows = _per_key(quality.check_macro(raw, what), "series_id", cfg.macro.series, what,
-                    lambda series, part: macro_known_at(cfg, series, part["observation_date"], part["realtime_start"]))
+    rows = _per_key(
+        quality.check_macro(raw, what),
+        "series_id",
+        cfg.macro.series,
+        what,
+        lambda series, part: macro_known_at(cfg, series, part["observation_date"], part["realtime_start"]),
+    )
     rows = rows[(rows["known_at"] >= req.start) & (rows["known_at"] < req.end)]
     return rows.assign(source=source).drop(columns="realtime_start")
 
 
-def feature_inputs(cfg: Config, modality: str, start: datetime, end: datetime,
-                   interval: str) -> tuple[datetime, datetime]:
+def feature_inputs(
+    cfg: Config, modality: str, start: datetime, end: datetime, interval: str
+) -> tuple[datetime, datetime]:
     """[lo, hi): the rows of `modality` that `materialize_features` may read for the interval [start, end), in
     the modality's own time (candle open time, trading date at UTC midnight, macro known_at):
 
@@ -189,7 +213,7 @@ def feature_inputs(cfg: Config, modality: str, start: datetime, end: datetime,
         return warm, end
     if modality == "safe_haven":
         first = (warm - timedelta(days=cfg.features.daily_context_days)).date()
-        return datetime(first.year, first.month, first.day, tzinfo=timezone.utc), end
+        return datetime(first.year, first.month, first.day, tzinfo=UTC), end
     if modality == "macro":
         return warm - timedelta(days=cfg.features.macro_context_days), end + delta
     raise InputError(f"unknown modality {modality!r}; expected one of {', '.join(MODALITIES)}")
@@ -244,8 +268,13 @@ def load_interval(
         around = feature_inputs(cfg, modality, start, end, interval)
         lo, hi = min(start, around[0]), max(end, around[1])
     req = FetchRequest(
-        modality, lo, hi, symbol=symbol, interval=interval,
-        tickers=tuple(cfg.safe_haven.tickers), series=tuple(cfg.macro.series),
+        modality,
+        lo,
+        hi,
+        symbol=symbol,
+        interval=interval,
+        tickers=tuple(cfg.safe_haven.tickers),
+        series=tuple(cfg.macro.series),
     )
     raw = src.fetch(req)  # raises on a source failure: nothing has been written
     table, _ = warehouse.RAW_TABLES[modality]
@@ -268,14 +297,27 @@ def load_interval(
             warehouse.upsert(conn, table, new)
             if len(new):
                 times = _times(modality, new)
-                warehouse.invalidate(conn, suite, scope, times.min().to_pydatetime(),
-                                     times.max().to_pydatetime() + timedelta(microseconds=1))
+                warehouse.invalidate(
+                    conn,
+                    suite,
+                    scope,
+                    times.min().to_pydatetime(),
+                    times.max().to_pydatetime() + timedelta(microseconds=1),
+                )
     gaps: list[quality.Gap] = []
     if modality == "candles" and not history:
-        horizon = min(end, datetime.now(timezone.utc).replace(second=0, microsecond=0))
+        horizon = min(end, datetime.now(UTC).replace(second=0, microsecond=0))
         gaps = quality.candle_gaps(own["open_time"], interval_delta(interval), start, horizon)
-    result = LoadResult(modality, src.name, start, end, written, gaps,
-                        Context(lo, hi, len(others), len(new)) if context or history else None, history)
+    result = LoadResult(
+        modality,
+        src.name,
+        start,
+        end,
+        written,
+        gaps,
+        Context(lo, hi, len(others), len(new)) if context or history else None,
+        history,
+    )
     for gap in gaps:
         log.warning("gap in %s %s %s: %s", symbol, interval, modality, gap)
     (log.warning if result.note else log.info)("loaded %s", result)
@@ -287,8 +329,9 @@ def features_lock(symbol: str, interval: str) -> str:
     return f"features {symbol} {interval}"
 
 
-def revalidate_from(cfg: Config, engine: Engine, start: datetime, symbol: str | None = None,
-                    interval: str | None = None) -> datetime:
+def revalidate_from(
+    cfg: Config, engine: Engine, start: datetime, symbol: str | None = None, interval: str | None = None
+) -> datetime:
     """Where the validation of a features run must start: `materialize_features` also refreshes the targets of the
     `horizon` rows before `start` (which clears their day's validation), so when such rows exist it is the start
     of their day, else `start`. The features asset event carries this, so `sofare_validate` revalidates that day."""
@@ -299,10 +342,14 @@ def revalidate_from(cfg: Config, engine: Engine, start: datetime, symbol: str | 
     start = utc(start)
     table = warehouse.features_table(feature_spec(cfg).columns)
     with engine.connect() as conn:
-        first = conn.execute(sa.select(sa.func.min(table.c.open_time)).where(
-            table.c.symbol == symbol, table.c.interval == interval,
-            table.c.open_time >= start - interval_delta(interval) * cfg.features.horizon,
-            table.c.open_time < start)).scalar()
+        first = conn.execute(
+            sa.select(sa.func.min(table.c.open_time)).where(
+                table.c.symbol == symbol,
+                table.c.interval == interval,
+                table.c.open_time >= start - interval_delta(interval) * cfg.features.horizon,
+                table.c.open_time < start,
+            )
+        ).scalar()
     if first is None:
         return start
     first = utc(first)
@@ -348,8 +395,9 @@ def materialize_features(
             return 0
         candles = pd.concat(parts, ignore_index=True)
         first = candles["open_time"].iloc[0]  # not before feature_inputs' start: what it gives covers these
-        bars = warehouse.read_safe_haven(conn, (first - timedelta(days=cfg.features.daily_context_days)).date(),
-                                         end + delta)
+        bars = warehouse.read_safe_haven(
+            conn, (first - timedelta(days=cfg.features.daily_context_days)).date(), end + delta
+        )
         macro = warehouse.read_macro(conn, first - timedelta(days=cfg.features.macro_context_days), end + delta)
         feats = compute_features(candles, bars, macro, cfg, interval)
         feats = feats[(feats["open_time"] >= start) & (feats["open_time"] < end)].copy()
@@ -361,8 +409,13 @@ def materialize_features(
         refreshed = refreshed[refreshed["open_time"] < start]
         written = warehouse.upsert(conn, table, feats)
         warehouse.update_targets(conn, table, symbol, interval, refreshed)
-        warehouse.invalidate(conn, "features", warehouse.scope_of("features", symbol, interval),
-                              min(start, refreshed["open_time"].min()) if len(refreshed) else start, end)
+        warehouse.invalidate(
+            conn,
+            "features",
+            warehouse.scope_of("features", symbol, interval),
+            min(start, refreshed["open_time"].min()) if len(refreshed) else start,
+            end,
+        )
     log.info("features %s %s [%s, %s): %d rows (%s)", symbol, interval, start, end, written, spec.version)
     return written
 
@@ -410,8 +463,17 @@ def plan_backfill(
                 # history is one load (a few hundred daily rows; it writes only what is missing): chunking it
                 # would add a mapped task per month for nothing
                 for a, b in [(lo, hi)] if history else plan_chunks(lo, hi, cfg.ingest.chunk_days):
-                    tasks.append({"source": source, "modality": modality, "start": a.isoformat(),
-                                  "end": b.isoformat(), "symbol": symbol, "interval": interval, "history": history})
+                    tasks.append(
+                        {
+                            "source": source,
+                            "modality": modality,
+                            "start": a.isoformat(),
+                            "end": b.isoformat(),
+                            "symbol": symbol,
+                            "interval": interval,
+                            "history": history,
+                        }
+                    )
     return tasks
 
 

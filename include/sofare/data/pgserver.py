@@ -14,7 +14,6 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from types import TracebackType
 
 
 def _bin_dir() -> Path:
@@ -50,7 +49,9 @@ class LocalPostgres:
             command = ["runuser", "-u", "postgres", "--", *command]
         result = subprocess.run(command, capture_output=True, text=True, check=False)
         if result.returncode != 0:
-            raise RuntimeError(f"{args[0]} failed ({result.returncode}): {result.stderr.strip() or result.stdout.strip()}")
+            raise RuntimeError(
+                f"{args[0]} failed ({result.returncode}): {result.stderr.strip() or result.stdout.strip()}"
+            )
 
     def start(self) -> LocalPostgres:
         if self.as_postgres:
@@ -102,5 +103,5 @@ class LocalPostgres:
     def __enter__(self) -> LocalPostgres:
         return self.start()
 
-    def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop()

@@ -184,6 +184,7 @@ def date_gaps(dates: pd.Series | list[date], max_gap_days: int) -> list[Gap]:
     gaps = []
     for index in steps.index[steps > max_gap_days]:
         before, after = days[index - 1], days[index]
-        gaps.append(Gap((before + pd.Timedelta(days=1)).date(), (after - pd.Timedelta(days=1)).date(),
-                        int(steps[index]) - 1))
+        gaps.append(
+            Gap((before + pd.Timedelta(days=1)).date(), (after - pd.Timedelta(days=1)).date(), int(steps[index]) - 1)
+        )
     return gaps

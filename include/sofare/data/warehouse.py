@@ -11,7 +11,7 @@ import logging
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
@@ -39,8 +39,8 @@ class UTCDateTime(TypeDecorator[datetime]):
         if value is None:
             return None
         if value.tzinfo is None:
-            value = value.replace(tzinfo=timezone.utc)
-        value = value.astimezone(timezone.utc)
+            value = value.replace(tzinfo=UTC)
+        value = value.astimezone(UTC)
         # SQLite has no time zone type: store naive UTC so text order is time order.
         return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
 
@@ -48,8 +48,8 @@ class UTCDateTime(TypeDecorator[datetime]):
         if value is None:
             return None
         if value.tzinfo is None:
-            return value.replace(tzinfo=timezone.utc)
-        return value.astimezone(timezone.utc)
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
 
 
 metadata = sa.MetaData()
@@ -416,10 +416,15 @@ def _upsert_statement(conn: Connection, table: sa.Table, columns: list[str], sou
     else:  # pragma: no cover - normalize_url refuses other databases
         raise ValueError(f"unsupported dialect {conn.dialect.name}")
     stmt = insert(table)
-    stmt = stmt.from_select(columns, source) if source is not None else stmt.values({c: sa.bindparam(c) for c in columns})
+    stmt = (
+        stmt.from_select(columns, source) if source is not None else stmt.values({c: sa.bindparam(c) for c in columns})
+    )
     keys = [c.name for c in table.primary_key.columns]
-    updates = {c: sa.func.coalesce(stmt.excluded[c], table.c[c]) if table.c[c].info.get(KEEP_KNOWN)
-               else stmt.excluded[c] for c in columns if c not in keys}
+    updates = {
+        c: sa.func.coalesce(stmt.excluded[c], table.c[c]) if table.c[c].info.get(KEEP_KNOWN) else stmt.excluded[c]
+        for c in columns
+        if c not in keys
+    }
     return stmt.on_conflict_do_update(index_elements=keys, set_=updates) if updates else stmt.on_conflict_do_nothing()
 
 
@@ -471,7 +476,7 @@ def _binary_copy(frame: pd.DataFrame, table: sa.Table, columns: list[str]) -> tu
                 raise InputError(f"cannot bulk-copy {table.name}: {name} has missing values or trailing whitespace")
             encoded = series.astype(str).str.encode("utf-8")
             width = max(1, int(encoded.str.len().max()))
-            padded = encoded.map(lambda raw: raw.ljust(width)).to_numpy(dtype=f"S{width}")
+            padded = encoded.map(lambda raw, width=width: raw.ljust(width)).to_numpy(dtype=f"S{width}")
             values[name], lengths[name], dtype, sql = padded, width, f"S{width}", "text"
         fields += [(f"{name}__len", ">i4"), (name, dtype)]
         ddl.append(f'"{name}" {sql}')
@@ -606,17 +611,26 @@ def missing_rows(conn: Connection, table: sa.Table, frame: pd.DataFrame) -> pd.D
 def update_targets(conn: Connection, table: sa.Table, symbol: str, interval: str, frame: pd.DataFrame) -> int:
     """Set target_return/target_up of existing feature rows (open_time, target_return, target_up); a NULL
     leaves a known target as it is (as the upsert does)."""
+    import pandas as pd
+
     if frame.empty:
         return 0
     stmt = (
         table.update()
         .where(table.c.symbol == symbol, table.c.interval == interval, table.c.open_time == sa.bindparam("b_time"))
-        .values(target_return=sa.func.coalesce(sa.bindparam("b_return", type_=table.c.target_return.type),
-                                               table.c.target_return),
-                target_up=sa.func.coalesce(sa.bindparam("b_up", type_=table.c.target_up.type), table.c.target_up))
+        .values(
+            target_return=sa.func.coalesce(
+                sa.bindparam("b_return", type_=table.c.target_return.type), table.c.target_return
+            ),
+            target_up=sa.func.coalesce(sa.bindparam("b_up", type_=table.c.target_up.type), table.c.target_up),
+        )
     )
     rows = [
-        {"b_time": t.to_pydatetime(), "b_return": None if r != r else float(r), "b_up": None if u != u else int(u)}
+        {
+            "b_time": t.to_pydatetime(),
+            "b_return": None if pd.isna(r) else float(r),
+            "b_up": None if pd.isna(u) else int(u),
+        }
         for t, r, u in zip(frame["open_time"], frame["target_return"], frame["target_up"])
     ]
     conn.execute(stmt, rows)
@@ -681,8 +695,9 @@ def read_candles(
     return query_frame(conn, query.order_by(candles.c.open_time))
 
 
-def read_candles_before(conn: Connection, symbol: str, interval: str, before: datetime, limit: int,
-                        since: datetime | None = None) -> pd.DataFrame:
+def read_candles_before(
+    conn: Connection, symbol: str, interval: str, before: datetime, limit: int, since: datetime | None = None
+) -> pd.DataFrame:
     """The last `limit` candles that open before `before` (and not before `since`), in time order."""
     query = (
         sa.select(candles)
@@ -705,7 +720,9 @@ def read_safe_haven(conn: Connection, start: date | None = None, known_before: d
     return query_frame(conn, query.order_by(safe_haven_bars.c.ticker, safe_haven_bars.c.date))
 
 
-def read_macro(conn: Connection, known_from: datetime | None = None, known_before: datetime | None = None) -> pd.DataFrame:
+def read_macro(
+    conn: Connection, known_from: datetime | None = None, known_before: datetime | None = None
+) -> pd.DataFrame:
     """Macro observations (every vintage) that became known in [known_from, known_before)."""
     query = sa.select(macro_observations)
     if known_from is not None:
@@ -752,5 +769,11 @@ def scope_of(suite: str, symbol: str, interval: str) -> str:
 def invalidate(conn: Connection, suite: str, scope: str, start: datetime, end: datetime) -> None:
     """Data was rewritten: its days are no longer validated until the next validation run."""
     v = validated_days
-    conn.execute(sa.delete(v).where(v.c.suite == suite, v.c.scope == scope, v.c.day >= start.date(),
-                                    v.c.day <= (end - timedelta(microseconds=1)).date()))
+    conn.execute(
+        sa.delete(v).where(
+            v.c.suite == suite,
+            v.c.scope == scope,
+            v.c.day >= start.date(),
+            v.c.day <= (end - timedelta(microseconds=1)).date(),
+        )
+    )

@@ -27,8 +27,13 @@ ROLLBACK_REASON = {"error_rate": "incident", "p95_latency_ms": "latency"}  # fai
 
 def rules(cfg: Config) -> analysis.Rules:
     d = cfg.deploy
-    return analysis.Rules(min_requests=d.min_requests, max_error_rate=d.max_error_rate, max_p95_ms=d.max_p95_ms,
-                          max_latency_ratio=d.max_latency_ratio, latency_floor_ms=d.latency_floor_ms)
+    return analysis.Rules(
+        min_requests=d.min_requests,
+        max_error_rate=d.max_error_rate,
+        max_p95_ms=d.max_p95_ms,
+        max_latency_ratio=d.max_latency_ratio,
+        latency_floor_ms=d.latency_floor_ms,
+    )
 
 
 def check_steps(steps: list[float]) -> list[float]:
@@ -39,8 +44,9 @@ def check_steps(steps: list[float]) -> list[float]:
     return weights
 
 
-def _measure(deployment: Deployment, interval: float, sleep: Callable[[float], None],
-             cfg_rules: analysis.Rules) -> list[analysis.Measurement]:
+def _measure(
+    deployment: Deployment, interval: float, sleep: Callable[[float], None], cfg_rules: analysis.Rules
+) -> list[analysis.Measurement]:
     state = deployment.state()
     if state.stable is None or state.canary is None:
         raise DeployError("the canary or the stable stopped during the analysis")
@@ -49,14 +55,27 @@ def _measure(deployment: Deployment, interval: float, sleep: Callable[[float], N
     try:
         canary = analysis.delta(before["canary"], analysis.scrape(state.canary.url))
     except analysis.ScrapeError as exc:  # a canary that stops answering has failed, whatever its numbers were
-        return [analysis.Measurement(name="error_rate", outcome="failure", canary=None, stable=None, requests=0,
-                                     detail=f"the canary's /metrics did not answer: {exc}")]
+        return [
+            analysis.Measurement(
+                name="error_rate",
+                outcome="failure",
+                canary=None,
+                stable=None,
+                requests=0,
+                detail=f"the canary's /metrics did not answer: {exc}",
+            )
+        ]
     stable = analysis.delta(before["stable"], analysis.scrape(state.stable.url))
     return analysis.judge(canary, stable, cfg_rules)
 
 
-def analyse(cfg: Config, deployment: Deployment, steps: list[float], interval: float,
-            sleep: Callable[[float], None] = time.sleep) -> dict[str, Any]:
+def analyse(
+    cfg: Config,
+    deployment: Deployment,
+    steps: list[float],
+    interval: float,
+    sleep: Callable[[float], None] = time.sleep,
+) -> dict[str, Any]:
     """Run the steps; {"decision": "promote" | "abort", "reason", "steps": [...]}. Changes only the weight."""
     weights = check_steps(steps)
     verdicts: list[str] = []
@@ -73,13 +92,26 @@ def analyse(cfg: Config, deployment: Deployment, steps: list[float], interval: f
         verdicts.append(verdict)
         decision = analysis.step_decision(verdicts, cfg.deploy.failure_limit, cfg.deploy.inconclusive_limit)
         summary = "; ".join(m.detail for m in measurements)
-        record.append({"step": index + 1, "weight": weight, "verdict": verdict, "decision": decision,
-                       "measurements": [m.to_dict() for m in measurements]})
+        record.append(
+            {
+                "step": index + 1,
+                "weight": weight,
+                "verdict": verdict,
+                "decision": decision,
+                "measurements": [m.to_dict() for m in measurements],
+            }
+        )
         state = deployment.state()
-        deployment.event(state, "analysis", decision, f"step {index + 1}/{len(weights)} at weight {weight:g}: "
-                         f"{verdict} ({summary})", [m.to_dict() for m in measurements])
-        log.info("canary step %d/%d at weight %g: %s -> %s (%s)", index + 1, len(weights), weight, verdict,
-                 decision, summary)
+        deployment.event(
+            state,
+            "analysis",
+            decision,
+            f"step {index + 1}/{len(weights)} at weight {weight:g}: {verdict} ({summary})",
+            [m.to_dict() for m in measurements],
+        )
+        log.info(
+            "canary step %d/%d at weight %g: %s -> %s (%s)", index + 1, len(weights), weight, verdict, decision, summary
+        )
         if decision == "abort":
             failed = [m for m in measurements if m.outcome == "failure"]
             reason = ROLLBACK_REASON.get(failed[0].name, "other") if failed else "other"

@@ -17,7 +17,7 @@ import urllib.error
 import urllib.request
 import uuid
 from contextlib import AbstractContextManager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict
@@ -111,10 +111,14 @@ class Deployment:
             from sofare.registry import versions  # MLflow: imported only when the champion is asked for
 
             champion_version = versions.alias_version(self.cfg, "champion")
-        return {"frontdoor": {"url": self.url, "running": self.frontdoor.running()},
-                "stable": describe(state.stable), "canary": describe(state.canary),
-                "canary_weight": state.canary_weight, "deployment_id": state.deployment_id,
-                "champion": champion_version}
+        return {
+            "frontdoor": {"url": self.url, "running": self.frontdoor.running()},
+            "stable": describe(state.stable),
+            "canary": describe(state.canary),
+            "canary_weight": state.canary_weight,
+            "deployment_id": state.deployment_id,
+            "champion": champion_version,
+        }
 
     # --- changes ---------------------------------------------------------------------------------------------
 
@@ -133,11 +137,14 @@ class Deployment:
         with self._locked():
             state = self.state()
             if state.stable is None:
-                raise DeployError("nothing serves yet: deploy a stable version first (`sofare deploy` does when "
-                                  "nothing runs)")
+                raise DeployError(
+                    "nothing serves yet: deploy a stable version first (`sofare deploy` does when nothing runs)"
+                )
             if state.canary is not None:
-                raise DeployError(f"a canary (version {state.canary.version}, weight {state.canary_weight:g}) is "
-                                  "already live: promote or abort it before deploying another")
+                raise DeployError(
+                    f"a canary (version {state.canary.version}, weight {state.canary_weight:g}) is "
+                    "already live: promote or abort it before deploying another"
+                )
             if version == state.stable.version:
                 raise DeployError(f"version {version} already serves as stable")
             canary = self._start(version, "canary", env)
@@ -175,8 +182,14 @@ class Deployment:
             version = state.canary.version
             new = self._switch_stable(state, version, "promote", reason)
             versions.set_alias(self.cfg, "champion", version)
-            audit.record(self.cfg, self.actor, "promote", version, "champion", {"reason": reason,
-                         "previous": state.stable.version if state.stable else None})
+            audit.record(
+                self.cfg,
+                self.actor,
+                "promote",
+                version,
+                "champion",
+                {"reason": reason, "previous": state.stable.version if state.stable else None},
+            )
             return new
 
     def abort(self, reason: str) -> State:
@@ -218,16 +231,34 @@ class Deployment:
             versions.set_alias(self.cfg, "champion", target)
         answered = self.verify(target)
         seconds = time.monotonic() - began
-        result = {"target": target, "previous_stable": state.stable.version if state.stable else None,
-                  "previous_canary": state.canary.version if state.canary else None, "decision": decision,
-                  "verified": answered, "seconds": round(seconds, 2), "reason": reason, "details": details,
-                  "frontdoor": self.url}
-        self.event(new, "rollback", decision, f"{note}; verified {len(answered)} live requests in {seconds:.1f}s",
-                   canary_version=result["previous_canary"])
+        result = {
+            "target": target,
+            "previous_stable": state.stable.version if state.stable else None,
+            "previous_canary": state.canary.version if state.canary else None,
+            "decision": decision,
+            "verified": answered,
+            "seconds": round(seconds, 2),
+            "reason": reason,
+            "details": details,
+            "frontdoor": self.url,
+        }
+        self.event(
+            new,
+            "rollback",
+            decision,
+            f"{note}; verified {len(answered)} live requests in {seconds:.1f}s",
+            canary_version=result["previous_canary"],
+        )
         result["audit_id"] = audit.record(self.cfg, self.actor, "rollback", target, decision, result)
-        alerts.send(self.cfg, f"rollback:{self.actor}", "high" if decision == "done" else "low",
-                    f"rolled back to version {target} ({note})" if decision == "done"
-                    else f"rollback to version {target} requested ({note}): already serving, verified", result)
+        alerts.send(
+            self.cfg,
+            f"rollback:{self.actor}",
+            "high" if decision == "done" else "low",
+            f"rolled back to version {target} ({note})"
+            if decision == "done"
+            else f"rollback to version {target} requested ({note}): already serving, verified",
+            result,
+        )
         log.info("rollback to version %s %s and verified in %.1fs", target, decision, seconds)
         return result
 
@@ -246,8 +277,15 @@ class Deployment:
         answered by `version` as stable; the answering versions otherwise raise DeployError."""
         answered = []
         for n in range(self.cfg.deploy.verify_requests):
-            request = urllib.request.Request(f"{self.url}/model_info", data=b"{}", method="POST", headers={
-                "Content-Type": "application/json", "X-Client-Id": f"sofare-verify-{uuid.uuid4().hex[:8]}-{n}"})
+            request = urllib.request.Request(
+                f"{self.url}/model_info",
+                data=b"{}",
+                method="POST",
+                headers={
+                    "Content-Type": "application/json",
+                    "X-Client-Id": f"sofare-verify-{uuid.uuid4().hex[:8]}-{n}",
+                },
+            )
             try:
                 with urllib.request.urlopen(request, timeout=30) as response:
                     info = json.loads(response.read())
@@ -255,23 +293,38 @@ class Deployment:
                 raise DeployError(f"verification request {n + 1} through {self.url} failed: {exc}") from exc
             answered.append(f"{info.get('model_version')}/{info.get('variant')}")
         if any(a != f"{version}/stable" for a in answered):
-            raise DeployError(f"verification failed: expected version {version} as stable, the front door answered "
-                              f"{answered}")
+            raise DeployError(
+                f"verification failed: expected version {version} as stable, the front door answered {answered}"
+            )
         return answered
 
     # --- history ---------------------------------------------------------------------------------------------
 
-    def event(self, state: State, action: str, decision: str, reason: str, measurements: list[dict[str, Any]] | None
-              = None, canary_version: str | None = None) -> str:
+    def event(
+        self,
+        state: State,
+        action: str,
+        decision: str,
+        reason: str,
+        measurements: list[dict[str, Any]] | None = None,
+        canary_version: str | None = None,
+    ) -> str:
         event_id = uuid.uuid4().hex
         import pandas as pd
 
-        row = {"event_id": event_id, "at": pd.Timestamp(datetime.now(timezone.utc)),
-               "deployment_id": state.deployment_id or "-", "action": action,
-               "stable_version": state.stable.version if state.stable else None,
-               "canary_version": canary_version or (state.canary.version if state.canary else None),
-               "canary_weight": float(state.canary_weight), "measurements": json.dumps(measurements or []),
-               "decision": decision, "reason": reason, "actor": self.actor}
+        row = {
+            "event_id": event_id,
+            "at": pd.Timestamp(datetime.now(UTC)),
+            "deployment_id": state.deployment_id or "-",
+            "action": action,
+            "stable_version": state.stable.version if state.stable else None,
+            "canary_version": canary_version or (state.canary.version if state.canary else None),
+            "canary_weight": float(state.canary_weight),
+            "measurements": json.dumps(measurements or []),
+            "decision": decision,
+            "reason": reason,
+            "actor": self.actor,
+        }
         with warehouse.transaction(warehouse.get_engine(self.cfg)) as conn:
             warehouse.upsert(conn, warehouse.deployment_events, pd.DataFrame([row]))
         return event_id
@@ -288,8 +341,11 @@ class Deployment:
         if state.canary is not None and state.stable is not None:
             return state.stable.version
         current = state.stable.version if state.stable else None
-        changes = [row for row in self.history(limit=1000)  # newest first
-                   if row["action"] in ("serve", "promote", "rollback") and row["decision"] in ("done", "noop")]
+        changes = [
+            row
+            for row in self.history(limit=1000)  # newest first
+            if row["action"] in ("serve", "promote", "rollback") and row["decision"] in ("done", "noop")
+        ]
         if changes and changes[0]["action"] == "rollback" and current is not None:
             return current  # the last change was a rollback: asking again verifies it (no flip-flop)
         for row in changes:  # the last stable that is not the current one
@@ -302,8 +358,7 @@ class Deployment:
     def _switch_stable(self, state: State, version: str, action: str, reason: str, record: bool = True) -> State:
         """Start `version` as a new stable process, route everything to it, drain, stop the old processes."""
         fresh = self._start(version, "stable")
-        new = State(stable=fresh, canary=None, canary_weight=0.0,
-                    deployment_id=state.deployment_id or uuid.uuid4().hex)
+        new = State(stable=fresh, canary=None, canary_weight=0.0, deployment_id=state.deployment_id or uuid.uuid4().hex)
         try:
             self._route(new)
         except FrontDoorError:
@@ -340,15 +395,25 @@ class Deployment:
             server.wait_ready(self.cfg.deploy.start_timeout_seconds)
         except (RuntimeError, TimeoutError) as exc:
             raise DeployError(f"version {version} ({tag}) did not start as {variant}: {exc}") from exc
-        return Backend(version=str(version), bento=tag, port=int(server.url.rsplit(":", 1)[1]),
-                       pid=server.process.pid, variant=variant)
+        return Backend(
+            version=str(version),
+            bento=tag,
+            port=int(server.url.rsplit(":", 1)[1]),
+            pid=server.process.pid,
+            variant=variant,
+        )
 
     def _route(self, state: State) -> None:
         if state.stable is None:
             raise DeployError("no stable version to route to")
-        self.frontdoor.apply(Routing(stable_port=state.stable.port,
-                                     canary_port=state.canary.port if state.canary else None,
-                                     canary_weight=state.canary_weight, listen_port=self.cfg.deploy.frontdoor_port))
+        self.frontdoor.apply(
+            Routing(
+                stable_port=state.stable.port,
+                canary_port=state.canary.port if state.canary else None,
+                canary_weight=state.canary_weight,
+                listen_port=self.cfg.deploy.frontdoor_port,
+            )
+        )
 
     def _save(self, state: State) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)

@@ -117,9 +117,15 @@ def _parse(row: Any) -> Run | None:
     """A row back into contracts; a row an older or newer monitor wrote differently is skipped, not fatal."""
     try:
         return Run(
-            run_id=row.run_id, at=row.at, ran_at=row.ran_at, drift_share=row.drift_share, outcomes_filled=row.outcomes_filled,
-            outcomes_pending=row.outcomes_pending, quality=_QUALITY.validate_json(row.quality),
-            drift=DriftResult.model_validate_json(row.drift), service=_SERVICE.validate_json(row.service),
+            run_id=row.run_id,
+            at=row.at,
+            ran_at=row.ran_at,
+            drift_share=row.drift_share,
+            outcomes_filled=row.outcomes_filled,
+            outcomes_pending=row.outcomes_pending,
+            quality=_QUALITY.validate_json(row.quality),
+            drift=DriftResult.model_validate_json(row.drift),
+            service=_SERVICE.validate_json(row.service),
             decision=Decision.model_validate_json(row.decision),
         )
     except (ValidationError, ValueError) as exc:
@@ -148,8 +154,10 @@ def read_runs(cfg: Config, days: int = DEFAULT_DAYS, limit: int = MAX_RUNS) -> t
         if last is None:
             return [], True
         rows = conn.execute(
-            sa.select(t).where(t.c.at > last - timedelta(days=days))
-            .order_by(t.c.at.desc(), t.c.ran_at.desc()).limit(limit)
+            sa.select(t)
+            .where(t.c.at > last - timedelta(days=days))
+            .order_by(t.c.at.desc(), t.c.ran_at.desc())
+            .limit(limit)
         ).all()
     return _one_per_hour(run for run in map(_parse, rows) if run is not None), True
 
@@ -192,21 +200,25 @@ def shortest_window(cfg: Config, runs: Sequence[Run]) -> str | None:
 
 def accuracy_series(runs: Sequence[Run], window: str) -> list[AccuracySeries]:
     """Per (version, variant), a point for every run: NaN where insufficient or not measured."""
-    pairs = sorted({(q.model_version, q.variant) for run in runs for q in run.quality if q.window == window},
-                   key=lambda p: (p[0], _variant_order(p[1])))
+    pairs = sorted(
+        {(q.model_version, q.variant) for run in runs for q in run.quality if q.window == window},
+        key=lambda p: (p[0], _variant_order(p[1])),
+    )
     out = []
     for version, variant in pairs:
         points = []
         for run in runs:
-            q = next((q for q in run.quality
-                      if (q.model_version, q.variant, q.window) == (version, variant, window)), None)
+            q = next(
+                (q for q in run.quality if (q.model_version, q.variant, q.window) == (version, variant, window)), None
+            )
             acc = pers = None
             if q is not None and q.status == "ok":
                 acc, pers = q.accuracy, q.persistence_accuracy
             points.append((_v(acc), _v(acc, "ci_low"), _v(acc, "ci_high"), _v(pers), q.n if q else None))
         value, low, high, persistence, n = zip(*points)  # a pair exists only if some run measured it
-        out.append(AccuracySeries(version, variant, window, tuple(r.at for r in runs), value, low, high,
-                                  persistence, n))
+        out.append(
+            AccuracySeries(version, variant, window, tuple(r.at for r in runs), value, low, high, persistence, n)
+        )
     return out
 
 
@@ -228,8 +240,9 @@ def service_series(runs: Sequence[Run]) -> list[ServiceSeries]:
 def load(cfg: Config, days: int = DEFAULT_DAYS, limit: int = MAX_RUNS) -> Dashboard:
     runs, exists = read_runs(cfg, days, limit)
     window = shortest_window(cfg, runs)
-    return Dashboard(tuple(runs), window, tuple(accuracy_series(runs, window)) if window else (),
-                     tuple(service_series(runs)), exists)
+    return Dashboard(
+        tuple(runs), window, tuple(accuracy_series(runs, window)) if window else (), tuple(service_series(runs)), exists
+    )
 
 
 # --- charts ---------------------------------------------------------------------------------------------
@@ -263,7 +276,7 @@ def _svg(fig: Figure) -> str:
     with matplotlib.rc_context({"svg.fonttype": "none"}):
         fig.savefig(buf, format="svg", metadata={"Date": None})
     text = buf.getvalue()
-    return text[text.index("<svg"):]
+    return text[text.index("<svg") :]
 
 
 def accuracy_chart(series: Sequence[AccuracySeries], window: str) -> str:
@@ -273,8 +286,7 @@ def accuracy_chart(series: Sequence[AccuracySeries], window: str) -> str:
     for s, color in zip(series, colors):
         label = f"{s.model_version} {s.variant}"
         shown = [not math.isnan(v) for v in s.value]
-        ax.fill_between(s.at, s.ci_low, s.ci_high, where=shown,
-                        color=color, alpha=0.18, linewidth=0, interpolate=False)
+        ax.fill_between(s.at, s.ci_low, s.ci_high, where=shown, color=color, alpha=0.18, linewidth=0, interpolate=False)
         ax.plot(s.at, s.value, color=color, marker="o", markersize=2.5, linewidth=1.4, label=f"{label} accuracy")
         ax.plot(s.at, s.persistence, color=color, linestyle="--", linewidth=1.0, label=f"{label} persistence")
     ax.axhline(0.5, color="0.5", linewidth=0.8, linestyle=":", label="coin (0.5)")
@@ -290,8 +302,15 @@ def drift_chart(runs: Sequence[Run], thresholds: dict[str, float]) -> str:
     the severity thresholds it is judged by."""
     fig, (ax,) = _figure(height=2.8)
     measured = [r for r in runs if r.drift_share is not None]
-    ax.plot([r.at for r in measured], [r.drift_share for r in measured], color="C0", marker="o", markersize=2.5,
-            linewidth=1.4, label="drifted share (hourly features)")
+    ax.plot(
+        [r.at for r in measured],
+        [r.drift_share for r in measured],
+        color="C0",
+        marker="o",
+        markersize=2.5,
+        linewidth=1.4,
+        label="drifted share (hourly features)",
+    )
     for (level, value), color in zip(thresholds.items(), ("#d4a017", "#e67e22", "#c0392b")):
         ax.axhline(value, color=color, linestyle="--", linewidth=0.9, label=f"{level} ≥ {value:g}")
     ax.set_ylim(0, 1)
@@ -340,17 +359,26 @@ def _table(header: Sequence[str], rows: Iterable[Sequence[str]], cls: str = "") 
 
 
 def quality_rows(cfg: Config, quality: Sequence[LiveQuality]) -> list[list[str]]:
-    ordered = sorted(quality, key=lambda q: (q.model_version, _variant_order(q.variant), _window_hours(cfg, q.window),
-                                             q.window))
+    ordered = sorted(
+        quality, key=lambda q: (q.model_version, _variant_order(q.variant), _window_hours(cfg, q.window), q.window)
+    )
     rows = []
     for q in ordered:
         head = [_e(q.model_version), _e(q.variant), _e(q.window), str(q.n), str(q.pending)]
         if q.status != "ok":
             rows.append([*head, f'<span class="insufficient">insufficient (n={q.n})</span>', "", "", "", "", ""])
             continue
-        rows.append([*head, fmt_score(q.accuracy), fmt_score(q.persistence_accuracy),
-                     fmt_score(q.always_up_accuracy), fmt_score(q.vs_persistence), fmt_score(q.roc_auc),
-                     fmt_score(q.brier)])
+        rows.append(
+            [
+                *head,
+                fmt_score(q.accuracy),
+                fmt_score(q.persistence_accuracy),
+                fmt_score(q.always_up_accuracy),
+                fmt_score(q.vs_persistence),
+                fmt_score(q.roc_auc),
+                fmt_score(q.brier),
+            ]
+        )
     return rows
 
 
@@ -375,16 +403,40 @@ def latest_report(cfg: Config, runs: Sequence[Run]) -> tuple[Run, str] | None:
 
 def _summary_html(run: Run) -> str:
     d = run.decision
-    summary = _table(["monitored hour", "ran at", "severity", "action", "wanted", "reason", "outcomes filled",
-                      "outcomes pending"],
-                     [[_e(run.at.isoformat()), _e(run.ran_at.isoformat(timespec="seconds")),
-                       f'<span class="sev-{_e(run.severity)}">{_e(run.severity)}</span>', _e(run.action),
-                       _e(d.wanted), _e(run.reason), str(run.outcomes_filled), str(run.outcomes_pending)]])
+    summary = _table(
+        ["monitored hour", "ran at", "severity", "action", "wanted", "reason", "outcomes filled", "outcomes pending"],
+        [
+            [
+                _e(run.at.isoformat()),
+                _e(run.ran_at.isoformat(timespec="seconds")),
+                f'<span class="sev-{_e(run.severity)}">{_e(run.severity)}</span>',
+                _e(run.action),
+                _e(d.wanted),
+                _e(run.reason),
+                str(run.outcomes_filled),
+                str(run.outcomes_pending),
+            ]
+        ],
+    )
     cooldown = f"<p>Held back by the cool-down: {_e(d.cooldown)}</p>" if d.cooldown else ""
-    findings = (_table(["rule", "severity", "action", "version", "variant", "message"],
-                       ([_e(f.rule), _e(f.severity), _e(f.action), _e(f.model_version or ""), _e(f.variant or ""),
-                         _e(f.message)] for f in d.findings))
-                if d.findings else "<p>No rule fired.</p>")
+    findings = (
+        _table(
+            ["rule", "severity", "action", "version", "variant", "message"],
+            (
+                [
+                    _e(f.rule),
+                    _e(f.severity),
+                    _e(f.action),
+                    _e(f.model_version or ""),
+                    _e(f.variant or ""),
+                    _e(f.message),
+                ]
+                for f in d.findings
+            ),
+        )
+        if d.findings
+        else "<p>No rule fired.</p>"
+    )
     return f"{summary}{cooldown}<h3>Findings</h3>{findings}"
 
 
@@ -396,26 +448,45 @@ def _drift_html(cfg: Config, run: Run, runs: Sequence[Run]) -> str:
     drift = run.drift
     share = "–" if drift.share is None else f"{drift.share:.3f} ({drift.drifted_columns}/{drift.columns})"
     share += "".join(f"<br>{_e(k)} {v:.2f}" for k, v in drift.shares.items())
-    table = _table(["status", "version", "drifted share", "drifted features", "prediction drift", "target drift",
-                    "note"],
-                   [[_e(drift.status), _e(drift.model_version or ""), share,
-                     ", ".join(_e(f) for f in drift.drifted) or "none",
-                     _drift_score(drift.prediction_drift, drift.prediction_drifted),
-                     _drift_score(drift.target_drift, drift.target_drifted), _e(drift.message)]], "drift")
+    table = _table(
+        ["status", "version", "drifted share", "drifted features", "prediction drift", "target drift", "note"],
+        [
+            [
+                _e(drift.status),
+                _e(drift.model_version or ""),
+                share,
+                ", ".join(_e(f) for f in drift.drifted) or "none",
+                _drift_score(drift.prediction_drift, drift.prediction_drifted),
+                _drift_score(drift.target_drift, drift.target_drifted),
+                _e(drift.message),
+            ]
+        ],
+        "drift",
+    )
     found = latest_report(cfg, runs)
     if found is None:
         return f'{table}<p class="report">No Evidently report on disk yet.</p>'
     report_run, href = found
-    return (f'{table}<p class="report">Latest Evidently report: <a href="{_e(href)}">{_e(report_run.drift.report)}'
-            f"</a> (hour {_e(report_run.at.isoformat())})</p>")
+    return (
+        f'{table}<p class="report">Latest Evidently report: <a href="{_e(href)}">{_e(report_run.drift.report)}'
+        f"</a> (hour {_e(report_run.at.isoformat())})</p>"
+    )
 
 
 def _service_html(run: Run) -> str:
     if not run.service:
         return "<p>No serving variant scraped.</p>"
-    rows = ([_e(s.variant), _e(s.model_version), _e(s.status), f"{s.requests:g}",
-             "–" if s.error_rate is None else f"{s.error_rate:.4f}", "–" if s.p95_ms is None else f"{s.p95_ms:.1f}"]
-            for s in sorted(run.service, key=lambda s: _variant_order(s.variant)))
+    rows = (
+        [
+            _e(s.variant),
+            _e(s.model_version),
+            _e(s.status),
+            f"{s.requests:g}",
+            "–" if s.error_rate is None else f"{s.error_rate:.4f}",
+            "–" if s.p95_ms is None else f"{s.p95_ms:.1f}",
+        ]
+        for s in sorted(run.service, key=lambda s: _variant_order(s.variant))
+    )
     return _table(["variant", "version", "status", "requests", "5xx share", "p95 ms"], rows, "service")
 
 
@@ -424,11 +495,31 @@ def latest_html(cfg: Config, dash: Dashboard) -> str:
     run = dash.latest
     if run is None:
         return ""
-    quality = (_table(["version", "variant", "window", "n", "pending", "accuracy [95% CI]", "persistence",
-                       "always up", "vs persistence", "ROC-AUC", "Brier"], quality_rows(cfg, run.quality), "quality")
-               if run.quality else "<p>No predictions in any window.</p>")
-    return (f"<h2>Latest run</h2>{_summary_html(run)}<h3>Live quality</h3>{quality}"
-            f"<h3>Drift</h3>{_drift_html(cfg, run, dash.runs)}<h3>Serving</h3>{_service_html(run)}")
+    quality = (
+        _table(
+            [
+                "version",
+                "variant",
+                "window",
+                "n",
+                "pending",
+                "accuracy [95% CI]",
+                "persistence",
+                "always up",
+                "vs persistence",
+                "ROC-AUC",
+                "Brier",
+            ],
+            quality_rows(cfg, run.quality),
+            "quality",
+        )
+        if run.quality
+        else "<p>No predictions in any window.</p>"
+    )
+    return (
+        f"<h2>Latest run</h2>{_summary_html(run)}<h3>Live quality</h3>{quality}"
+        f"<h3>Drift</h3>{_drift_html(cfg, run, dash.runs)}<h3>Serving</h3>{_service_html(run)}"
+    )
 
 
 def render(cfg: Config, dash: Dashboard) -> str:
@@ -437,8 +528,11 @@ def render(cfg: Config, dash: Dashboard) -> str:
         why = "" if dash.table_exists else " (the monitoring_runs table does not exist yet)"
         return f'<p class="empty">No monitor runs yet{_e(why)}: sofare_monitor has not written any.</p>'
     first, last = dash.runs[0].at, dash.runs[-1].at
-    parts = [f"<p>{len(dash.runs)} monitored hours, {_e(first.isoformat())} to {_e(last.isoformat())}.</p>",
-             latest_html(cfg, dash), "<h2>Over time</h2>"]
+    parts = [
+        f"<p>{len(dash.runs)} monitored hours, {_e(first.isoformat())} to {_e(last.isoformat())}.</p>",
+        latest_html(cfg, dash),
+        "<h2>Over time</h2>",
+    ]
     if dash.window and dash.accuracy:
         parts.append(f'<figure class="chart accuracy">{accuracy_chart(dash.accuracy, dash.window)}</figure>')
     parts.append(f'<figure class="chart drift">{drift_chart(dash.runs, cfg.monitoring.drift.model_dump())}</figure>')
@@ -464,35 +558,57 @@ def _gauges(run: Run) -> list[Any]:
         "persistence": gauge("sofare_live_persistence_accuracy", "Persistence accuracy on the same hours", q_labels),
         "roc_auc": gauge("sofare_live_roc_auc", "Live ROC-AUC in the window", q_labels),
         "brier": gauge("sofare_live_brier", "Live Brier score in the window", q_labels),
-        "n": gauge("sofare_live_outcomes", "Hours with a known outcome in the window (also when insufficient)",
-                   q_labels),
+        "n": gauge(
+            "sofare_live_outcomes", "Hours with a known outcome in the window (also when insufficient)", q_labels
+        ),
     }
     for q in run.quality:
         labels = [q.model_version, q.variant, q.window]
         live["n"].add_metric(labels, q.n)
         if q.status != "ok":
             continue
-        for key, score, field in (("accuracy", q.accuracy, "value"), ("ci_low", q.accuracy, "ci_low"),
-                                  ("ci_high", q.accuracy, "ci_high"), ("persistence", q.persistence_accuracy, "value"),
-                                  ("roc_auc", q.roc_auc, "value"), ("brier", q.brier, "value")):
+        for key, score, field in (
+            ("accuracy", q.accuracy, "value"),
+            ("ci_low", q.accuracy, "ci_low"),
+            ("ci_high", q.accuracy, "ci_high"),
+            ("persistence", q.persistence_accuracy, "value"),
+            ("roc_auc", q.roc_auc, "value"),
+            ("brier", q.brier, "value"),
+        ):
             if score is not None and math.isfinite(getattr(score, field)):
                 live[key].add_metric(labels, getattr(score, field))
     families = list(live.values())
 
     share = run.drift_share if run.drift_share is not None else run.drift.share
     if share is not None and math.isfinite(share):
-        families.append(GaugeMetricFamily("sofare_drift_share", "Share of the hourly input features Evidently found drifted",
-                                          value=share))
-        families.append(GaugeMetricFamily("sofare_drift_drifted_features", "Input features found drifted",
-                                          value=len(run.drift.drifted) or run.drift.drifted_columns))
-    families.append(GaugeMetricFamily("sofare_monitor_severity", "Severity of the latest run: 0 none .. 4 critical",
-                                      value=SEVERITIES.index(run.severity) if run.severity in SEVERITIES else -1))
+        families.append(
+            GaugeMetricFamily(
+                "sofare_drift_share", "Share of the hourly input features Evidently found drifted", value=share
+            )
+        )
+        families.append(
+            GaugeMetricFamily(
+                "sofare_drift_drifted_features",
+                "Input features found drifted",
+                value=len(run.drift.drifted) or run.drift.drifted_columns,
+            )
+        )
+    families.append(
+        GaugeMetricFamily(
+            "sofare_monitor_severity",
+            "Severity of the latest run: 0 none .. 4 critical",
+            value=SEVERITIES.index(run.severity) if run.severity in SEVERITIES else -1,
+        )
+    )
     action = gauge("sofare_monitor_action", "1 for the action the latest run took, 0 for the others", ["action"])
     for name in ACTIONS:
         action.add_metric([name], 1 if run.action == name else 0)
     families.append(action)
-    families.append(GaugeMetricFamily("sofare_outcomes_pending", "Predictions whose outcome is not known yet",
-                                      value=run.outcomes_pending))
+    families.append(
+        GaugeMetricFamily(
+            "sofare_outcomes_pending", "Predictions whose outcome is not known yet", value=run.outcomes_pending
+        )
+    )
     s_labels = ("variant", "model_version")
     errors = gauge("sofare_variant_error_rate", "5xx share of a variant's requests since the previous run", s_labels)
     p95 = gauge("sofare_variant_p95_latency_seconds", "p95 latency of a variant since the previous run", s_labels)
@@ -504,9 +620,13 @@ def _gauges(run: Run) -> list[Any]:
         if s.p95_ms is not None:
             p95.add_metric([s.variant, s.model_version], s.p95_ms / 1000)
     families += [errors, p95]
-    families.append(GaugeMetricFamily("sofare_monitor_last_run_timestamp_seconds",
-                                      "Wall-clock time of the latest monitor run (Unix seconds)",
-                                      value=run.ran_at.timestamp()))
+    families.append(
+        GaugeMetricFamily(
+            "sofare_monitor_last_run_timestamp_seconds",
+            "Wall-clock time of the latest monitor run (Unix seconds)",
+            value=run.ran_at.timestamp(),
+        )
+    )
     return [f for f in families if f.samples]
 
 

@@ -91,8 +91,16 @@ class ColumnDrift:
     drifted: bool
 
 
-def measure(cfg: Config, reference: pd.DataFrame, current: pd.DataFrame, columns: list[str], model_version: str,
-            report_dir: Path | None, label: str, html: bool = True) -> DriftResult:
+def measure(
+    cfg: Config,
+    reference: pd.DataFrame,
+    current: pd.DataFrame,
+    columns: list[str],
+    model_version: str,
+    report_dir: Path | None,
+    label: str,
+    html: bool = True,
+) -> DriftResult:
     """Drift of `current` (the served hours: `columns`, optionally prob_up and realised_return, NaN while
     pending) against `reference`, with Evidently. The HTML report goes to `report_dir`/drift-<label>.html when
     `report_dir` is given and `html` (the newest `monitoring.reports_kept` are kept); without it the run is about
@@ -102,8 +110,11 @@ def measure(cfg: Config, reference: pd.DataFrame, current: pd.DataFrame, columns
     if len(reference) == 0:
         return DriftResult(status="no_reference", **base, message="the reference sample is empty")
     if len(current) < m.min_drift_rows:
-        return DriftResult(status="insufficient", **base, message=f"{len(current)} served hours < min_drift_rows "
-                                                                     f"{m.min_drift_rows}: drift not measured")
+        return DriftResult(
+            status="insufficient",
+            **base,
+            message=f"{len(current)} served hours < min_drift_rows {m.min_drift_rows}: drift not measured",
+        )
     notes: list[str] = []
     wanted = list(dict.fromkeys([*columns, PREDICTION, TARGET]))
     ref, cur = _numeric(reference, wanted), _numeric(current, wanted)
@@ -129,17 +140,28 @@ def measure(cfg: Config, reference: pd.DataFrame, current: pd.DataFrame, columns
     drifted = sorted((c for c, d in per.items() if d.drifted), key=lambda c: (_strength(per[c]), c))
     methods = pd.Series([d.method for d in per.values()]).value_counts()
     if len(methods) > 1:
-        notes.append("methods differ by column (scores not comparable across them): "
-                     + ", ".join(f"{name} x{n}" for name, n in methods.items()))
+        notes.append(
+            "methods differ by column (scores not comparable across them): "
+            + ", ".join(f"{name} x{n}" for name, n in methods.items())
+        )
     report = _save(cfg, snapshot, report_dir, label) if save else None
     pred, target = found.get(PREDICTION), found.get(TARGET)
     return DriftResult(
-        status="ok", **base, method=" / ".join(methods.index) if len(methods) else None, columns=len(per),
-        drifted_columns=len(drifted), share=len(drifted) / len(per) if per else None, drifted=tuple(drifted),
+        status="ok",
+        **base,
+        method=" / ".join(methods.index) if len(methods) else None,
+        columns=len(per),
+        drifted_columns=len(drifted),
+        share=len(drifted) / len(per) if per else None,
+        drifted=tuple(drifted),
         scores={c: d.score for c, d in per.items() if np.isfinite(d.score)},
-        prediction_drift=_finite(pred.score) if pred else None, prediction_drifted=pred.drifted if pred else None,
-        target_drift=_finite(target.score) if target else None, target_drifted=target.drifted if target else None,
-        report=report, message="; ".join(notes))
+        prediction_drift=_finite(pred.score) if pred else None,
+        prediction_drifted=pred.drifted if pred else None,
+        target_drift=_finite(target.score) if target else None,
+        target_drifted=target.drifted if target else None,
+        report=report,
+        message="; ".join(notes),
+    )
 
 
 def _numeric(frame: pd.DataFrame, names: list[str]) -> pd.DataFrame:
@@ -154,8 +176,9 @@ def _constant(values: pd.Series) -> bool:
     return spread <= 1e-9 * max(1.0, float(values.abs().max()))
 
 
-def _testable(ref: pd.DataFrame, cur: pd.DataFrame, columns: list[str], min_rows: int, notes: list[str],
-              kind: str | None) -> list[str]:
+def _testable(
+    ref: pd.DataFrame, cur: pd.DataFrame, columns: list[str], min_rows: int, notes: list[str], kind: str | None
+) -> list[str]:
     """The columns Evidently can test; why each of the others is left out goes into `notes`. Features must be
     there; prob_up and realised_return (kind None) are optional."""
     out, why = [], {}
@@ -178,8 +201,9 @@ def _testable(ref: pd.DataFrame, cur: pd.DataFrame, columns: list[str], min_rows
     return out
 
 
-def _run(cfg: Config, reference: pd.DataFrame, current: pd.DataFrame, features: list[str], extras: list[str],
-         preset: bool) -> Any:
+def _run(
+    cfg: Config, reference: pd.DataFrame, current: pd.DataFrame, features: list[str], extras: list[str], preset: bool
+) -> Any:
     """One Evidently report: DataDriftPreset over the features (for the HTML) or one ValueDrift per feature, plus
     ValueDrift of prob_up and realised_return; tests included (each column's drift verdict)."""
     from evidently import DataDefinition, Dataset, Report
@@ -188,12 +212,17 @@ def _run(cfg: Config, reference: pd.DataFrame, current: pd.DataFrame, features: 
 
     m = cfg.monitoring
     how = {"method": m.drift_method, "threshold": m.drift_threshold}
-    metrics: list[Any] = ([DataDriftPreset(columns=features, drift_share=m.drift.medium, **how)] if preset
-                          else [ValueDrift(column=c, **how) for c in features])
+    metrics: list[Any] = (
+        [DataDriftPreset(columns=features, drift_share=m.drift.medium, **how)]
+        if preset
+        else [ValueDrift(column=c, **how) for c in features]
+    )
     metrics += [ValueDrift(column=c, **how) for c in extras]
     definition = DataDefinition(numerical_columns=features + extras)
-    return Report(metrics, include_tests=True).run(Dataset.from_pandas(current, data_definition=definition),
-                                                   Dataset.from_pandas(reference, data_definition=definition))
+    return Report(metrics, include_tests=True).run(
+        Dataset.from_pandas(current, data_definition=definition),
+        Dataset.from_pandas(reference, data_definition=definition),
+    )
 
 
 def parse(snapshot: dict[str, Any]) -> dict[str, ColumnDrift]:
@@ -217,8 +246,11 @@ def parse(snapshot: dict[str, Any]) -> dict[str, ColumnDrift]:
         threshold = None if threshold is None else float(threshold)
         drifted = status.get(metric.get("id", ""))
         if drifted is None:
-            drifted = threshold is not None and np.isfinite(score) and (
-                score >= threshold if _is_distance(method) else score < threshold)
+            drifted = (
+                threshold is not None
+                and np.isfinite(score)
+                and (score >= threshold if _is_distance(method) else score < threshold)
+            )
         out[str(config["column"])] = ColumnDrift(score, method, threshold, bool(drifted))
     return out
 
@@ -259,6 +291,7 @@ def _save(cfg: Config, snapshot: Any, report_dir: Path, label: str) -> str:
 
 def prune(report_dir: Path, kept: int, keep: Path | None = None) -> list[Path]:
     """Delete all but the newest `kept` drift reports (by modification time) in `report_dir`; those deleted."""
+
     def age(p: Path) -> tuple[int, str]:
         try:
             return p.stat().st_mtime_ns, p.name

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -38,7 +38,7 @@ def hour_of(value: datetime | str | None, field: str = "at") -> datetime:
     """The monitored hour: `value` (an ISO string or a datetime, UTC if naive) floored to the hour; None: now.
     Anything else, or a date outside 2009 .. 2100, is an InputError naming `field`."""
     if value is None:
-        value = datetime.now(timezone.utc)
+        value = datetime.now(UTC)
     try:
         stamp = pd.Timestamp(value)
     except (ValueError, TypeError, OverflowError) as exc:
@@ -65,18 +65,27 @@ def served_inputs(conn: sa.Connection, start: datetime, end: datetime) -> tuple[
     when an hour was served more than once: clients asking for the latest window get the same one), with its
     prob_up and realised return (NaN while pending)."""
     i, p, o = wh.prediction_inputs, wh.predictions, wh.prediction_outcomes
-    counts = conn.execute(sa.select(i.c.model_version, sa.func.count()).where(i.c.as_of > start, i.c.as_of <= end)
-                          .group_by(i.c.model_version).order_by(sa.func.count().desc(), i.c.model_version.desc())).all()
+    counts = conn.execute(
+        sa.select(i.c.model_version, sa.func.count())
+        .where(i.c.as_of > start, i.c.as_of <= end)
+        .group_by(i.c.model_version)
+        .order_by(sa.func.count().desc(), i.c.model_version.desc())
+    ).all()
     if not counts:
         return None, pd.DataFrame()
     version = str(counts[0][0])
-    frame = wh.query_frame(conn, sa.select(i.c.as_of, i.c.features, p.c.prob_up, p.c.created_at, o.c.realised_return)
-                           .select_from(i.join(p, p.c.prediction_id == i.c.prediction_id)
-                                        .outerjoin(o, o.c.prediction_id == i.c.prediction_id))
-                           .where(i.c.model_version == version, i.c.as_of > start, i.c.as_of <= end))
+    frame = wh.query_frame(
+        conn,
+        sa.select(i.c.as_of, i.c.features, p.c.prob_up, p.c.created_at, o.c.realised_return)
+        .select_from(
+            i.join(p, p.c.prediction_id == i.c.prediction_id).outerjoin(o, o.c.prediction_id == i.c.prediction_id)
+        )
+        .where(i.c.model_version == version, i.c.as_of > start, i.c.as_of <= end),
+    )
     frame = frame.sort_values("created_at").drop_duplicates("as_of", keep="last").reset_index(drop=True)
-    features = np.array([[np.nan if v is None else v for v in json.loads(text)] for text in frame["features"]],
-                        dtype=float)
+    features = np.array(
+        [[np.nan if v is None else v for v in json.loads(text)] for text in frame["features"]], dtype=float
+    )
     out = pd.DataFrame(features, columns=[f"f{k}" for k in range(features.shape[1])])
     out["as_of"] = frame["as_of"].to_numpy()
     out["prob_up"] = frame["prob_up"].to_numpy(dtype=float)
@@ -93,18 +102,26 @@ def measure_drift(cfg: Config, conn: sa.Connection, at: datetime, run_id: str, h
 
     reference = drift.load_reference(cfg, version)
     if reference is None:
-        return DriftResult(status="no_reference", model_version=version, current_rows=len(current),
-                           message=f"version {version} was registered without a reference sample: retrain to monitor drift")
+        return DriftResult(
+            status="no_reference",
+            model_version=version,
+            current_rows=len(current),
+            message=f"version {version} was registered without a reference sample: retrain to monitor drift",
+        )
     columns = [c for c in reference.columns if c not in ("prob_up", "realised_return", "open_time")]
     served = [c for c in current.columns if c.startswith("f")]
     if len(served) != len(columns):
-        return DriftResult(status="no_reference", model_version=version, current_rows=len(current),
-                           message=f"version {version}'s reference has {len(columns)} features, the served inputs "
-                                   f"{len(served)}")
+        return DriftResult(
+            status="no_reference",
+            model_version=version,
+            current_rows=len(current),
+            message=f"version {version}'s reference has {len(columns)} features, the served inputs {len(served)}",
+        )
     current = current.rename(columns=dict(zip(served, columns, strict=True)))
     label = f"{at:%Y%m%dT%H}-v{version}-{run_id[:8]}"
-    result = drift.measure(cfg, reference, current, columns, version,
-                           cfg.var_dir / "reports" / "drift" if html else None, label, html=html)
+    result = drift.measure(
+        cfg, reference, current, columns, version, cfg.var_dir / "reports" / "drift" if html else None, label, html=html
+    )
     return result.model_copy(update={"shares": modality_shares(cfg, result)})
 
 
@@ -140,23 +157,52 @@ def service_health(cfg: Config, previous: list[dict[str, Any]]) -> list[ServiceH
             now = analysis.scrape(backend["url"])
         except Exception as exc:  # noqa: BLE001 - an unreachable server is a finding, not a crash
             log.warning("monitor: cannot scrape %s: %s", backend["url"], exc)
-            out.append(ServiceHealth(variant=variant, model_version=backend["version"], requests=0, server_errors=0,
-                                     error_rate=None, p95_ms=None, status="unreachable"))
+            out.append(
+                ServiceHealth(
+                    variant=variant,
+                    model_version=backend["version"],
+                    requests=0,
+                    server_errors=0,
+                    error_rate=None,
+                    p95_ms=None,
+                    status="unreachable",
+                )
+            )
             continue
-        counters = {"pid": backend["pid"], "version": backend["version"],
-                    "sample": {"requests": now.requests, "server_errors": now.server_errors,
-                               "client_errors": now.client_errors,
-                               "buckets": [[str(le), count] for le, count in now.buckets]}}  # "inf": JSON has no inf
+        counters = {
+            "pid": backend["pid"],
+            "version": backend["version"],
+            "sample": {
+                "requests": now.requests,
+                "server_errors": now.server_errors,
+                "client_errors": now.client_errors,
+                "buckets": [[str(le), count] for le, count in now.buckets],
+            },
+        }  # "inf": JSON has no inf
         old = before.get(variant, {}).get("counters", {})
         since = now
         if old.get("pid") == backend["pid"] and old.get("sample"):
             s = old["sample"]
-            since = analysis.delta(analysis.Sample(s["requests"], s["server_errors"], s["client_errors"],
-                                                   tuple((float(le), float(c)) for le, c in s["buckets"])), now)
-        out.append(ServiceHealth(variant=variant, model_version=backend["version"], requests=since.requests,
-                                 server_errors=since.server_errors,
-                                 error_rate=since.server_errors / since.requests if since.requests else None,
-                                 p95_ms=analysis.quantile(since, 0.95), counters=counters))
+            since = analysis.delta(
+                analysis.Sample(
+                    s["requests"],
+                    s["server_errors"],
+                    s["client_errors"],
+                    tuple((float(le), float(c)) for le, c in s["buckets"]),
+                ),
+                now,
+            )
+        out.append(
+            ServiceHealth(
+                variant=variant,
+                model_version=backend["version"],
+                requests=since.requests,
+                server_errors=since.server_errors,
+                error_rate=since.server_errors / since.requests if since.requests else None,
+                p95_ms=analysis.quantile(since, 0.95),
+                counters=counters,
+            )
+        )
     return out
 
 
@@ -171,10 +217,17 @@ def _deployment_view(cfg: Config) -> tuple[set[str] | None, set[str], str | None
     if state.canary is not None:
         at_fault.add(state.canary.version)
     if state.stable is not None:
-        since = next((row["at"] for row in deployment.history(limit=200)
-                      if row["action"] in ("serve", "promote", "rollback") and row["decision"] in ("done", "noop")
-                      and row["stable_version"] == state.stable.version), None)
-        if since is not None and datetime.now(timezone.utc) - since < timedelta(hours=cfg.monitoring.fresh_hours):
+        since = next(
+            (
+                row["at"]
+                for row in deployment.history(limit=200)
+                if row["action"] in ("serve", "promote", "rollback")
+                and row["decision"] in ("done", "noop")
+                and row["stable_version"] == state.stable.version
+            ),
+            None,
+        )
+        if since is not None and datetime.now(UTC) - since < timedelta(hours=cfg.monitoring.fresh_hours):
             at_fault.add(state.stable.version)
     try:
         target: str | None = deployment._default_target(state)
@@ -198,19 +251,34 @@ def recent_runs(conn: sa.Connection, before: datetime, actor: str, limit: int = 
     earlier replays may have monitored already, so it sees only its own; every other run sees the others."""
     r = wh.monitoring_runs
     query = sa.select(r.c.at, r.c.action, r.c.service).where(r.c.at <= before)
-    query = (query.where(r.c.actor == actor) if actor.startswith(REPLAY_ACTOR)
-             else query.where(sa.not_(r.c.actor.startswith(REPLAY_ACTOR))))
+    query = (
+        query.where(r.c.actor == actor)
+        if actor.startswith(REPLAY_ACTOR)
+        else query.where(sa.not_(r.c.actor.startswith(REPLAY_ACTOR)))
+    )
     rows = conn.execute(query.order_by(r.c.at.desc(), r.c.ran_at.desc()).limit(limit)).mappings().all()
     out = []
     for row in rows:
         at = row["at"]
-        out.append({"at": at if at.tzinfo else at.replace(tzinfo=timezone.utc), "action": row["action"],
-                    "service": json.loads(row["service"])})
+        out.append(
+            {
+                "at": at if at.tzinfo else at.replace(tzinfo=UTC),
+                "action": row["action"],
+                "service": json.loads(row["service"]),
+            }
+        )
     return out
 
 
-def run(cfg: Config, at: datetime | str | None = None, start: datetime | str | None = None, actor: str = "sofare",
-        html: bool = True, deployment: bool = True, drift: bool | None = None) -> MonitorRun:
+def run(
+    cfg: Config,
+    at: datetime | str | None = None,
+    start: datetime | str | None = None,
+    actor: str = "sofare",
+    html: bool = True,
+    deployment: bool = True,
+    drift: bool | None = None,
+) -> MonitorRun:
     """Monitor the hour `at` (default: this hour). Outcomes are (re)filled for predictions in (start, at]
     (default: the longest window), so a backfill over an interval fills that interval. `deployment=False` skips
     scraping the serving variants and the deployment checks (a warehouse-only monitor). `drift`: run Evidently
@@ -226,31 +294,54 @@ def run(cfg: Config, at: datetime | str | None = None, start: datetime | str | N
         live = quality.live_quality(conn, cfg, at)
         if drift is None:
             drift = at.hour % m.drift_every_hours == 0
-        drift_result = (measure_drift(cfg, conn, at, run_id, html) if drift else DriftResult(
-            status="skipped", message=f"drift is measured at hours divisible by {m.drift_every_hours}"))
+        drift_result = (
+            measure_drift(cfg, conn, at, run_id, html)
+            if drift
+            else DriftResult(status="skipped", message=f"drift is measured at hours divisible by {m.drift_every_hours}")
+        )
         history = recent_runs(conn, at, actor)
     service = service_health(cfg, history[0]["service"] if history else []) if deployment else []
     serving, at_fault, target = _deployment_view(cfg) if deployment else (None, set(), None)
-    findings = (policy.drift_findings(cfg, drift_result) + policy.quality_findings(cfg, live, at_fault, serving)
-                + policy.error_findings(cfg, service, at_fault))
+    findings = (
+        policy.drift_findings(cfg, drift_result)
+        + policy.quality_findings(cfg, live, at_fault, serving)
+        + policy.error_findings(cfg, service, at_fault)
+    )
     decision = policy.decide(cfg, at, findings, history, target)
-    result = MonitorRun(run_id=run_id, at=at.isoformat(), outcomes_filled=filled["filled"],
-                        outcomes_pending=filled["pending"], quality=tuple(live), drift=drift_result,
-                        service=tuple(service), decision=decision)
+    result = MonitorRun(
+        run_id=run_id,
+        at=at.isoformat(),
+        outcomes_filled=filled["filled"],
+        outcomes_pending=filled["pending"],
+        quality=tuple(live),
+        drift=drift_result,
+        service=tuple(service),
+        decision=decision,
+    )
     record(engine, result, actor)
-    log.info("monitor %s: severity %s, action %s: %s", at.isoformat(), decision.severity, decision.action,
-             decision.reason)
+    log.info(
+        "monitor %s: severity %s, action %s: %s", at.isoformat(), decision.severity, decision.action, decision.reason
+    )
     return result
 
 
 def record(engine: Engine, result: MonitorRun, actor: str) -> None:
-    row = {"run_id": result.run_id, "at": pd.Timestamp(result.at), "ran_at": pd.Timestamp.now(tz="UTC"),
-           "actor": actor, "outcomes_filled": result.outcomes_filled, "outcomes_pending": result.outcomes_pending,
-           "quality": json.dumps([q.model_dump(mode="json") for q in result.quality]),
-           "drift": result.drift.model_dump_json(), "drift_share": result.drift.shares.get("micro", result.drift.share),
-           "service": json.dumps([s.model_dump(mode="json") for s in result.service]),
-           "severity": result.decision.severity, "action": result.decision.action, "reason": result.decision.reason,
-           "decision": result.decision.model_dump_json()}
+    row = {
+        "run_id": result.run_id,
+        "at": pd.Timestamp(result.at),
+        "ran_at": pd.Timestamp.now(tz="UTC"),
+        "actor": actor,
+        "outcomes_filled": result.outcomes_filled,
+        "outcomes_pending": result.outcomes_pending,
+        "quality": json.dumps([q.model_dump(mode="json") for q in result.quality]),
+        "drift": result.drift.model_dump_json(),
+        "drift_share": result.drift.shares.get("micro", result.drift.share),
+        "service": json.dumps([s.model_dump(mode="json") for s in result.service]),
+        "severity": result.decision.severity,
+        "action": result.decision.action,
+        "reason": result.decision.reason,
+        "decision": result.decision.model_dump_json(),
+    }
     with wh.transaction(engine) as conn:
         wh.upsert(conn, wh.monitoring_runs, pd.DataFrame([row]))
 

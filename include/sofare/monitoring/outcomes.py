@@ -9,7 +9,7 @@ write is an upsert by prediction_id) and backfillable by interval.
 from __future__ import annotations
 
 import logging
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -29,9 +29,11 @@ log = logging.getLogger(__name__)
 
 def _unfilled(conn: sa.Connection, start: datetime | None, end: datetime | None) -> pd.DataFrame:
     p, o = wh.predictions, wh.prediction_outcomes
-    query = (sa.select(p.c.prediction_id, p.c.symbol, p.c.interval, p.c.as_of, p.c.horizon, p.c.prob_up)
-             .select_from(p.outerjoin(o, o.c.prediction_id == p.c.prediction_id))
-             .where(o.c.prediction_id.is_(None)))
+    query = (
+        sa.select(p.c.prediction_id, p.c.symbol, p.c.interval, p.c.as_of, p.c.horizon, p.c.prob_up)
+        .select_from(p.outerjoin(o, o.c.prediction_id == p.c.prediction_id))
+        .where(o.c.prediction_id.is_(None))
+    )
     if start is not None:
         query = query.where(p.c.as_of > start)
     if end is not None:
@@ -42,8 +44,12 @@ def _unfilled(conn: sa.Connection, start: datetime | None, end: datetime | None)
 def _closes(conn: sa.Connection, symbol: str, interval: str, first: datetime, last: datetime) -> pd.Series:
     """Close by candle close time (open_time + interval) for candles opening in [first, last]."""
     c = wh.candles
-    frame = wh.query_frame(conn, sa.select(c.c.open_time, c.c.close).where(
-        c.c.symbol == symbol, c.c.interval == interval, c.c.open_time >= first, c.c.open_time <= last))
+    frame = wh.query_frame(
+        conn,
+        sa.select(c.c.open_time, c.c.close).where(
+            c.c.symbol == symbol, c.c.interval == interval, c.c.open_time >= first, c.c.open_time <= last
+        ),
+    )
     if frame.empty:
         return pd.Series(dtype=float)
     closes = pd.to_datetime(frame["open_time"], utc=True) + interval_delta(interval)
@@ -66,19 +72,32 @@ def compute(pending: pd.DataFrame, closes: pd.Series, delta: Any, known_by: date
     predicted_up = pending["prob_up"].to_numpy(dtype=float)[ok] > 0.5
     with np.errstate(divide="ignore", invalid="ignore"):
         last = np.log(base[ok] / previous[ok])
-    return pd.DataFrame({
-        "prediction_id": pending["prediction_id"].to_numpy()[ok], "as_of": as_of[ok],
-        "target_time": target_time[ok], "base_close": base[ok], "target_close": target[ok],
-        "realised_return": realised, "realised_up": up, "correct": predicted_up == up.astype(bool),
-        "last_return": np.where(np.isfinite(last), last, np.nan),
-        "filled_at": pd.Timestamp.now(tz="UTC")})
+    return pd.DataFrame(
+        {
+            "prediction_id": pending["prediction_id"].to_numpy()[ok],
+            "as_of": as_of[ok],
+            "target_time": target_time[ok],
+            "base_close": base[ok],
+            "target_close": target[ok],
+            "realised_return": realised,
+            "realised_up": up,
+            "correct": predicted_up == up.astype(bool),
+            "last_return": np.where(np.isfinite(last), last, np.nan),
+            "filled_at": pd.Timestamp.now(tz="UTC"),
+        }
+    )
 
 
-def fill(cfg: Config, engine: Engine, start: datetime | None = None, end: datetime | None = None,
-         known_by: datetime | None = None) -> dict[str, Any]:
+def fill(
+    cfg: Config,
+    engine: Engine,
+    start: datetime | None = None,
+    end: datetime | None = None,
+    known_by: datetime | None = None,
+) -> dict[str, Any]:
     """Fill the missing outcomes of predictions with as_of in (start, end] (None: unbounded) from candles that
     closed by `known_by` (default: now). Returns how many were filled and how many stay pending."""
-    known_by = known_by or datetime.now(timezone.utc)
+    known_by = known_by or datetime.now(UTC)
     filled: set[str] = set()
     with wh.transaction(engine) as conn:
         todo = _unfilled(conn, start, end)

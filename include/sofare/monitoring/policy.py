@@ -46,26 +46,56 @@ def drift_findings(cfg: Config, drift: DriftResult) -> list[Finding]:
         level = next((lvl for lvl in ("high", "medium", "low") if micro >= getattr(rules, lvl)), None)
         if level:
             action = {"low": "none", "medium": "alert", "high": "retrain"}[level]
-            out.append(Finding(rule="drift", severity=level, action=action, model_version=drift.model_version,
-                               message=f"{_pct(micro)} of the hourly input features drifted (>= "
-                                       f"{_pct(getattr(rules, level))}; {drift.drifted_columns}/{drift.columns} of all "
-                                       f"features): {names}"))
+            out.append(
+                Finding(
+                    rule="drift",
+                    severity=level,
+                    action=action,
+                    model_version=drift.model_version,
+                    message=f"{_pct(micro)} of the hourly input features drifted (>= "
+                    f"{_pct(getattr(rules, level))}; {drift.drifted_columns}/{drift.columns} of all "
+                    f"features): {names}",
+                )
+            )
     slow = {k: v for k, v in drift.shares.items() if k != "micro" and v >= rules.high}
     if slow:
-        out.append(Finding(rule="drift", severity="low", action="none", model_version=drift.model_version,
-                           message="daily/monthly context drifted from the reference (" + ", ".join(
-                               f"{k} {_pct(v)}" for k, v in sorted(slow.items())) + "): recorded"))
+        out.append(
+            Finding(
+                rule="drift",
+                severity="low",
+                action="none",
+                model_version=drift.model_version,
+                message="daily/monthly context drifted from the reference ("
+                + ", ".join(f"{k} {_pct(v)}" for k, v in sorted(slow.items()))
+                + "): recorded",
+            )
+        )
     if drift.prediction_drifted:
-        out.append(Finding(rule="prediction_drift", severity="low", action="none", model_version=drift.model_version,
-                           message=f"prob_up drifted from the reference (score {drift.prediction_drift:.3g})"))
+        out.append(
+            Finding(
+                rule="prediction_drift",
+                severity="low",
+                action="none",
+                model_version=drift.model_version,
+                message=f"prob_up drifted from the reference (score {drift.prediction_drift:.3g})",
+            )
+        )
     if drift.target_drifted:
-        out.append(Finding(rule="target_drift", severity="low", action="none", model_version=drift.model_version,
-                           message=f"realised returns drifted from the reference (score {drift.target_drift:.3g})"))
+        out.append(
+            Finding(
+                rule="target_drift",
+                severity="low",
+                action="none",
+                model_version=drift.model_version,
+                message=f"realised returns drifted from the reference (score {drift.target_drift:.3g})",
+            )
+        )
     return out
 
 
-def quality_findings(cfg: Config, quality: Iterable[LiveQuality], at_fault: set[str],
-                     serving: set[str] | None = None) -> list[Finding]:
+def quality_findings(
+    cfg: Config, quality: Iterable[LiveQuality], at_fault: set[str], serving: set[str] | None = None
+) -> list[Finding]:
     """`at_fault`: versions whose failure means the last change is to blame (the canary, a fresh champion);
     `serving`: the versions serving now (None: every version judged). A version that no longer serves is still
     reported, but nothing is done about it: its old predictions stay in the window for a while."""
@@ -83,16 +113,31 @@ def quality_findings(cfg: Config, quality: Iterable[LiveQuality], at_fault: set[
         severity, action = ("critical", "rollback") if severe else ("high", "retrain")
         who = f"version {version} ({variant}, {q.window}, n={q.n})"
         if q.vs_persistence is not None and q.vs_persistence.ci_high < 0:
-            out.append(Finding(rule="quality", severity=severity, action=action, model_version=version, variant=variant,
-                               message=f"{who}: accuracy {_pct(q.accuracy.value) if q.accuracy else '?'} below "
-                                       f"persistence by {_pct(-q.vs_persistence.value)} "
-                                       f"[95% CI {_pct(-q.vs_persistence.ci_high)}, {_pct(-q.vs_persistence.ci_low)}]"))
+            out.append(
+                Finding(
+                    rule="quality",
+                    severity=severity,
+                    action=action,
+                    model_version=version,
+                    variant=variant,
+                    message=f"{who}: accuracy {_pct(q.accuracy.value) if q.accuracy else '?'} below "
+                    f"persistence by {_pct(-q.vs_persistence.value)} "
+                    f"[95% CI {_pct(-q.vs_persistence.ci_high)}, {_pct(-q.vs_persistence.ci_low)}]",
+                )
+            )
         if q.vs_coin_brier is not None and q.vs_coin_brier.ci_low > 0:
-            out.append(Finding(rule="calibration", severity=severity, action=action, model_version=version,
-                               variant=variant,
-                               message=f"{who}: Brier {q.brier.value if q.brier else float('nan'):.3f} worse than a "
-                                       f"coin's 0.250 [95% CI of the excess {q.vs_coin_brier.ci_low:.3f}, "
-                                       f"{q.vs_coin_brier.ci_high:.3f}]"))
+            out.append(
+                Finding(
+                    rule="calibration",
+                    severity=severity,
+                    action=action,
+                    model_version=version,
+                    variant=variant,
+                    message=f"{who}: Brier {q.brier.value if q.brier else float('nan'):.3f} worse than a "
+                    f"coin's 0.250 [95% CI of the excess {q.vs_coin_brier.ci_low:.3f}, "
+                    f"{q.vs_coin_brier.ci_high:.3f}]",
+                )
+            )
     return out
 
 
@@ -108,14 +153,23 @@ def error_findings(cfg: Config, service: Iterable[ServiceHealth], at_fault: set[
         severity, action = level, "alert"
         if level == "critical":
             severity, action = ("critical", "rollback") if s.model_version in at_fault else ("high", "alert")
-        out.append(Finding(rule="errors", severity=severity, action=action, model_version=s.model_version,
-                           variant=s.variant, message=f"{s.variant} (version {s.model_version}): {_pct(s.error_rate)} "
-                                                      f"of {s.requests:.0f} requests answered 5xx since the last run"))
+        out.append(
+            Finding(
+                rule="errors",
+                severity=severity,
+                action=action,
+                model_version=s.model_version,
+                variant=s.variant,
+                message=f"{s.variant} (version {s.model_version}): {_pct(s.error_rate)} "
+                f"of {s.requests:.0f} requests answered 5xx since the last run",
+            )
+        )
     return out
 
 
-def decide(cfg: Config, at: datetime, findings: list[Finding], history: list[dict[str, Any]],
-           rollback_target: str | None) -> Decision:
+def decide(
+    cfg: Config, at: datetime, findings: list[Finding], history: list[dict[str, Any]], rollback_target: str | None
+) -> Decision:
     """The run's severity and action. `history`: earlier runs' (at, action) -- actions actually taken -- newest
     first. A rollback without a version to roll back to becomes a retrain (and says so)."""
     severity = max((f.severity for f in findings), key=SEVERITIES.index, default="none")
@@ -130,8 +184,10 @@ def decide(cfg: Config, at: datetime, findings: list[Finding], history: list[dic
         last = next((h for h in history if h["action"] == wanted and since < h["at"] <= at), None)
         if last is not None:
             action = "none"
-            cooldown = (f"{wanted} held back: last taken at {last['at'].isoformat()}, within the "
-                        f"{cfg.monitoring.cooldown_hours} h cool-down")
+            cooldown = (
+                f"{wanted} held back: last taken at {last['at'].isoformat()}, within the "
+                f"{cfg.monitoring.cooldown_hours} h cool-down"
+            )
     ordered = sorted(findings, key=lambda f: (-SEVERITIES.index(f.severity), -ACTIONS.index(f.action)))
     reason = "; ".join(f.message for f in ordered[:3]) or "nothing fired: every measurement within its rules"
     if len(ordered) > 3:
@@ -140,5 +196,12 @@ def decide(cfg: Config, at: datetime, findings: list[Finding], history: list[dic
         reason += f" ({'; '.join(notes)})"
     if cooldown:
         reason += f" [{cooldown}]"
-    return Decision(severity=severity, action=action, wanted=wanted, reason=reason, findings=tuple(ordered),
-                    cooldown=cooldown, rollback_target=rollback_target if action == "rollback" else None)
+    return Decision(
+        severity=severity,
+        action=action,
+        wanted=wanted,
+        reason=reason,
+        findings=tuple(ordered),
+        cooldown=cooldown,
+        rollback_target=rollback_target if action == "rollback" else None,
+    )

@@ -29,18 +29,37 @@ def hours(conn: sa.Connection, cfg: Config, start: datetime, end: datetime) -> p
     """One row per (model_version, variant, as_of) in (start, end] for the configured market: mean prob_up,
     and the outcome when known (NaN while pending)."""
     p, o = wh.predictions, wh.prediction_outcomes
-    frame = wh.query_frame(conn, sa.select(
-        p.c.model_version, p.c.variant, p.c.as_of, p.c.prob_up, o.c.realised_up, o.c.realised_return,
-        o.c.last_return).select_from(p.outerjoin(o, o.c.prediction_id == p.c.prediction_id)).where(
-        p.c.symbol == cfg.market.symbol, p.c.interval == cfg.market.interval, p.c.as_of > start, p.c.as_of <= end))
+    frame = wh.query_frame(
+        conn,
+        sa.select(
+            p.c.model_version,
+            p.c.variant,
+            p.c.as_of,
+            p.c.prob_up,
+            o.c.realised_up,
+            o.c.realised_return,
+            o.c.last_return,
+        )
+        .select_from(p.outerjoin(o, o.c.prediction_id == p.c.prediction_id))
+        .where(
+            p.c.symbol == cfg.market.symbol, p.c.interval == cfg.market.interval, p.c.as_of > start, p.c.as_of <= end
+        ),
+    )
     if frame.empty:
         return frame
     for column in ("realised_up", "realised_return", "last_return"):
         frame[column] = pd.to_numeric(frame[column], errors="coerce")
-    return (frame.groupby(["model_version", "variant", "as_of"], as_index=False)
-            .agg(prob_up=("prob_up", "mean"), n_predictions=("prob_up", "size"), realised_up=("realised_up", "first"),
-                 realised_return=("realised_return", "first"), last_return=("last_return", "first"))
-            .sort_values(["model_version", "variant", "as_of"]))
+    return (
+        frame.groupby(["model_version", "variant", "as_of"], as_index=False)
+        .agg(
+            prob_up=("prob_up", "mean"),
+            n_predictions=("prob_up", "size"),
+            realised_up=("realised_up", "first"),
+            realised_return=("realised_return", "first"),
+            last_return=("last_return", "first"),
+        )
+        .sort_values(["model_version", "variant", "as_of"])
+    )
 
 
 def _brier(prob: np.ndarray, up: np.ndarray) -> float:
@@ -57,8 +76,9 @@ def ece(prob: np.ndarray, up: np.ndarray, bins: int = 10) -> float:
     return float(total)
 
 
-def scores(prob: np.ndarray, up: np.ndarray, last_return: np.ndarray, samples: int, block: int,
-           seed: int) -> dict[str, LiveScore | float | None]:
+def scores(
+    prob: np.ndarray, up: np.ndarray, last_return: np.ndarray, samples: int, block: int, seed: int
+) -> dict[str, LiveScore | float | None]:
     """Model, persistence and always-up on the same hours; differences paired on the same resamples."""
     up = up.astype(int)
     persistence_up = (np.nan_to_num(last_return, nan=0.0) > 0).astype(float)  # unknown last bar: "down", as training
@@ -69,11 +89,27 @@ def scores(prob: np.ndarray, up: np.ndarray, last_return: np.ndarray, samples: i
         accuracy = metric("accuracy", y, zeros[i], Predictions(pr, zeros[i]), 0.5)
         persistence = metric("accuracy", y, zeros[i], Predictions(pe, zeros[i]), 0.5)
         brier = _brier(pr, y)
-        return np.array([accuracy, metric("roc_auc", y, zeros[i], Predictions(pr, zeros[i]), 0.5), brier, persistence,
-                         float(y.mean()), accuracy - persistence, brier - COIN_BRIER])
+        return np.array(
+            [
+                accuracy,
+                metric("roc_auc", y, zeros[i], Predictions(pr, zeros[i]), 0.5),
+                brier,
+                persistence,
+                float(y.mean()),
+                accuracy - persistence,
+                brier - COIN_BRIER,
+            ]
+        )
 
-    names = ("accuracy", "roc_auc", "brier", "persistence_accuracy", "always_up_accuracy", "vs_persistence",
-             "vs_coin_brier")
+    names = (
+        "accuracy",
+        "roc_auc",
+        "brier",
+        "persistence_accuracy",
+        "always_up_accuracy",
+        "vs_persistence",
+        "vs_coin_brier",
+    )
     point = statistics(np.arange(len(up)))
     draws = np.array([statistics(i) for i in block_indices(len(up), block, samples, seed)])
     out: dict[str, LiveScore | float | None] = {}
@@ -99,14 +135,25 @@ def live_quality(conn: sa.Connection, cfg: Config, at: datetime) -> list[LiveQua
             continue
         for (version, variant), group in frame.groupby(["model_version", "variant"], sort=True):
             known = group[group["realised_up"].notna()]
-            common = {"model_version": str(version), "variant": str(variant), "window": window,
-                      "start": start.isoformat(), "end": at.isoformat(), "n": len(known),
-                      "pending": len(group) - len(known)}
+            common = {
+                "model_version": str(version),
+                "variant": str(variant),
+                "window": window,
+                "start": start.isoformat(),
+                "end": at.isoformat(),
+                "n": len(known),
+                "pending": len(group) - len(known),
+            }
             if len(known) < m.min_outcomes:
                 out.append(LiveQuality(status="insufficient", **common))
                 continue
-            found = scores(known["prob_up"].to_numpy(float), known["realised_up"].to_numpy(float),
-                           known["last_return"].to_numpy(float), m.bootstrap_samples, m.bootstrap_block_bars,
-                           cfg.training.seed)
+            found = scores(
+                known["prob_up"].to_numpy(float),
+                known["realised_up"].to_numpy(float),
+                known["last_return"].to_numpy(float),
+                m.bootstrap_samples,
+                m.bootstrap_block_bars,
+                cfg.training.seed,
+            )
             out.append(LiveQuality(status="ok", **common, **found))  # type: ignore[arg-type]
     return out

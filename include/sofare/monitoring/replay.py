@@ -61,17 +61,35 @@ class Summary:
     timings: Counter[str] = field(default_factory=Counter)  # seconds per step, summed over the hours
 
     def to_dict(self) -> dict[str, Any]:
-        drift = [{"at": r.at, "share": r.drift.share, "severity": f.severity}
-                 for r in self.runs for f in r.decision.findings if f.rule == "drift" and f.severity != "low"]
-        return {"start": self.start, "end": self.end, "hours": self.hours, "predictions": dict(self.predictions),
-                "refused": self.refused, "monitor_runs": len(self.runs), "drift_events": drift,
-                "actions": self.actions, "quality": self.quality, "seconds": round(self.seconds, 1),
-                "timings": {k: round(v, 2) for k, v in self.timings.items()}, "notes": self.notes}
+        drift = [
+            {"at": r.at, "share": r.drift.share, "severity": f.severity}
+            for r in self.runs
+            for f in r.decision.findings
+            if f.rule == "drift" and f.severity != "low"
+        ]
+        return {
+            "start": self.start,
+            "end": self.end,
+            "hours": self.hours,
+            "predictions": dict(self.predictions),
+            "refused": self.refused,
+            "monitor_runs": len(self.runs),
+            "drift_events": drift,
+            "actions": self.actions,
+            "quality": self.quality,
+            "seconds": round(self.seconds, 1),
+            "timings": {k: round(v, 2) for k, v in self.timings.items()},
+            "notes": self.notes,
+        }
 
 
 def _post(url: str, body: bytes, variant: str) -> dict[str, Any]:
-    request = urllib.request.Request(url, data=body, method="POST", headers={
-        "Content-Type": "application/json", "X-Variant": variant, "X-Client-Id": "sofare-replay"})
+    request = urllib.request.Request(
+        url,
+        data=body,
+        method="POST",
+        headers={"Content-Type": "application/json", "X-Variant": variant, "X-Client-Id": "sofare-replay"},
+    )
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # local: never through a proxy
     with opener.open(request, timeout=30) as response:
         return json.loads(response.read())
@@ -86,8 +104,9 @@ def drifted(body: dict[str, Any]) -> dict[str, Any]:
     out = []
     for c in candles:
         o, h, lo, cl = (float(v) for v in scale([c["open"], c["high"], c["low"], c["close"]]))
-        out.append({**c, "open": o, "high": max(h, o, cl), "low": min(lo, o, cl), "close": cl,
-                    "volume": c["volume"] * 10.0})
+        out.append(
+            {**c, "open": o, "high": max(h, o, cl), "low": min(lo, o, cl), "close": cl, "volume": c["volume"] * 10.0}
+        )
     return {**body, "candles": out}
 
 
@@ -123,15 +142,28 @@ def sabotaged_canary(cfg: Config, actor: str) -> str:
         with versions.scoped(cfg), mlflow.start_run(run_id=base.tags.get("training_run_id") or base.run_id):
             info = versions._log_model(cfg, directory, example, meta.feature_set_version)
         version = str(info.registered_model_version)
-        model_tag = bento.import_model(cfg, directory, {"model_version": version, "semver": "sabotaged",
-                                                        "feature_set_version": meta.feature_set_version})
+        model_tag = bento.import_model(
+            cfg,
+            directory,
+            {"model_version": version, "semver": "sabotaged", "feature_set_version": meta.feature_set_version},
+        )
     built = bento.build(cfg, model_tag)
-    note = (f"bad-canary drill (sofare replay): version {stable.version} with its classification head's 'up' bias "
-            f"raised by {SABOTAGE_LOGIT:g} (prob_up near 1 for every window)")
-    versions.set_tags(cfg, version, {**{k: v for k, v in base.tags.items() if k not in ("bento_tag", "container")},
-                                     "semver": f"{base.tags.get('semver', '0.0.0')}+sabotaged", "injected": note,
-                                     "promotion_verdict": "rejected", "bento_tag": built["bento"],
-                                     "bento_model": model_tag})
+    note = (
+        f"bad-canary drill (sofare replay): version {stable.version} with its classification head's 'up' bias "
+        f"raised by {SABOTAGE_LOGIT:g} (prob_up near 1 for every window)"
+    )
+    versions.set_tags(
+        cfg,
+        version,
+        {
+            **{k: v for k, v in base.tags.items() if k not in ("bento_tag", "container")},
+            "semver": f"{base.tags.get('semver', '0.0.0')}+sabotaged",
+            "injected": note,
+            "promotion_verdict": "rejected",
+            "bento_tag": built["bento"],
+            "bento_model": model_tag,
+        },
+    )
     audit.record(cfg, actor, "inject", version, "sabotaged", {"base_version": stable.version, "note": note})
     deployment.start_canary(version, 0.5)
     return version
@@ -159,9 +191,16 @@ def _wait_for_log(cfg: Config, expected: int, since: datetime, timeout: float = 
         time.sleep(0.2)
 
 
-def replay(cfg: Config, start: str, end: str, speed: float | None = None, inject: str | None = None,
-           actor: str | None = None, html_every: int = 24,
-           progress: Callable[[str], None] | None = None) -> Summary:
+def replay(
+    cfg: Config,
+    start: str,
+    end: str,
+    speed: float | None = None,
+    inject: str | None = None,
+    actor: str | None = None,
+    html_every: int = 24,
+    progress: Callable[[str], None] | None = None,
+) -> Summary:
     """Replay inclusive days [start, end] hour by hour (see the module's docstring). `speed`: simulated hours
     per second at most (None: as fast as it goes). `html_every`: write the Evidently HTML every N hours."""
     from sofare.deploy import rollout
@@ -184,8 +223,10 @@ def replay(cfg: Config, start: str, end: str, speed: float | None = None, inject
 
         test_start = versions.resolve(cfg, stable.version).tags.get("test_window", "").split("..")[0]
         if test_start and pd.Timestamp(first) < pd.Timestamp(test_start):
-            summary.notes.append(f"version {stable.version} was fitted on data before its test window (from "
-                                 f"{test_start}): live accuracy on replayed hours before that is in-sample, not evidence")
+            summary.notes.append(
+                f"version {stable.version} was fitted on data before its test window (from "
+                f"{test_start}): live accuracy on replayed hours before that is in-sample, not evidence"
+            )
             progress("warning: " + summary.notes[-1])
     if inject == "bad-canary":
         version = sabotaged_canary(cfg, actor)
@@ -193,7 +234,9 @@ def replay(cfg: Config, start: str, end: str, speed: float | None = None, inject
         progress(summary.notes[-1])
     drift_from = hours[len(hours) // 3] if inject == "drift" else None
     if drift_from:
-        summary.notes.append(f"injected: 4x volatility and 10x volume in the windows sent from {drift_from.isoformat()}")
+        summary.notes.append(
+            f"injected: 4x volatility and 10x volume in the windows sent from {drift_from.isoformat()}"
+        )
         progress(summary.notes[-1])
     began_wall = pd.Timestamp.now(tz="UTC").to_pydatetime()
     began = time.monotonic()
@@ -243,17 +286,29 @@ def act(cfg: Config, result: MonitorRun, actor: str) -> dict[str, Any]:
     from sofare.deploy import rollout
 
     decision = result.decision
-    taken: dict[str, Any] = {"at": result.at, "action": decision.action, "severity": decision.severity,
-                             "reason": decision.reason}
+    taken: dict[str, Any] = {
+        "at": result.at,
+        "action": decision.action,
+        "severity": decision.severity,
+        "reason": decision.reason,
+    }
     alerts.send(cfg, "sofare_monitor", decision.severity, f"sofare_monitor at {result.at}: {decision.reason}")
     if decision.action == "rollback":
         cause = next((f.rule for f in decision.findings if f.action == "rollback"), "")
-        done = rollout.Deployment(cfg, actor).rollback(policy.ROLLBACK_REASONS.get(cause, "other"),
-                                                       decision.reason[:1900], decision.rollback_target)
+        done = rollout.Deployment(cfg, actor).rollback(
+            policy.ROLLBACK_REASONS.get(cause, "other"), decision.reason[:1900], decision.rollback_target
+        )
         taken["rollback"] = {"target": done["target"], "verified": done["verified"], "seconds": done["seconds"]}
     elif decision.action == "retrain":
-        taken["asset_event"] = {"asset": "sofare_retrain_request", "extra": {
-            "reason": decision.reason, "severity": decision.severity, "monitor_run": result.run_id, "at": result.at}}
+        taken["asset_event"] = {
+            "asset": "sofare_retrain_request",
+            "extra": {
+                "reason": decision.reason,
+                "severity": decision.severity,
+                "monitor_run": result.run_id,
+                "at": result.at,
+            },
+        }
     return taken
 
 
@@ -268,12 +323,21 @@ def overall_quality(cfg: Config, start: datetime, end: datetime) -> list[dict[st
         return out
     for (version, variant), group in frame.groupby(["model_version", "variant"]):
         known = group[group["realised_up"].notna()]
-        row: dict[str, Any] = {"model_version": version, "variant": variant, "n": len(known),
-                               "pending": len(group) - len(known)}
+        row: dict[str, Any] = {
+            "model_version": version,
+            "variant": variant,
+            "n": len(known),
+            "pending": len(group) - len(known),
+        }
         if len(known) >= m.min_outcomes:
-            found = quality.scores(known["prob_up"].to_numpy(float), known["realised_up"].to_numpy(float),
-                                   known["last_return"].to_numpy(float), m.bootstrap_samples, m.bootstrap_block_bars,
-                                   cfg.training.seed)
+            found = quality.scores(
+                known["prob_up"].to_numpy(float),
+                known["realised_up"].to_numpy(float),
+                known["last_return"].to_numpy(float),
+                m.bootstrap_samples,
+                m.bootstrap_block_bars,
+                cfg.training.seed,
+            )
             row.update({k: (v.model_dump() if hasattr(v, "model_dump") else v) for k, v in found.items()})
         out.append(row)
     return out

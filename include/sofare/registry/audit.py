@@ -17,9 +17,19 @@ def record(cfg: Config, actor: str, action: str, model_version: str, outcome: st
     import pandas as pd
 
     audit_id = uuid.uuid4().hex
-    row = pd.DataFrame([{"audit_id": audit_id, "at": pd.Timestamp.now(tz="UTC"), "actor": actor, "action": action,
-                         "model_version": str(model_version), "outcome": outcome,
-                         "details": json.dumps(details, default=str)}])
+    row = pd.DataFrame(
+        [
+            {
+                "audit_id": audit_id,
+                "at": pd.Timestamp.now(tz="UTC"),
+                "actor": actor,
+                "action": action,
+                "model_version": str(model_version),
+                "outcome": outcome,
+                "details": json.dumps(details, default=str),
+            }
+        ]
+    )
     with warehouse.transaction(warehouse.get_engine(cfg)) as conn:
         warehouse.upsert(conn, warehouse.audit_log, row)
     return audit_id

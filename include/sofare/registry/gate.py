@@ -30,9 +30,10 @@ if TYPE_CHECKING:
 
 
 def _primary(cfg: Config, model: TorchModel, windows: np.ndarray, y_up: np.ndarray, y_ret: np.ndarray) -> float:
-    prob, ret = model.predict_windows(windows[:, -model.lookback:])
-    return evaluation.metric(cfg.evaluation.primary_metric, y_up, y_ret, evaluation.Predictions(prob, ret),
-                             cfg.evaluation.decision_threshold)
+    prob, ret = model.predict_windows(windows[:, -model.lookback :])
+    return evaluation.metric(
+        cfg.evaluation.primary_metric, y_up, y_ret, evaluation.Predictions(prob, ret), cfg.evaluation.decision_threshold
+    )
 
 
 def latency_p95_ms(model: TorchModel, window: np.ndarray, repeats: int = 200) -> float:
@@ -53,27 +54,52 @@ def judge(facts: dict[str, Any], p: Any, metric: str) -> list[Check]:
     for baseline, theirs in facts["baselines"].items():
         ok = bool(np.isfinite(mine) and (not np.isfinite(theirs) or mine > theirs + p.baseline_margin))
         paired = facts.get("paired", {}).get(baseline)
-        checks.append(Check(name=f"beats {baseline}", passed=ok,
-                            detail=f"{metric} {mine:.4f} vs {theirs:.4f} on the {where} (margin {p.baseline_margin})"
-                                   + (f"; paired bootstrap: {paired}" if paired else "")))
+        checks.append(
+            Check(
+                name=f"beats {baseline}",
+                passed=ok,
+                detail=f"{metric} {mine:.4f} vs {theirs:.4f} on the {where} (margin {p.baseline_margin})"
+                + (f"; paired bootstrap: {paired}" if paired else ""),
+            )
+        )
     champion = facts.get("champion")
     name = "not worse than champion"
     if champion is None:
         checks.append(Check(name=name, passed=True, detail="no champion yet: the baselines are the bar"))
     elif not champion["comparable"]:
-        checks.append(Check(name=name, passed=False,
-                            detail=f"champion v{champion['version']} uses another feature set ({champion['feature_set']}); "
-                                   "it cannot be re-scored on the same windows: review and promote by hand"))
+        checks.append(
+            Check(
+                name=name,
+                passed=False,
+                detail=f"champion v{champion['version']} uses another feature set ({champion['feature_set']}); "
+                "it cannot be re-scored on the same windows: review and promote by hand",
+            )
+        )
     else:
         ok = bool(champion["candidate"] >= champion["score"] - p.champion_tolerance)
-        checks.append(Check(name=name, passed=ok,
-                            detail=f"{metric} on the same {champion['windows']} test windows: {champion['candidate']:.4f} "
-                                   f"vs champion v{champion['version']} {champion['score']:.4f} "
-                                   f"(tolerance {p.champion_tolerance})"))
-    checks.append(Check(name="size budget", passed=facts["size_mb"] <= p.max_model_mb,
-                        detail=f"{facts['size_mb']:.2f} MB (budget {p.max_model_mb} MB)"))
-    checks.append(Check(name="latency budget", passed=facts["latency_ms"] <= p.max_latency_ms,
-                        detail=f"p95 {facts['latency_ms']:.2f} ms per window in process (budget {p.max_latency_ms} ms)"))
+        checks.append(
+            Check(
+                name=name,
+                passed=ok,
+                detail=f"{metric} on the same {champion['windows']} test windows: {champion['candidate']:.4f} "
+                f"vs champion v{champion['version']} {champion['score']:.4f} "
+                f"(tolerance {p.champion_tolerance})",
+            )
+        )
+    checks.append(
+        Check(
+            name="size budget",
+            passed=facts["size_mb"] <= p.max_model_mb,
+            detail=f"{facts['size_mb']:.2f} MB (budget {p.max_model_mb} MB)",
+        )
+    )
+    checks.append(
+        Check(
+            name="latency budget",
+            passed=facts["latency_ms"] <= p.max_latency_ms,
+            detail=f"p95 {facts['latency_ms']:.2f} ms per window in process (budget {p.max_latency_ms} ms)",
+        )
+    )
     return checks
 
 
@@ -87,7 +113,7 @@ def measure(cfg: Config, version: str, report: EvaluationReport) -> tuple[dict[s
     champion_model = TorchModel(versions.download(cfg, champion)) if champion else None
     lookback = max(candidate.lookback, champion_model.lookback if champion_model else 0)
     windows, y_up, y_ret = pipeline.test_set(cfg, report, lookback)
-    prob, ret = candidate.predict_windows(windows[:, -candidate.lookback:])
+    prob, ret = candidate.predict_windows(windows[:, -candidate.lookback :])
     finite = bool(np.isfinite(prob).all() and np.isfinite(ret).all())
     facts: dict[str, Any] = {
         "sane": bool(finite and (prob >= 0).all() and (prob <= 1).all()),
@@ -95,19 +121,25 @@ def measure(cfg: Config, version: str, report: EvaluationReport) -> tuple[dict[s
         "primary": evidence["sofare_m3"][metric].value,
         "baselines": {b: evidence[b][metric].value for b in BASELINES if b in evidence},
         "evidence": where,
-        "paired": {p.baseline: f"{p.verdict} (difference {p.difference.value:+.4f} "
-                               f"[{p.difference.ci_low:+.4f}, {p.difference.ci_high:+.4f}])"
-                   for p in (report.wf.paired if report.wf is not None and where != "test window" else [])},
+        "paired": {
+            p.baseline: f"{p.verdict} (difference {p.difference.value:+.4f} "
+            f"[{p.difference.ci_low:+.4f}, {p.difference.ci_high:+.4f}])"
+            for p in (report.wf.paired if report.wf is not None and where != "test window" else [])
+        },
         "size_mb": candidate.size_mb,
-        "latency_ms": latency_p95_ms(candidate, windows[-1:, -candidate.lookback:]),
+        "latency_ms": latency_p95_ms(candidate, windows[-1:, -candidate.lookback :]),
         "champion": None,
     }
     if champion_model is not None:
         comparable = champion_model.meta.columns == candidate.meta.columns
-        facts["champion"] = {"version": champion, "comparable": comparable, "windows": len(y_up),
-                             "feature_set": champion_model.meta.feature_set_version,
-                             "candidate": _primary(cfg, candidate, windows, y_up, y_ret) if comparable else None,
-                             "score": _primary(cfg, champion_model, windows, y_up, y_ret) if comparable else None}
+        facts["champion"] = {
+            "version": champion,
+            "comparable": comparable,
+            "windows": len(y_up),
+            "feature_set": champion_model.meta.feature_set_version,
+            "candidate": _primary(cfg, candidate, windows, y_up, y_ret) if comparable else None,
+            "score": _primary(cfg, champion_model, windows, y_up, y_ret) if comparable else None,
+        }
     return facts, champion
 
 
@@ -124,13 +156,26 @@ def gate(cfg: Config, version: str | None = None, actor: str = "sofare", overrid
     checks = judge(facts, cfg.promotion, cfg.evaluation.primary_metric)
     passed = all(c.passed for c in checks)
     override = f"{actor}: {override_reason.strip()}" if override_reason and not passed else None
-    verdict = Verdict(model=cfg.mlflow.model_name, version=number, passed=passed, checks=tuple(checks),
-                      champion=champion, override=override)
-    verdict = verdict.model_copy(update={"audit_id": audit.record(cfg, actor, "promotion_gate", number,
-                                                                  verdict.outcome, verdict.to_xcom())})
-    versions.set_tags(cfg, number, {"promotion_verdict": verdict.outcome,
-                                    "promotion_reasons": json.dumps(verdict.reasons),
-                                    "promotion_audit_id": verdict.audit_id})
+    verdict = Verdict(
+        model=cfg.mlflow.model_name,
+        version=number,
+        passed=passed,
+        checks=tuple(checks),
+        champion=champion,
+        override=override,
+    )
+    verdict = verdict.model_copy(
+        update={"audit_id": audit.record(cfg, actor, "promotion_gate", number, verdict.outcome, verdict.to_xcom())}
+    )
+    versions.set_tags(
+        cfg,
+        number,
+        {
+            "promotion_verdict": verdict.outcome,
+            "promotion_reasons": json.dumps(verdict.reasons),
+            "promotion_audit_id": verdict.audit_id,
+        },
+    )
     if verdict.promoted:
         versions.set_alias(cfg, "challenger", number)
     return verdict

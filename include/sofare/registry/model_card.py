@@ -12,12 +12,25 @@ if TYPE_CHECKING:
     from sofare.config import Config
 
 METRIC_NAMES = {
-    "accuracy": "accuracy", "precision": "precision", "recall": "recall", "f1": "F1", "roc_auc": "ROC-AUC",
-    "mcc": "MCC", "brier": "Brier score (lower is better)", "mae": "MAE (log return)", "rmse": "RMSE (log return)",
-    "r2": "R²", "ic": "information coefficient",
+    "accuracy": "accuracy",
+    "precision": "precision",
+    "recall": "recall",
+    "f1": "F1",
+    "roc_auc": "ROC-AUC",
+    "mcc": "MCC",
+    "brier": "Brier score (lower is better)",
+    "mae": "MAE (log return)",
+    "rmse": "RMSE (log return)",
+    "r2": "R²",
+    "ic": "information coefficient",
 }
-PREDICTOR_NAMES = {"sofare_m3": "SofareM3", "persistence": "persistence", "majority": "majority class",
-                   "linear": "logistic / ridge", "gbm": "gradient-boosted trees"}
+PREDICTOR_NAMES = {
+    "sofare_m3": "SofareM3",
+    "persistence": "persistence",
+    "majority": "majority class",
+    "linear": "logistic / ridge",
+    "gbm": "gradient-boosted trees",
+}
 PLOTS = ("walk_forward.png", "reliability.png", "policy_equity.png")
 PLOT_DIR = "model_card_plots"  # beside the card
 
@@ -29,27 +42,35 @@ def _cell(s: MetricCI) -> str:
 def _table(scores: dict[str, dict[str, MetricCI]], first: str) -> str:
     """Metrics (rows) by predictor (columns), value [95% CI]; predictors a report lacks are left out."""
     present = [p for p in PREDICTORS if p in scores]
-    rows = [f"| {first} | " + " | ".join(PREDICTOR_NAMES[p] for p in present) + " |",
-            "|---|" + "---|" * len(present)]
-    rows += [f"| {METRIC_NAMES[m]} | " + " | ".join(_cell(scores[p][m]) if m in scores[p] else "–" for p in present) + " |"
-             for m in METRIC_NAMES if any(m in scores[p] for p in present)]
+    rows = [f"| {first} | " + " | ".join(PREDICTOR_NAMES[p] for p in present) + " |", "|---|" + "---|" * len(present)]
+    rows += [
+        f"| {METRIC_NAMES[m]} | " + " | ".join(_cell(scores[p][m]) if m in scores[p] else "–" for p in present) + " |"
+        for m in METRIC_NAMES
+        if any(m in scores[p] for p in present)
+    ]
     return "\n".join(rows)
 
 
 def _result_row(name: str, r: PolicyResult) -> str:
-    return (f"| {name} | {r.total_return:.2%} | {r.sharpe:.2f} | {r.max_drawdown:.2%} | {r.exposure:.1%} | {r.trades} | "
-            f"{r.turnover:.0f} | {r.fees_paid:.2%} |")
+    return (
+        f"| {name} | {r.total_return:.2%} | {r.sharpe:.2f} | {r.max_drawdown:.2%} | {r.exposure:.1%} | {r.trades} | "
+        f"{r.turnover:.0f} | {r.fees_paid:.2%} |"
+    )
 
 
-POLICY_HEADER = ["| | return | Sharpe (ann.) | max drawdown | exposure | trades | turnover / year | fees + slippage paid |",
-                 "|---|---:|---:|---:|---:|---:|---:|---:|"]
+POLICY_HEADER = [
+    "| | return | Sharpe (ann.) | max drawdown | exposure | trades | turnover / year | fees + slippage paid |",
+    "|---|---:|---:|---:|---:|---:|---:|---:|",
+]
 
 
 def _plainly(mine: str, a: PolicyResult, theirs: str, b: PolicyResult) -> str:
     """One sentence a reader cannot misread: did the policy beat the alternative after costs?"""
     verdict = "beat" if a.total_return > b.total_return else "did **not** beat"
-    return (f"Plainly: {mine} {verdict} {theirs} after costs ({a.total_return:+.2%} vs {b.total_return:+.2%}; "
-            f"costs took {a.fees_paid:.2%} over {a.trades} position changes).")
+    return (
+        f"Plainly: {mine} {verdict} {theirs} after costs ({a.total_return:+.2%} vs {b.total_return:+.2%}; "
+        f"costs took {a.fees_paid:.2%} over {a.trades} position changes)."
+    )
 
 
 def _calibration(report: EvaluationReport) -> list[str]:
@@ -82,8 +103,11 @@ def _policy(report: EvaluationReport) -> list[str]:
     p = report.policy
     if p is None or report.policy_test is None or report.policy_buy_and_hold is None:
         return []
-    rule = ("always flat: no threshold beat staying out after costs on validation" if p.threshold is None else
-            f"long when calibrated P(up) > {p.threshold:.2f}, then held at least {p.min_hold} decision(s)")
+    rule = (
+        "always flat: no threshold beat staying out after costs on validation"
+        if p.threshold is None
+        else f"long when calibrated P(up) > {p.threshold:.2f}, then held at least {p.min_hold} decision(s)"
+    )
     return [
         "## Decision policy (served as `signal`)",
         "",
@@ -115,10 +139,16 @@ def _walk_forward(report: EvaluationReport) -> list[str]:
         f" ({report.purge_rows} rows purged), early-stopped, calibrated and given its policy on its own validation part,",
         f"then scored on its test part; {wf.seconds / 60:.1f} min. {METRIC_NAMES[metric]} [95% CI] per fold:",
         "",
-        "| fold | test window | train rows | epochs | SofareM3 | " + " | ".join(PREDICTOR_NAMES[b] for b in baselines) + " |",
+        "| fold | test window | train rows | epochs | SofareM3 | "
+        + " | ".join(PREDICTOR_NAMES[b] for b in baselines)
+        + " |",
         "|---|---|---:|---:|---|" + "---|" * len(baselines),
-        *[f"| {f.fold} | {f.test_start[:10]} .. {f.test_end[:10]} | {f.train_rows:,} | {f.epochs} | {_cell(f.score)} | "
-          + " | ".join(_cell(f.baselines[b]) for b in baselines) + " |" for f in wf.folds],
+        *[
+            f"| {f.fold} | {f.test_start[:10]} .. {f.test_end[:10]} | {f.train_rows:,} | {f.epochs} | {_cell(f.score)} | "
+            + " | ".join(_cell(f.baselines[b]) for b in baselines)
+            + " |"
+            for f in wf.folds
+        ],
         "",
         "Pooled over the folds' test windows:",
         "",
@@ -126,44 +156,72 @@ def _walk_forward(report: EvaluationReport) -> list[str]:
         "",
         f"Paired moving-block bootstrap of {METRIC_NAMES[metric]}, SofareM3 minus each baseline on the same hours:",
         "",
-        *[f"- vs {PREDICTOR_NAMES[p.baseline]}: {p.difference.value:+.4f} [{p.difference.ci_low:+.4f}, "
-          f"{p.difference.ci_high:+.4f}] — **{_verdict(p.verdict, p.baseline)}** "
-          f"({p.share_not_better:.0%} of resamples not better)" for p in wf.paired],
+        *[
+            f"- vs {PREDICTOR_NAMES[p.baseline]}: {p.difference.value:+.4f} [{p.difference.ci_low:+.4f}, "
+            f"{p.difference.ci_high:+.4f}] — **{_verdict(p.verdict, p.baseline)}** "
+            f"({p.share_not_better:.0%} of resamples not better)"
+            for p in wf.paired
+        ],
         "",
     ]
     if wf.policy:
-        lines += ["Decision policies walk-forward (each fold's policy chosen on its own validation part, traded on its"
-                  " test part, folds back to back, after fees + slippage):", "", *POLICY_HEADER,
-                  *[_result_row(name.replace("_", " "), r) for name, r in wf.policy.items()], ""]
+        lines += [
+            "Decision policies walk-forward (each fold's policy chosen on its own validation part, traded on its"
+            " test part, folds back to back, after fees + slippage):",
+            "",
+            *POLICY_HEADER,
+            *[_result_row(name.replace("_", " "), r) for name, r in wf.policy.items()],
+            "",
+        ]
         if "sofare_m3" in wf.policy and "buy_and_hold" in wf.policy:
-            lines += [_plainly("walk-forward, the SofareM3 policy", wf.policy["sofare_m3"], "buy and hold",
-                               wf.policy["buy_and_hold"]), ""]
+            lines += [
+                _plainly(
+                    "walk-forward, the SofareM3 policy",
+                    wf.policy["sofare_m3"],
+                    "buy and hold",
+                    wf.policy["buy_and_hold"],
+                ),
+                "",
+            ]
     if wf.reliability is not None:
         r = wf.reliability
-        lines += [f"Calibration pooled: Brier {r.brier_raw:.4f} raw → {r.brier:.4f} calibrated; ECE {r.ece_raw:.4f} → "
-                  f"{r.ece:.4f}.", ""]
+        lines += [
+            f"Calibration pooled: Brier {r.brier_raw:.4f} raw → {r.brier:.4f} calibrated; ECE {r.ece_raw:.4f} → "
+            f"{r.ece:.4f}.",
+            "",
+        ]
     if wf.ablations:
         full = wf.ablations.get("micro+safe+macro")
-        lines += ["### Ablations: is the multi-modal design earning its cost?", "",
-                  f"Pooled walk-forward {METRIC_NAMES[metric]} with only some modalities reaching the model (the others'"
-                  " inputs held at their training mean; same folds, same hyper-parameters):", "",
-                  "| inputs | " + METRIC_NAMES[metric] + " |", "|---|---|",
-                  *[f"| {k} | {_cell(v)} |" for k, v in wf.ablations.items()], ""]
+        lines += [
+            "### Ablations: is the multi-modal design earning its cost?",
+            "",
+            f"Pooled walk-forward {METRIC_NAMES[metric]} with only some modalities reaching the model (the others'"
+            " inputs held at their training mean; same folds, same hyper-parameters):",
+            "",
+            "| inputs | " + METRIC_NAMES[metric] + " |",
+            "|---|---|",
+            *[f"| {k} | {_cell(v)} |" for k, v in wf.ablations.items()],
+            "",
+        ]
         if full is not None:
             micro = wf.ablations.get("micro")
             if micro is not None:
                 overlap = micro.ci_low <= full.value <= micro.ci_high or full.ci_low <= micro.value <= full.ci_high
-                lines += [f"All three modalities vs micro only: {full.value - micro.value:+.4f}"
-                          + (" — within the intervals: no evidence that the extra modalities help."
-                             if overlap else "."), ""]
+                lines += [
+                    f"All three modalities vs micro only: {full.value - micro.value:+.4f}"
+                    + (" — within the intervals: no evidence that the extra modalities help." if overlap else "."),
+                    "",
+                ]
     lines += ["![walk-forward](model_card_plots/walk_forward.png)", ""]
     return lines
 
 
 def _verdict(verdict: str, baseline: str) -> str:
-    return {"better": f"SofareM3 beats {PREDICTOR_NAMES[baseline]}",
-            "worse": f"SofareM3 is worse than {PREDICTOR_NAMES[baseline]}",
-            "no significant difference": f"no significant difference from {PREDICTOR_NAMES[baseline]}"}[verdict]
+    return {
+        "better": f"SofareM3 beats {PREDICTOR_NAMES[baseline]}",
+        "worse": f"SofareM3 is worse than {PREDICTOR_NAMES[baseline]}",
+        "no significant difference": f"no significant difference from {PREDICTOR_NAMES[baseline]}",
+    }[verdict]
 
 
 def render(report: EvaluationReport, model: str, version: str, tags: dict[str, str], run_id: str) -> str:
@@ -203,9 +261,12 @@ def render(report: EvaluationReport, model: str, version: str, tags: dict[str, s
         "",
         f"Optuna: {len(trials)} trial(s) — {states['COMPLETE']} complete, {states['PRUNED']} pruned, "
         f"{states['FAIL']} failed; best trial #{report.best_trial} (validation loss {report.best_val_loss:.4f}); "
-        + (f"the study took **{report.study_seconds / 60:.1f} min** (first trial start to last trial end, measured), "
-           f"{sum(t.epochs or 0 for t in trials)} epochs run." if report.study_seconds is not None else
-           "study time not recorded (trained before it was)."),
+        + (
+            f"the study took **{report.study_seconds / 60:.1f} min** (first trial start to last trial end, measured), "
+            f"{sum(t.epochs or 0 for t in trials)} epochs run."
+            if report.study_seconds is not None
+            else "study time not recorded (trained before it was)."
+        ),
         "",
         "## Test metrics next to the baselines",
         "",
@@ -222,16 +283,23 @@ def render(report: EvaluationReport, model: str, version: str, tags: dict[str, s
         "",
         "| | total return | Sharpe (annualised) | max drawdown |",
         "|---|---:|---:|---:|",
-        *[f"| {name} | {getattr(bt, key).total_return:.2%} | {getattr(bt, key).sharpe:.2f} | {getattr(bt, key).max_drawdown:.2%} |"
-          for name, key in (("SofareM3 (after fees)", "strategy"), ("buy and hold", "buy_and_hold"))],
+        *[
+            f"| {name} | {getattr(bt, key).total_return:.2%} | {getattr(bt, key).sharpe:.2f} | {getattr(bt, key).max_drawdown:.2%} |"
+            for name, key in (("SofareM3 (after fees)", "strategy"), ("buy and hold", "buy_and_hold"))
+        ],
         "",
     ]
     lines += _calibration(report) + _policy(report) + _walk_forward(report)
     if report.walk_forward and report.wf is None:
         metric = report.primary_metric
-        lines += ["## Walk-forward", "", f"| fold | test window | {METRIC_NAMES[metric]} |", "|---|---|---|",
-                  *[f"| {f.fold} | {f.test_start} .. {f.test_end} | {_cell(f.score)} |"
-                    for f in report.walk_forward], ""]
+        lines += [
+            "## Walk-forward",
+            "",
+            f"| fold | test window | {METRIC_NAMES[metric]} |",
+            "|---|---|---|",
+            *[f"| {f.fold} | {f.test_start} .. {f.test_end} | {_cell(f.score)} |" for f in report.walk_forward],
+            "",
+        ]
     lines += [
         "## Limits",
         "",
@@ -268,6 +336,13 @@ def write(cfg: Config, version: str, out: Path | None = None) -> Path:
         except Exception:  # noqa: BLE001 - an older run without the plot: the card still renders
             (plots / name).unlink(missing_ok=True)
     shutil.rmtree(plots.parent / ".download", ignore_errors=True)
-    out.write_text(render(versions.report(cfg, mv), cfg.mlflow.model_name, str(mv.version), dict(mv.tags),
-                          mv.run_id or mv.tags.get("training_run_id", "")))
+    out.write_text(
+        render(
+            versions.report(cfg, mv),
+            cfg.mlflow.model_name,
+            str(mv.version),
+            dict(mv.tags),
+            mv.run_id or mv.tags.get("training_run_id", ""),
+        )
+    )
     return out

@@ -83,17 +83,25 @@ def set_tags(cfg: Config, version: str, tags: dict[str, str]) -> None:
 def report(cfg: Config, mv: ModelVersion) -> EvaluationReport:
     """The evaluation report of a version's training run."""
     run_id = mv.run_id or mv.tags.get("training_run_id")
-    path = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="evaluation.json",
-                                                    tracking_uri=cfg.mlflow_tracking_uri))
+    path = Path(
+        mlflow.artifacts.download_artifacts(
+            run_id=run_id, artifact_path="evaluation.json", tracking_uri=cfg.mlflow_tracking_uri
+        )
+    )
     return EvaluationReport.model_validate_json(path.read_text())
 
 
 def registered(cfg: Config, ref: str | int | None = None) -> RegisteredVersion:
     """A registered version (default: the newest) with its semver and evaluation report."""
     mv = resolve(cfg, ref)
-    return RegisteredVersion(model=cfg.mlflow.model_name, version=str(mv.version), semver=mv.tags.get("semver", "?"),
-                             run_id=mv.run_id or "", model_card=str(cfg.var_dir / "reports" / "model_card.md"),
-                             report=report(cfg, mv))
+    return RegisteredVersion(
+        model=cfg.mlflow.model_name,
+        version=str(mv.version),
+        semver=mv.tags.get("semver", "?"),
+        run_id=mv.run_id or "",
+        model_card=str(cfg.var_dir / "reports" / "model_card.md"),
+        report=report(cfg, mv),
+    )
 
 
 def download(cfg: Config, version: str) -> Path:
@@ -110,12 +118,12 @@ class SofareM3Pyfunc(mlflow.pyfunc.PythonModel):
     """Input: raw feature windows float32 [batch, lookback, features] in `meta.json`'s column order
     (the feature function's output); output: prob_up and expected_return per window."""
 
-    def load_context(self, context):  # noqa: ANN001, ANN201 - MLflow validates annotated signatures
+    def load_context(self, context):
         from sofare.training.export import TorchModel
 
         self.model = TorchModel(Path(context.artifacts["model"]))
 
-    def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201
+    def predict(self, context, model_input, params=None):
         prob, ret = self.model.predict_windows(np.asarray(model_input, dtype=np.float32))
         return pd.DataFrame({"prob_up": prob, "expected_return": ret})
 
@@ -130,9 +138,14 @@ def _log_model(cfg: Config, directory: Path, example: np.ndarray, feature_set: s
         outputs=Schema([ColSpec("double", "prob_up"), ColSpec("double", "expected_return")]),
     )
     return mlflow.pyfunc.log_model(
-        name="model", python_model=SofareM3Pyfunc(), artifacts={"model": str(directory)}, signature=signature,
-        input_example=example.astype(np.float32), registered_model_name=cfg.mlflow.model_name,
-        pip_requirements=[], metadata={"feature_set_version": feature_set},
+        name="model",
+        python_model=SofareM3Pyfunc(),
+        artifacts={"model": str(directory)},
+        signature=signature,
+        input_example=example.astype(np.float32),
+        registered_model_name=cfg.mlflow.model_name,
+        pip_requirements=[],
+        metadata={"feature_set_version": feature_set},
     )
 
 
@@ -150,27 +163,41 @@ def register(cfg: Config, trained: Trained) -> RegisteredVersion:
         with scoped(cfg), mlflow.start_run(run_id=trained.run_id):
             info = _log_model(cfg, trained.directory, trained.example, rep.feature_set_version)
             version = str(info.registered_model_version)
-            semver = next_semver(previous_tags(cfg, below=int(version)), rep.architecture, rep.feature_set_version,
-                                 rep.metric(), metric)
-            set_tags(cfg, version, {
-                "semver": semver, "architecture": rep.architecture, "data_window": rep.data_window.label,
-                "test_window": rep.test_window, "feature_set_version": rep.feature_set_version,
-                "git_commit": git_commit(cfg), "primary_metric": metric, "training_run_id": trained.run_id,
-                **{f"test_{m}": f"{s.value:.4f}" for m, s in rep.scores["sofare_m3"].items()}})
+            semver = next_semver(
+                previous_tags(cfg, below=int(version)), rep.architecture, rep.feature_set_version, rep.metric(), metric
+            )
+            set_tags(
+                cfg,
+                version,
+                {
+                    "semver": semver,
+                    "architecture": rep.architecture,
+                    "data_window": rep.data_window.label,
+                    "test_window": rep.test_window,
+                    "feature_set_version": rep.feature_set_version,
+                    "git_commit": git_commit(cfg),
+                    "primary_metric": metric,
+                    "training_run_id": trained.run_id,
+                    **{f"test_{m}": f"{s.value:.4f}" for m, s in rep.scores["sofare_m3"].items()},
+                },
+            )
             mlflow.set_tags({"semver": semver, "model_version": version})
     finally:
         shutil.rmtree(trained.directory, ignore_errors=True)
     card = model_card.write(cfg, version)
     client(cfg).log_artifact(trained.run_id, str(card))
-    log.info("registered %s version %s (%s): test %s = %.4f", cfg.mlflow.model_name, version, semver, metric,
-             rep.metric())
+    log.info(
+        "registered %s version %s (%s): test %s = %.4f", cfg.mlflow.model_name, version, semver, metric, rep.metric()
+    )
     return registered(cfg, version)
 
 
 # --- semver ----------------------------------------------------------------------------------------
 
 
-def next_semver(previous: dict[str, str] | None, architecture: str, feature_set: str, primary: float, metric: str) -> str:
+def next_semver(
+    previous: dict[str, str] | None, architecture: str, feature_set: str, primary: float, metric: str
+) -> str:
     """MAJOR: architecture or feature set changed; MINOR: primary metric up by > 0.05; PATCH otherwise."""
     if not previous or "semver" not in previous:
         return "1.0.0"
@@ -185,5 +212,7 @@ def next_semver(previous: dict[str, str] | None, architecture: str, feature_set:
 
 def previous_tags(cfg: Config, below: int) -> dict[str, str] | None:
     """Tags of the newest registered version older than `below`."""
-    older = [v for v in client(cfg).search_model_versions(f"name = '{cfg.mlflow.model_name}'") if int(v.version) < below]
+    older = [
+        v for v in client(cfg).search_model_versions(f"name = '{cfg.mlflow.model_name}'") if int(v.version) < below
+    ]
     return dict(max(older, key=lambda v: int(v.version)).tags) if older else None

@@ -29,9 +29,15 @@ Served = Callable[[list[dict[str, Any]], str, float], None]
 
 
 class App:
-    def __init__(self, cfg: Config, predictor: Predictor, example: dict[str, Any] | None = None,
-                 on_served: Served | None = None, on_drop: Callable[[int, str], None] | None = None,
-                 refresh: bool = True) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        predictor: Predictor,
+        example: dict[str, Any] | None = None,
+        on_served: Served | None = None,
+        on_drop: Callable[[int, str], None] | None = None,
+        refresh: bool = True,
+    ) -> None:
         s = cfg.serving
         self.cfg = cfg
         self.predictor = predictor
@@ -41,8 +47,12 @@ class App:
         self.infer = MicroBatcher(predictor.predict_raw, s.max_batch_windows, s.batch_wait_ms)
         self.max_pending = s.max_pending
         self.max_pending_batches = s.max_pending_batches
-        self.limits = {"/predict": s.max_body_bytes, "/predict_latest": s.max_body_bytes,
-                       "/model_info": s.max_body_bytes, "/predict_batch": s.max_batch_body_bytes}
+        self.limits = {
+            "/predict": s.max_body_bytes,
+            "/predict_latest": s.max_body_bytes,
+            "/model_info": s.max_body_bytes,
+            "/predict_batch": s.max_batch_body_bytes,
+        }
         self.openapi = msgspec.json.encode(openapi.document(cfg, predictor, example))
         self.index = openapi.swagger_page().encode()
         self._stop = threading.Event()
@@ -75,12 +85,21 @@ class App:
         return self._served([answer], "predict_latest", started, [inputs], single=True)
 
     def model_info(self) -> bytes:
-        return msgspec.json.encode({**self.predictor.model_info(),
-                                    "prediction_log": {"written": self.log.written, "dropped": self.log.dropped,
-                                                       "worker": os.getpid()}})  # this worker's; /metrics sums them
+        return msgspec.json.encode(
+            {
+                **self.predictor.model_info(),
+                "prediction_log": {"written": self.log.written, "dropped": self.log.dropped, "worker": os.getpid()},
+            }
+        )  # this worker's; /metrics sums them
 
-    def _served(self, answers: list[dict[str, Any]], endpoint: str, started: float, inputs: list[np.ndarray],
-                single: bool = False) -> bytes:
+    def _served(
+        self,
+        answers: list[dict[str, Any]],
+        endpoint: str,
+        started: float,
+        inputs: list[np.ndarray],
+        single: bool = False,
+    ) -> bytes:
         """Count, log (with the features served at as_of: what drift monitoring compares) and encode."""
         self.on_served(answers, endpoint, time.perf_counter() - started)
         for answer, features in zip(answers, inputs, strict=True):

@@ -51,12 +51,10 @@ class MicroBatcher:
                 prob, ret = self.predict(np.concatenate([raw for raw, _ in items]))
                 offset = 0
                 for raw, (done, slot) in items:
-                    slot["prob"], slot["ret"] = prob[offset: offset + len(raw)], ret[offset: offset + len(raw)]
+                    slot["prob"], slot["ret"] = prob[offset : offset + len(raw)], ret[offset : offset + len(raw)]
                     offset += len(raw)
                     done.set()
             except Exception as exc:  # noqa: BLE001 - handed to every waiting request
                 for _, (done, slot) in items:
                     slot["error"] = exc
                     done.set()
-
-

@@ -31,8 +31,13 @@ def environment(cfg: Config, **extra: str) -> dict[str, str]:
     """The environment for BentoML commands: the store under var/, the warehouse, no telemetry."""
     from sofare.data import warehouse
 
-    env = {**os.environ, "BENTOML_HOME": str(cfg.var_dir / "bentoml"), "BENTOML_DO_NOT_TRACK": "True",
-           "SOFARE_WAREHOUSE__URL": warehouse.warehouse_url(cfg), "SOFARE_PATHS__VAR": str(cfg.var_dir)}
+    env = {
+        **os.environ,
+        "BENTOML_HOME": str(cfg.var_dir / "bentoml"),
+        "BENTOML_DO_NOT_TRACK": "True",
+        "SOFARE_WAREHOUSE__URL": warehouse.warehouse_url(cfg),
+        "SOFARE_PATHS__VAR": str(cfg.var_dir),
+    }
     env.update(extra)
     return env
 
@@ -42,9 +47,15 @@ def import_model(cfg: Config, directory: Path, labels: dict[str, str]) -> str:
 
     Idempotent per `labels["model_version"]`. Runs in a child process: BentoML binds its store
     (BENTOML_HOME) once per process."""
-    done = subprocess.run([sys.executable, "-m", "sofare.serving.bento", "import-model", str(directory),
-                           json.dumps(labels)], capture_output=True, text=True, env=environment(cfg), cwd=cfg.root,
-                          check=False, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-m", "sofare.serving.bento", "import-model", str(directory), json.dumps(labels)],
+        capture_output=True,
+        text=True,
+        env=environment(cfg),
+        cwd=cfg.root,
+        check=False,
+        timeout=600,
+    )
     if done.returncode != 0:
         raise RuntimeError(f"importing {directory} into the bento store failed: {done.stderr.strip()[-1500:]}")
     return done.stdout.strip().splitlines()[-1]
@@ -62,8 +73,9 @@ def _import_model_here(name: str, directory: Path, labels: dict[str, str]) -> st
         if model.info.labels.get("model_version") == labels.get("model_version"):
             return str(model.tag)
     meta = ModelMeta.read(model_dir(directory))
-    with bentoml.models.create(name, labels=labels, metadata={"data_window": meta.data_window.label,
-                                                               "architecture": meta.architecture}) as model:
+    with bentoml.models.create(
+        name, labels=labels, metadata={"data_window": meta.data_window.label, "architecture": meta.architecture}
+    ) as model:
         reference = [meta.reference_file] if meta.reference_file else []  # the drift reference travels along
         for file in (META_FILE, *meta.runtime_files.values(), *reference):
             shutil.copy2(model_dir(directory) / file, model.path_of(file))
@@ -78,17 +90,34 @@ def build(cfg: Config, model_tag: str) -> dict[str, str]:
     ordinary package (no path edits) in the bento and in its container."""
     with tempfile.TemporaryDirectory(prefix="sofare-bento-") as scratch:
         stage = Path(scratch)
-        shutil.copytree(cfg.root / "include" / "sofare", stage / "sofare",
-                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        shutil.copytree(
+            cfg.root / "include" / "sofare", stage / "sofare", ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
+        )
         for file in ("service.py", "bentofile.yaml", "requirements.txt"):
             shutil.copy2(cfg.root / BENTO_DIR / file, stage / file)
         shutil.copy2(config_file(), stage / "sofare.yaml")
         (stage / "bento_model.txt").write_text(model_tag + "\n")  # pins the model: never "latest" in the store
         example = example_window(cfg)
         (stage / "bento_example.json").write_text(json.dumps(example) if example else "null")
-        done = subprocess.run([sys.executable, "-m", "bentoml", "build", "-f", str(stage / "bentofile.yaml"),
-                               str(stage), "--output", "tag"], capture_output=True, text=True,
-                              env=environment(cfg), cwd=stage, check=False, timeout=600)
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "bentoml",
+                "build",
+                "-f",
+                str(stage / "bentofile.yaml"),
+                str(stage),
+                "--output",
+                "tag",
+            ],
+            capture_output=True,
+            text=True,
+            env=environment(cfg),
+            cwd=stage,
+            check=False,
+            timeout=600,
+        )
     if done.returncode != 0:
         raise RuntimeError(f"bentoml build failed (exit {done.returncode}): {done.stderr.strip()[-1500:]}")
     tag = done.stdout.strip().splitlines()[-1].removeprefix("__tag__:").strip()
@@ -103,8 +132,7 @@ def example_window(cfg: Config, candles: int = 300) -> dict[str, Any] | None:
 
     needed = cfg.features.warmup_bars + max(cfg.training.search_space.lookback) - 1
     with warehouse.get_engine(cfg).connect() as conn:
-        newest = warehouse.read_candles_before(conn, cfg.market.symbol, cfg.market.interval,
-                                               datetime.now(UTC), 1)
+        newest = warehouse.read_candles_before(conn, cfg.market.symbol, cfg.market.interval, datetime.now(UTC), 1)
     if newest.empty:
         return None
     return request_body(cfg, newest["open_time"].iloc[-1].to_pydatetime(), max(candles, needed))
@@ -121,8 +149,9 @@ def container_engine() -> tuple[bool, str]:
     if docker is None:
         return False, "no docker client on PATH"
     try:
-        done = subprocess.run([docker, "info", "--format", "{{.ServerVersion}}"], capture_output=True, text=True,
-                              timeout=20, check=False)
+        done = subprocess.run(
+            [docker, "info", "--format", "{{.ServerVersion}}"], capture_output=True, text=True, timeout=20, check=False
+        )
     except subprocess.TimeoutExpired:
         return False, "docker info timed out"
     if done.returncode != 0:
@@ -136,8 +165,14 @@ def containerize(cfg: Config, tag: str) -> dict[str, Any]:
     included) under var/containers/ and say plainly that no image was built, and why."""
     available, reason = container_engine()
     if available:
-        done = subprocess.run([sys.executable, "-m", "bentoml", "containerize", tag, "-t", tag],
-                              capture_output=True, text=True, env=environment(cfg), check=False, timeout=3600)
+        done = subprocess.run(
+            [sys.executable, "-m", "bentoml", "containerize", tag, "-t", tag],
+            capture_output=True,
+            text=True,
+            env=environment(cfg),
+            check=False,
+            timeout=3600,
+        )
         if done.returncode != 0:
             raise RuntimeError(f"bentoml containerize failed: {done.stderr.strip()[-1500:]}")
         return {"bento": tag, "image": tag, "built": True, "engine": reason}
@@ -148,10 +183,16 @@ def containerize(cfg: Config, tag: str) -> dict[str, Any]:
     dockerfile = context / "env" / "docker" / "Dockerfile"
     if not dockerfile.exists():
         raise RuntimeError(f"bento {tag} has no Dockerfile at {dockerfile}")
-    return {"bento": tag, "image": None, "built": False, "engine": reason, "context": str(context),
-            "dockerfile": str(dockerfile),
-            "message": f"no image built: no container engine ({reason}). Build context kept at {context}; "
-                       f"build it where an engine runs: docker build -f env/docker/Dockerfile -t {tag} ."}
+    return {
+        "bento": tag,
+        "image": None,
+        "built": False,
+        "engine": reason,
+        "context": str(context),
+        "dockerfile": str(dockerfile),
+        "message": f"no image built: no container engine ({reason}). Build context kept at {context}; "
+        f"build it where an engine runs: docker build -f env/docker/Dockerfile -t {tag} .",
+    }
 
 
 def serving_home(cfg: Config, name: str) -> Path:
@@ -188,15 +229,20 @@ class Server:
         env.setdefault("BENTOML_HOME", str(serving_home(cfg, f"{variant}-{port}")))
         self.process = subprocess.Popen(
             [sys.executable, "-m", "bentoml", "serve", target, "--host", "127.0.0.1", "--port", str(port)],
-            env=environment(cfg, SOFARE_VARIANT=variant, **env), cwd=cfg.root, stdout=self._out,
-            stderr=subprocess.STDOUT, start_new_session=True)
+            env=environment(cfg, SOFARE_VARIANT=variant, **env),
+            cwd=cfg.root,
+            stdout=self._out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
     def wait_ready(self, timeout: float = 120) -> Server:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"bentoml serve exited {self.process.returncode}; see {self.log}:\n"
-                                   + self.log.read_text()[-3000:])
+                raise RuntimeError(
+                    f"bentoml serve exited {self.process.returncode}; see {self.log}:\n" + self.log.read_text()[-3000:]
+                )
             try:
                 with urllib.request.urlopen(f"{self.url}/readyz", timeout=2) as response:
                     if response.status == 200:

@@ -52,8 +52,12 @@ log = logging.getLogger("sofare.serving.http")
 JSON = b"application/json"
 PROBES = ("/livez", "/readyz", "/healthz")  # BentoML's own, passed through
 OTHER = "other"  # the one metrics label of every unknown path
-STATIC_FILES = {"swagger-ui.css": "text/css", "swagger-ui-bundle.js": "text/javascript",
-                "swagger-ui-standalone-preset.js": "text/javascript", "favicon-light-32x32.png": "image/png"}
+STATIC_FILES = {
+    "swagger-ui.css": "text/css",
+    "swagger-ui-bundle.js": "text/javascript",
+    "swagger-ui-standalone-preset.js": "text/javascript",
+    "favicon-light-32x32.png": "image/png",
+}
 
 
 @dataclass(frozen=True)
@@ -71,8 +75,14 @@ class Gateway:
     (before that every API request is a 503 "starting"); `observe(endpoint, status, seconds)` records
     each request; `metrics()` renders /metrics."""
 
-    def __init__(self, app: Any, resolve: Callable[[], Any], observe: Callable[[str, int, float], None],
-                 metrics: Callable[[], tuple[bytes, str]], static_dir: str | None = None) -> None:
+    def __init__(
+        self,
+        app: Any,
+        resolve: Callable[[], Any],
+        observe: Callable[[str, int, float], None],
+        metrics: Callable[[], tuple[bytes, str]],
+        static_dir: str | None = None,
+    ) -> None:
         self.app = app
         self.resolve = resolve
         self.observe = observe
@@ -91,12 +101,19 @@ class Gateway:
             try:
                 self._api = self.resolve()
             except Exception:  # noqa: BLE001 - the service is still starting
-                raise Overloaded("the service is starting", [Problem("service", "starting; retry shortly")],
-                                 headers={"Retry-After": "1"}) from None
+                raise Overloaded(
+                    "the service is starting",
+                    [Problem("service", "starting; retry shortly")],
+                    headers={"Retry-After": "1"},
+                ) from None
         return self._api
 
-    async def __call__(self, scope: dict[str, Any], receive: Callable[[], Awaitable[dict[str, Any]]],
-                       send: Callable[[dict[str, Any]], Awaitable[None]]) -> None:
+    async def __call__(
+        self,
+        scope: dict[str, Any],
+        receive: Callable[[], Awaitable[dict[str, Any]]],
+        send: Callable[[dict[str, Any]], Awaitable[None]],
+    ) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -113,31 +130,51 @@ class Gateway:
             response = self._refusal(scope, exc)
         except Exception:
             log.exception("%s %s failed", scope["method"], path)
-            response = Response(500, b'{"error": {"code": "internal", "message": "internal error; the server log '
-                                     b'has the details", "details": [], "truncated": 0}}')
-        await send({"type": "http.response.start", "status": response.status, "headers": [
-            (b"content-type", response.content_type), (b"content-length", str(len(response.body)).encode()),
-            *response.headers]})
+            response = Response(
+                500,
+                b'{"error": {"code": "internal", "message": "internal error; the server log '
+                b'has the details", "details": [], "truncated": 0}}',
+            )
+        await send(
+            {
+                "type": "http.response.start",
+                "status": response.status,
+                "headers": [
+                    (b"content-type", response.content_type),
+                    (b"content-length", str(len(response.body)).encode()),
+                    *response.headers,
+                ],
+            }
+        )
         await send({"type": "http.response.body", "body": response.body})
         self.observe(endpoint, response.status, time.perf_counter() - started)
 
     def routes(self) -> dict[str, tuple[tuple[str, ...], Callable[..., Awaitable[Response]] | None]]:
         """path -> (methods, handler); a handler None reads no body."""
         return {
-            "/predict": (("POST",), self._predict), "/predict_batch": (("POST",), self._predict_batch),
-            "/predict_latest": (("POST",), self._predict_latest), "/model_info": (("GET", "POST"), self._model_info),
-            "/docs.json": (("GET",), None), "/": (("GET",), None), "/metrics": (("GET",), None),
+            "/predict": (("POST",), self._predict),
+            "/predict_batch": (("POST",), self._predict_batch),
+            "/predict_latest": (("POST",), self._predict_latest),
+            "/model_info": (("GET", "POST"), self._model_info),
+            "/docs.json": (("GET",), None),
+            "/": (("GET",), None),
+            "/metrics": (("GET",), None),
         }
 
     async def _handle(self, scope: dict[str, Any], receive: Any, path: str, routes: dict[str, Any]) -> Response:
         if path.startswith("/static_content/") and self.static_dir is not None:
             return self._static(scope, path.removeprefix("/static_content/"))
         if path not in routes:
-            raise RouteNotFound(f"path: no route {path[:100]!r}", [Problem("path", f"no route {path[:100]!r}; see /docs.json")])
+            raise RouteNotFound(
+                f"path: no route {path[:100]!r}", [Problem("path", f"no route {path[:100]!r}; see /docs.json")]
+            )
         methods, handler = routes[path]
         if scope["method"] not in methods:
-            raise MethodNotAllowed(f"method: {scope['method']} is not allowed on {path}",
-                                   [Problem("method", f"use {' or '.join(methods)}")], headers={"Allow": ", ".join(methods)})
+            raise MethodNotAllowed(
+                f"method: {scope['method']} is not allowed on {path}",
+                [Problem("method", f"use {' or '.join(methods)}")],
+                headers={"Allow": ", ".join(methods)},
+            )
         if path == "/metrics":
             body, content_type = self.metrics()
             return Response(200, body, content_type.encode())
@@ -153,9 +190,11 @@ class Gateway:
         _check_content_type(headers.get(b"content-type"), optional=path == "/model_info")
         length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > limit:
-            raise TooLarge(f"body: {int(length)} bytes, at most {limit} accepted",
-                           [Problem("body", f"{int(length)} bytes; at most {limit} accepted on {path}")],
-                           headers={"Connection": "close"})
+            raise TooLarge(
+                f"body: {int(length)} bytes, at most {limit} accepted",
+                [Problem("body", f"{int(length)} bytes; at most {limit} accepted on {path}")],
+                headers={"Connection": "close"},
+            )
         if path == "/model_info":
             return await handler(api, await _read(receive, limit))
         refusal = self._admit(path, api)
@@ -167,12 +206,20 @@ class Gateway:
     def _admit(self, path: str, api: Any) -> Overloaded | None:
         """A 503 when the work already waiting is at its bound (decided before the body is read, so the
         body is only drained, never decoded)."""
-        waiting, bound = ((len(self.queue), api.max_pending) if path == "/predict" else
-                          (self.batches, api.max_pending_batches) if path == "/predict_batch" else (0, 1))
+        waiting, bound = (
+            (len(self.queue), api.max_pending)
+            if path == "/predict"
+            else (self.batches, api.max_pending_batches)
+            if path == "/predict_batch"
+            else (0, 1)
+        )
         if waiting < bound:
             return None
-        return Overloaded(f"server: {waiting} requests waiting on {path}; retry shortly",
-                          [Problem("server", "at capacity")], headers={"Retry-After": "1"})
+        return Overloaded(
+            f"server: {waiting} requests waiting on {path}; retry shortly",
+            [Problem("server", "at capacity")],
+            headers={"Retry-After": "1"},
+        )
 
     async def _compute(self, work: Callable[[], bytes]) -> bytes:
         """Run `work` on the event loop in arrival order, one at a time, the loop serving I/O between any two:
@@ -180,8 +227,11 @@ class Gateway:
         admitted one is bounded by serving.max_pending computations. (Computing each request in its own
         task would let the backlog hide in the loop's own queues, unbounded and unseen.)"""
         if len(self.queue) >= self.api.max_pending:
-            raise Overloaded(f"server: {len(self.queue)} requests waiting; retry shortly",
-                             [Problem("server", "at capacity")], headers={"Retry-After": "1"})
+            raise Overloaded(
+                f"server: {len(self.queue)} requests waiting; retry shortly",
+                [Problem("server", "at capacity")],
+                headers={"Retry-After": "1"},
+            )
         future = asyncio.get_running_loop().create_future()
         self.queue.append((work, future))
         if self.consumer is None or self.consumer.done():
@@ -223,13 +273,23 @@ class Gateway:
             raise MethodNotAllowed("method: only GET", [Problem("method", "use GET")], headers={"Allow": "GET"})
         if name not in STATIC_FILES or self.static_dir is None:
             raise RouteNotFound(f"path: no static file {name[:100]!r}", [Problem("path", "no such file")])
-        return Response(200, (self.static_dir / name).read_bytes(), STATIC_FILES[name].encode(),
-                        ((b"cache-control", b"max-age=3600"),))
+        return Response(
+            200,
+            (self.static_dir / name).read_bytes(),
+            STATIC_FILES[name].encode(),
+            ((b"cache-control", b"max-age=3600"),),
+        )
 
     def _refusal(self, scope: dict[str, Any], exc: ClientError) -> Response:
         # one line whatever the client sent: newlines, control and non-ASCII characters escaped
-        log.info("%d %s %s %s: %s", exc.status, exc.code, scope["method"], _printable(scope["path"][:100]),
-                 _printable(exc.message[:300]))
+        log.info(
+            "%d %s %s %s: %s",
+            exc.status,
+            exc.code,
+            scope["method"],
+            _printable(scope["path"][:100]),
+            _printable(exc.message[:300]),
+        )
         headers = tuple((k.lower().encode(), v.encode()) for k, v in exc.headers.items())
         return Response(exc.status, error_body(exc), headers=headers)
 
@@ -271,9 +331,16 @@ async def timeout_middleware_call(self: Any, scope: dict[str, Any], receive: Any
         await waiter
     except TimeoutError:  # asyncio.TimeoutError is TimeoutError since Python 3.11
         if work.cancel():
-            body = error_body(TimedOut(f"server: not answered within {self.timeout:g} s", [Problem("server", "timed out")]))
-            await send({"type": "http.response.start", "status": 504, "headers": [
-                (b"content-type", JSON), (b"content-length", str(len(body)).encode())]})
+            body = error_body(
+                TimedOut(f"server: not answered within {self.timeout:g} s", [Problem("server", "timed out")])
+            )
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 504,
+                    "headers": [(b"content-type", JSON), (b"content-length", str(len(body)).encode())],
+                }
+            )
             await send({"type": "http.response.body", "body": body})
     else:
         await work
@@ -290,10 +357,14 @@ def _check_content_type(value: bytes | None, optional: bool = False) -> None:
         return
     media, _, params = (value or b"").partition(b";")
     charset = params.strip().lower()
-    if media.strip().lower() != JSON or (charset and charset.replace(b" ", b"") not in (b"charset=utf-8", b"charset=utf8")):
+    if media.strip().lower() != JSON or (
+        charset and charset.replace(b" ", b"") not in (b"charset=utf-8", b"charset=utf8")
+    ):
         shown = (value or b"(none)").decode("latin-1")[:80]
-        raise UnsupportedMediaType(f"Content-Type: {shown!r}; send application/json",
-                                   [Problem("Content-Type", f"{shown!r} is not application/json (UTF-8)")])
+        raise UnsupportedMediaType(
+            f"Content-Type: {shown!r}; send application/json",
+            [Problem("Content-Type", f"{shown!r} is not application/json (UTF-8)")],
+        )
 
 
 async def _read(receive: Callable[[], Awaitable[dict[str, Any]]], limit: int) -> bytes:
@@ -306,9 +377,11 @@ async def _read(receive: Callable[[], Awaitable[dict[str, Any]]], limit: int) ->
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
-            raise TooLarge(f"body: more than {limit} bytes", [Problem("body", f"more than {limit} bytes")],
-                           headers={"Connection": "close"})
+            raise TooLarge(
+                f"body: more than {limit} bytes",
+                [Problem("body", f"more than {limit} bytes")],
+                headers={"Connection": "close"},
+            )
         chunks.append(chunk)
         if not message.get("more_body", False):
             return b"".join(chunks)
-

@@ -72,8 +72,11 @@ class PredictionLog:
             frame["features"] = [encode_features(v) for v in frame["features"]]
             inputs = frame.loc[frame["features"].notna(), list(INPUT_COLUMNS)]
             with warehouse.transaction(warehouse.get_engine(self.cfg)) as conn:  # both or neither
-                warehouse.upsert(conn, warehouse.predictions, frame.drop(columns=["features", "feature_set_version"],
-                                                                         errors="ignore"))
+                warehouse.upsert(
+                    conn,
+                    warehouse.predictions,
+                    frame.drop(columns=["features", "feature_set_version"], errors="ignore"),
+                )
                 warehouse.upsert(conn, warehouse.prediction_inputs, inputs)
             self.written += len(rows)
         except Exception as exc:  # noqa: BLE001 - the database may be down: count, never fail a prediction
@@ -88,17 +91,27 @@ class PredictionLog:
 INPUT_COLUMNS = ("prediction_id", "as_of", "model_version", "variant", "feature_set_version", "features")
 
 
-def log_row(answer: dict[str, Any], endpoint: str, features: np.ndarray | None = None,
-            feature_set_version: str = "") -> dict[str, Any]:
+def log_row(
+    answer: dict[str, Any], endpoint: str, features: np.ndarray | None = None, feature_set_version: str = ""
+) -> dict[str, Any]:
     """A `predictions` row; with `features` (the window's last row, the version's column order) also the
     `prediction_inputs` row drift monitoring reads (encoded by the writer thread, off the request path)."""
-    return {"features": None if features is None else np.array(features, dtype=np.float32),
-            "feature_set_version": feature_set_version,
-            "prediction_id": answer["prediction_id"], "created_at": datetime.now(UTC), "endpoint": endpoint,
-            "model_version": answer["model_version"], "variant": answer["variant"], "symbol": answer["symbol"],
-            "interval": answer["interval"], "as_of": answer["as_of"], "horizon": answer["horizon"],
-            "prob_up": answer["prob_up"], "expected_return": answer["expected_return"],
-            "latency_ms": answer["latency_ms"]}
+    return {
+        "features": None if features is None else np.array(features, dtype=np.float32),
+        "feature_set_version": feature_set_version,
+        "prediction_id": answer["prediction_id"],
+        "created_at": datetime.now(UTC),
+        "endpoint": endpoint,
+        "model_version": answer["model_version"],
+        "variant": answer["variant"],
+        "symbol": answer["symbol"],
+        "interval": answer["interval"],
+        "as_of": answer["as_of"],
+        "horizon": answer["horizon"],
+        "prob_up": answer["prob_up"],
+        "expected_return": answer["expected_return"],
+        "latency_ms": answer["latency_ms"],
+    }
 
 
 def encode_features(values: np.ndarray | None) -> str | None:

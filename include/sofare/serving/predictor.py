@@ -62,8 +62,9 @@ class Prepared:
 class Predictor:
     """A loaded model version and the checks and features around it."""
 
-    def __init__(self, cfg: Config, model: ServedModel, version: str, variant: str,
-                 info: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, cfg: Config, model: ServedModel, version: str, variant: str, info: dict[str, Any] | None = None
+    ) -> None:
         self.cfg = cfg
         self.model = model
         self.meta = meta = model.meta
@@ -88,8 +89,9 @@ class Predictor:
         self.context = WarehouseContext(cfg)
 
     @classmethod
-    def from_directory(cls, cfg: Config, directory: Path, version: str, variant: str | None = None,
-                       info: dict[str, Any] | None = None) -> Predictor:
+    def from_directory(
+        cls, cfg: Config, directory: Path, version: str, variant: str | None = None, info: dict[str, Any] | None = None
+    ) -> Predictor:
         model = ServedModel.load(directory, cfg.serving.runtime, cfg.serving.model_threads)
         return cls(cfg, model, version, variant or os.environ.get("SOFARE_VARIANT", "stable"), info)
 
@@ -104,74 +106,119 @@ class Predictor:
         if window.interval not in INTERVALS:
             problems.add(f"{where}interval", f"unknown interval {window.interval!r} (one of {', '.join(INTERVALS)})")
         elif window.interval != self.interval:
-            problems.add(f"{where}interval", f"{window.interval!r} is not served here; this model predicts {self.interval} candles")
+            problems.add(
+                f"{where}interval",
+                f"{window.interval!r} is not served here; this model predicts {self.interval} candles",
+            )
         candles = window.candles
         n = len(candles)
         if n > self.max_candles:
-            raise TooMany(f"{where}candles: {n} given, at most {self.max_candles} accepted",
-                           [Problem(f"{where}candles", f"{n} given, at most {self.max_candles} accepted")])
+            raise TooMany(
+                f"{where}candles: {n} given, at most {self.max_candles} accepted",
+                [Problem(f"{where}candles", f"{n} given, at most {self.max_candles} accepted")],
+            )
         if n < self.needed:
-            problems.add(f"{where}candles", f"{n} given, at least {self.needed} needed ({self.meta.warmup_bars} bars "
-                                            f"of feature warm-up + lookback {self.lookback} - 1)")
+            problems.add(
+                f"{where}candles",
+                f"{n} given, at least {self.needed} needed ({self.meta.warmup_bars} bars "
+                f"of feature warm-up + lookback {self.lookback} - 1)",
+            )
             return None
-        stamps = np.array([(t if t.tzinfo is not None else t.replace(tzinfo=UTC)).timestamp()
-                           for t in [c.open_time for c in candles]])
+        stamps = np.array(
+            [(t if t.tzinfo is not None else t.replace(tzinfo=UTC)).timestamp() for t in [c.open_time for c in candles]]
+        )
         out_of_range = np.flatnonzero((stamps < EARLIEST.timestamp()) | (stamps >= LATEST.timestamp()))
-        problems.add_each(out_of_range, lambda i: f"{where}candles[{i}].open_time",
-                          lambda i: f"{candles[i].open_time.isoformat()} is outside {EARLIEST.date()} .. {LATEST.date()}")
+        problems.add_each(
+            out_of_range,
+            lambda i: f"{where}candles[{i}].open_time",
+            lambda i: f"{candles[i].open_time.isoformat()} is outside {EARLIEST.date()} .. {LATEST.date()}",
+        )
         if len(out_of_range):
             return None
         us = np.rint(stamps * 1e6).astype(np.int64)
         gaps = np.diff(us)
-        problems.add_each(np.flatnonzero(gaps <= 0) + 1, lambda i: f"{where}candles[{i}].open_time",
-                          lambda i: f"duplicate timestamp {_iso(us[i])}" if us[i] == us[i - 1] else
-                          f"not sorted ({_iso(us[i])} after {_iso(us[i - 1])}); send candles oldest first")
-        problems.add_each(np.flatnonzero(us % self.step_us), lambda i: f"{where}candles[{i}].open_time",
-                          lambda i: f"{_iso(us[i])} is not on the {self.interval} grid")
+        problems.add_each(
+            np.flatnonzero(gaps <= 0) + 1,
+            lambda i: f"{where}candles[{i}].open_time",
+            lambda i: (
+                f"duplicate timestamp {_iso(us[i])}"
+                if us[i] == us[i - 1]
+                else f"not sorted ({_iso(us[i])} after {_iso(us[i - 1])}); send candles oldest first"
+            ),
+        )
+        problems.add_each(
+            np.flatnonzero(us % self.step_us),
+            lambda i: f"{where}candles[{i}].open_time",
+            lambda i: f"{_iso(us[i])} is not on the {self.interval} grid",
+        )
         closes_at = EPOCH + timedelta(microseconds=int(us[-1])) + self.delta
         if closes_at > datetime.now(UTC) + FUTURE_TOLERANCE:
-            problems.add(f"{where}candles[{n - 1}].open_time", f"{_iso(us[-1])} is in the future (that candle closes at "
-                                                               f"{closes_at.isoformat()})")
-        o, h, lo, c, v = np.array([(k.open, k.high, k.low, k.close, k.volume) for k in candles], dtype=np.float64).T.copy()
+            problems.add(
+                f"{where}candles[{n - 1}].open_time",
+                f"{_iso(us[-1])} is in the future (that candle closes at {closes_at.isoformat()})",
+            )
+        o, h, lo, c, v = np.array(
+            [(k.open, k.high, k.low, k.close, k.volume) for k in candles], dtype=np.float64
+        ).T.copy()
         for name, values in (("open", o), ("high", h), ("low", lo), ("close", c), ("volume", v)):
-            problems.add_each(np.flatnonzero(~np.isfinite(values)), lambda i, name=name: f"{where}candles[{i}].{name}",
-                              lambda i: "must be a finite number")
-        problems.add_each(np.flatnonzero((h < np.maximum(o, c)) | (lo > np.minimum(o, c))),
-                          lambda i: f"{where}candles[{i}]", lambda i: "high/low do not contain open and close")
+            problems.add_each(
+                np.flatnonzero(~np.isfinite(values)),
+                lambda i, name=name: f"{where}candles[{i}].{name}",
+                lambda i: "must be a finite number",
+            )
+        problems.add_each(
+            np.flatnonzero((h < np.maximum(o, c)) | (lo > np.minimum(o, c))),
+            lambda i: f"{where}candles[{i}]",
+            lambda i: "high/low do not contain open and close",
+        )
         span = int(us[-1] - us[-self.lookback])
         if span != self.step_us * (self.lookback - 1):
-            problems.add(f"{where}candles", f"the last {self.lookback} candles must be consecutive {self.interval} bars "
-                                            f"(they span {timedelta(microseconds=span)})")
+            problems.add(
+                f"{where}candles",
+                f"the last {self.lookback} candles must be consecutive {self.interval} bars "
+                f"(they span {timedelta(microseconds=span)})",
+            )
         self._check_context(window, where, problems)
         if len(problems.items) + problems.truncated > found:
             return None
         as_of = closes_at
         matrix = feature_matrix(o, h, lo, c, v, us * 1000, self.cfg, self.interval, self._tables(window, us, as_of))
-        raw = matrix[-self.lookback:, self.columns].astype(np.float32)
+        raw = matrix[-self.lookback :, self.columns].astype(np.float32)
         if np.isnan(raw[:, self.micro]).any():
-            problems.add(f"{where}candles", "not enough history for the features of the last window "
-                                            f"(send at least {self.needed} consecutive candles)")
+            problems.add(
+                f"{where}candles",
+                "not enough history for the features of the last window "
+                f"(send at least {self.needed} consecutive candles)",
+            )
             return None
         return Prepared(raw, as_of)
 
     def _check_context(self, window: Window, where: str, problems: Problems) -> None:
-        for name, rows, key, known in (("safe_haven", window.safe_haven, "ticker", self.tickers),
-                                       ("macro", window.macro, "series_id", self.series)):
+        for name, rows, key, known in (
+            ("safe_haven", window.safe_haven, "ticker", self.tickers),
+            ("macro", window.macro, "series_id", self.series),
+        ):
             if rows is None:
                 continue
             if len(rows) > MAX_CONTEXT_ROWS:
-                raise TooMany(f"{where}{name}: {len(rows)} rows given, at most {MAX_CONTEXT_ROWS} accepted",
-                               [Problem(f"{where}{name}", f"{len(rows)} rows given, at most {MAX_CONTEXT_ROWS}")])
+                raise TooMany(
+                    f"{where}{name}: {len(rows)} rows given, at most {MAX_CONTEXT_ROWS} accepted",
+                    [Problem(f"{where}{name}", f"{len(rows)} rows given, at most {MAX_CONTEXT_ROWS}")],
+                )
             day_field = "date" if name == "safe_haven" else "observation_date"
             for i, row in enumerate(rows):
                 if getattr(row, key) not in known:
                     problems.add(f"{where}{name}[{i}].{key}", f"{getattr(row, key)!r} is not one of {sorted(known)}")
                 day = getattr(row, day_field)
                 if not CONTEXT_EARLIEST <= day < LATEST.date():
-                    problems.add(f"{where}{name}[{i}].{day_field}", f"{day} is outside {CONTEXT_EARLIEST} .. {LATEST.date()}")
+                    problems.add(
+                        f"{where}{name}[{i}].{day_field}", f"{day} is outside {CONTEXT_EARLIEST} .. {LATEST.date()}"
+                    )
                 if not CONTEXT_EARLIEST <= utc(row.known_at).date() < LATEST.date():
-                    problems.add(f"{where}{name}[{i}].known_at",
-                                 f"{row.known_at.isoformat()} is outside {CONTEXT_EARLIEST} .. {LATEST.date()}")
+                    problems.add(
+                        f"{where}{name}[{i}].known_at",
+                        f"{row.known_at.isoformat()} is outside {CONTEXT_EARLIEST} .. {LATEST.date()}",
+                    )
                 if name == "safe_haven" and (row.high < max(row.open, row.close) or row.low > min(row.open, row.close)):
                     problems.add(f"{where}{name}[{i}]", "high/low do not contain open and close")
                 if name == "macro" and not math.isfinite(row.value):
@@ -190,12 +237,16 @@ class Predictor:
         if window.safe_haven is None or window.macro is None:
             safe, macro = _from_warehouse(lambda: self.context.rows(start, since, as_of))
         if window.safe_haven is not None:
-            safe = pd.DataFrame([{f: getattr(b, f) for f in b.__struct_fields__} for b in window.safe_haven],
-                                columns=["ticker", "date", "open", "high", "low", "close", "known_at", "volume"])
+            safe = pd.DataFrame(
+                [{f: getattr(b, f) for f in b.__struct_fields__} for b in window.safe_haven],
+                columns=["ticker", "date", "open", "high", "low", "close", "known_at", "volume"],
+            )
             safe["known_at"] = pd.to_datetime(safe["known_at"], utc=True)
         if window.macro is not None:
-            macro = pd.DataFrame([{f: getattr(m, f) for f in m.__struct_fields__} for m in window.macro],
-                                 columns=["series_id", "observation_date", "known_at", "value"])
+            macro = pd.DataFrame(
+                [{f: getattr(m, f) for f in m.__struct_fields__} for m in window.macro],
+                columns=["series_id", "observation_date", "known_at", "value"],
+            )
             macro["known_at"] = pd.to_datetime(macro["known_at"], utc=True)
         return prepare_context(safe, macro, self.cfg)
 
@@ -205,8 +256,10 @@ class Predictor:
         if batch and not windows:
             raise BadRequest("windows: empty batch", [Problem("windows", "empty batch: send at least one window")])
         if len(windows) > self.max_batch:
-            raise TooMany(f"windows: {len(windows)} given, at most {self.max_batch} per request",
-                           [Problem("windows", f"{len(windows)} given, at most {self.max_batch} per request")])
+            raise TooMany(
+                f"windows: {len(windows)} given, at most {self.max_batch} per request",
+                [Problem("windows", f"{len(windows)} given, at most {self.max_batch} per request")],
+            )
         problems = Problems()
         prepared = [self.prepare(w, f"windows[{i}]." if batch else "", problems) for i, w in enumerate(windows)]
         problems.raise_if_any()
@@ -223,15 +276,26 @@ class Predictor:
         `heads_agree` says (docs/model_card.md)."""
         prob, ret = float(prob), float(ret)
         return {
-            "prediction_id": uuid.uuid4().hex, "model_version": self.version, "variant": self.variant,
-            "symbol": self.symbol, "interval": self.interval, "direction": "up" if prob > 0.5 else "down",
-            "prob_up": round(prob, 6), "confidence": round(max(prob, 1 - prob), 6),
-            "expected_return": ret, "heads_agree": (prob > 0.5) == (ret > 0),
-            "signal": self.policy.signal(prob), "policy_id": self.policy.id, "horizon": self.horizon,
-            "as_of": as_of.isoformat(), "latency_ms": round((time.perf_counter() - started) * 1000, 3),
+            "prediction_id": uuid.uuid4().hex,
+            "model_version": self.version,
+            "variant": self.variant,
+            "symbol": self.symbol,
+            "interval": self.interval,
+            "direction": "up" if prob > 0.5 else "down",
+            "prob_up": round(prob, 6),
+            "confidence": round(max(prob, 1 - prob), 6),
+            "expected_return": ret,
+            "heads_agree": (prob > 0.5) == (ret > 0),
+            "signal": self.policy.signal(prob),
+            "policy_id": self.policy.id,
+            "horizon": self.horizon,
+            "as_of": as_of.isoformat(),
+            "latency_ms": round((time.perf_counter() - started) * 1000, 3),
         }
 
-    def predict_many(self, windows: list[Window], batch: bool = False, started: float | None = None) -> list[dict[str, Any]]:
+    def predict_many(
+        self, windows: list[Window], batch: bool = False, started: float | None = None
+    ) -> list[dict[str, Any]]:
         started = time.perf_counter() if started is None else started
         prepared = self.prepare_all(windows, batch)
         prob, ret = self.predict_raw(np.stack([p.raw for p in prepared]))
@@ -244,28 +308,49 @@ class Predictor:
     def latest_window(self, symbol: str) -> Window:
         """The newest `needed` candles of `symbol` from the warehouse (safe-haven/macro read as-of)."""
         if symbol.upper() != self.symbol:
-            raise BadRequest(f"symbol: {symbol!r} is not served here; this model predicts {self.symbol}",
-                             [Problem("symbol", f"{symbol!r} is not served here; this model predicts {self.symbol}")])
+            raise BadRequest(
+                f"symbol: {symbol!r} is not served here; this model predicts {self.symbol}",
+                [Problem("symbol", f"{symbol!r} is not served here; this model predicts {self.symbol}")],
+            )
         engine = warehouse.get_engine(self.cfg)
         with engine.connect() as conn:
-            frame = warehouse.read_candles_before(conn, self.symbol, self.interval,
-                                                  datetime.now(UTC) - self.delta + FUTURE_TOLERANCE, self.needed)
+            frame = warehouse.read_candles_before(
+                conn, self.symbol, self.interval, datetime.now(UTC) - self.delta + FUTURE_TOLERANCE, self.needed
+            )
         if len(frame) < self.needed:
-            raise NoData(f"symbol: the warehouse holds {len(frame)} {self.symbol} {self.interval} candles; {self.needed} needed",
-                         [Problem("symbol", f"{len(frame)} candles in the warehouse, {self.needed} needed")])
-        candles = [Candle(row["open_time"].to_pydatetime(), *(float(row[k]) for k in ("open", "high", "low", "close", "volume")))
-                   for row in frame.to_dict("records")]
+            raise NoData(
+                f"symbol: the warehouse holds {len(frame)} {self.symbol} {self.interval} candles; {self.needed} needed",
+                [Problem("symbol", f"{len(frame)} candles in the warehouse, {self.needed} needed")],
+            )
+        candles = [
+            Candle(
+                row["open_time"].to_pydatetime(), *(float(row[k]) for k in ("open", "high", "low", "close", "volume"))
+            )
+            for row in frame.to_dict("records")
+        ]
         return Window(symbol=self.symbol, interval=self.interval, candles=candles)
 
     def model_info(self) -> dict[str, Any]:
         meta = self.meta
-        return {"model": self.cfg.mlflow.model_name, "model_version": self.version, "variant": self.variant,
-                "symbol": self.symbol, "interval": self.interval, "horizon": self.horizon,
-                "lookback": self.lookback, "candles_needed": self.needed,
-                "feature_set_version": meta.feature_set_version, "architecture": meta.architecture,
-                "features": len(meta.columns), "max_batch_windows": self.max_batch,
-                "max_window_candles": self.max_candles, "runtime": self.model.runtime,
-                "calibration": meta.calibration.model_dump(), "policy": self.policy.model_dump(), **self.info}
+        return {
+            "model": self.cfg.mlflow.model_name,
+            "model_version": self.version,
+            "variant": self.variant,
+            "symbol": self.symbol,
+            "interval": self.interval,
+            "horizon": self.horizon,
+            "lookback": self.lookback,
+            "candles_needed": self.needed,
+            "feature_set_version": meta.feature_set_version,
+            "architecture": meta.architecture,
+            "features": len(meta.columns),
+            "max_batch_windows": self.max_batch,
+            "max_window_candles": self.max_candles,
+            "runtime": self.model.runtime,
+            "calibration": meta.calibration.model_dump(),
+            "policy": self.policy.model_dump(),
+            **self.info,
+        }
 
 
 class Latest:
@@ -282,8 +367,9 @@ class Latest:
     def refresh(self) -> None:
         p = self.predictor
         with warehouse.get_engine(p.cfg).connect() as conn:  # one row: is there anything new?
-            newest = warehouse.read_candles_before(conn, p.symbol, p.interval,
-                                                   datetime.now(UTC) - p.delta + FUTURE_TOLERANCE, 1)
+            newest = warehouse.read_candles_before(
+                conn, p.symbol, p.interval, datetime.now(UTC) - p.delta + FUTURE_TOLERANCE, 1
+            )
         if not newest.empty and (newest["open_time"].iloc[-1].to_pydatetime(), p.context.loaded_at) == self.key:
             return
         try:
@@ -294,21 +380,30 @@ class Latest:
         key = (window.candles[-1].open_time, p.context.loaded_at)
         (prepared,) = p.prepare_all([window])
         prob, ret = p.predict_raw(prepared.raw[None])
-        self.key, self.current, self.error = key, (prepared.as_of, float(prob[0]), float(ret[0]), prepared.raw[-1]), None
+        self.key, self.current, self.error = (
+            key,
+            (prepared.as_of, float(prob[0]), float(ret[0]), prepared.raw[-1]),
+            None,
+        )
 
     def answer(self, symbol: str, started: float) -> tuple[dict[str, Any], np.ndarray]:
         """The latest window's answer and its features at as_of (for the prediction log)."""
         p = self.predictor
         if symbol.upper() != p.symbol:
-            raise BadRequest(f"symbol: {symbol!r} is not served here; this model predicts {p.symbol}",
-                             [Problem("symbol", f"{symbol!r} is not served here; this model predicts {p.symbol}")])
+            raise BadRequest(
+                f"symbol: {symbol!r} is not served here; this model predicts {p.symbol}",
+                [Problem("symbol", f"{symbol!r} is not served here; this model predicts {p.symbol}")],
+            )
         if self.current is None:
             if self.error is not None:
                 raise self.error
             _from_warehouse(self.refresh)
             if self.current is None:
-                raise self.error or Unavailable("symbol: no latest window yet", [Problem("symbol", "no latest window yet; retry")],
-                                  headers={"Retry-After": "1"})
+                raise self.error or Unavailable(
+                    "symbol: no latest window yet",
+                    [Problem("symbol", "no latest window yet; retry")],
+                    headers={"Retry-After": "1"},
+                )
         as_of, prob, ret, features = self.current
         return p.answer(as_of, prob, ret, started), features
 
@@ -319,8 +414,11 @@ def _from_warehouse(read: Any) -> Any:
         return read()
     except Exception as exc:  # noqa: BLE001 - any driver error: the dependency is down, not the request wrong
         log.warning("warehouse read failed: %s", str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__)
-        raise Unavailable("warehouse: cannot be read now; retry later (or send safe_haven and macro rows)",
-                          [Problem("warehouse", "unavailable")], headers={"Retry-After": "1"}) from None
+        raise Unavailable(
+            "warehouse: cannot be read now; retry later (or send safe_haven and macro rows)",
+            [Problem("warehouse", "unavailable")],
+            headers={"Retry-After": "1"},
+        ) from None
 
 
 class WarehouseContext:
@@ -384,4 +482,3 @@ class WarehouseContext:
 
 def _iso(us: int | np.integer) -> str:
     return (EPOCH + timedelta(microseconds=int(us))).isoformat()
-

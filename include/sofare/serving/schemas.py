@@ -42,8 +42,13 @@ class ClientError(InputError):
     status = 400
     code = "bad_request"
 
-    def __init__(self, message: str, details: list[Problem] | None = None, truncated: int = 0,
-                 headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        details: list[Problem] | None = None,
+        truncated: int = 0,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.details = details or []
@@ -153,8 +158,17 @@ def error_body(error: ClientError) -> bytes:
     details = [{"field": _clip(p.field, 120), "problem": _clip(p.problem, 240)} for p in error.details[:MAX_DETAILS]]
     truncated = error.truncated + max(len(error.details) - MAX_DETAILS, 0)
     while True:
-        body = json.dumps({"error": {"code": error.code, "message": _clip(error.message, 600), "details": details,
-                                     "truncated": truncated}}, ensure_ascii=True).encode()
+        body = json.dumps(
+            {
+                "error": {
+                    "code": error.code,
+                    "message": _clip(error.message, 600),
+                    "details": details,
+                    "truncated": truncated,
+                }
+            },
+            ensure_ascii=True,
+        ).encode()
         if len(body) <= MAX_ERROR_BYTES or not details:
             return body
         details.pop()
@@ -246,7 +260,7 @@ def decode(body: bytes, kind: type[msgspec.Struct]) -> Any:
         where = re.search(r"\(byte (\d+)\)", message)
         if where:  # show the bytes around the error: a NaN or a stray comma is found at a glance
             at = int(where[1])
-            near = body[max(at - 40, 0): at + 20].decode("utf-8", "replace")
+            near = body[max(at - 40, 0) : at + 20].decode("utf-8", "replace")
             message += f" near {near!r}"
         raise Malformed(f"body: {message}", [Problem("body", message)]) from None
     except UnicodeDecodeError as exc:  # a string that is not UTF-8
@@ -269,18 +283,40 @@ def request_body(cfg: Config, last_open: datetime, candles: int | None = None, c
     with engine.connect() as conn:
         needed = cfg.features.warmup_bars + max(cfg.training.search_space.lookback) - 1
         frame = warehouse.read_candles_before(conn, symbol, interval, last_open + delta, candles or needed)
-        body: dict[str, Any] = {"symbol": symbol, "interval": interval, "candles": [
-            {"open_time": r["open_time"].isoformat(), **{k: float(r[k]) for k in ("open", "high", "low", "close", "volume")}}
-            for r in frame.to_dict("records")]}
+        body: dict[str, Any] = {
+            "symbol": symbol,
+            "interval": interval,
+            "candles": [
+                {
+                    "open_time": r["open_time"].isoformat(),
+                    **{k: float(r[k]) for k in ("open", "high", "low", "close", "volume")},
+                }
+                for r in frame.to_dict("records")
+            ],
+        }
         if context:
             first = frame["open_time"].iloc[0].to_pydatetime()
             known = last_open + delta + timedelta(microseconds=1)
-            safe = warehouse.read_safe_haven(conn, (first - timedelta(days=cfg.features.daily_context_days)).date(), known)
+            safe = warehouse.read_safe_haven(
+                conn, (first - timedelta(days=cfg.features.daily_context_days)).date(), known
+            )
             macro = warehouse.read_macro(conn, first - timedelta(days=cfg.features.macro_context_days), known)
-            body["safe_haven"] = [{"ticker": r["ticker"], "date": str(r["date"]), "known_at": r["known_at"].isoformat(),
-                                   **{k: (None if r[k] != r[k] else float(r[k])) for k in ("open", "high", "low", "close", "volume")}}
-                                  for r in safe.to_dict("records")]
-            body["macro"] = [{"series_id": r["series_id"], "observation_date": str(r["observation_date"]),
-                              "known_at": r["known_at"].isoformat(), "value": float(r["value"])}
-                             for r in macro.to_dict("records")]
+            body["safe_haven"] = [
+                {
+                    "ticker": r["ticker"],
+                    "date": str(r["date"]),
+                    "known_at": r["known_at"].isoformat(),
+                    **{k: (None if r[k] != r[k] else float(r[k])) for k in ("open", "high", "low", "close", "volume")},
+                }
+                for r in safe.to_dict("records")
+            ]
+            body["macro"] = [
+                {
+                    "series_id": r["series_id"],
+                    "observation_date": str(r["observation_date"]),
+                    "known_at": r["known_at"].isoformat(),
+                    "value": float(r["value"]),
+                }
+                for r in macro.to_dict("records")
+            ]
     return body

@@ -17,15 +17,21 @@ if TYPE_CHECKING:
 
 
 def training_frame(
-    cfg: Config, engine: Engine, start: datetime, end: datetime, symbol: str | None = None, interval: str | None = None,
+    cfg: Config,
+    engine: Engine,
+    start: datetime,
+    end: datetime,
+    symbol: str | None = None,
+    interval: str | None = None,
 ) -> pd.DataFrame:
     """Feature rows of [start, end); UnvalidatedIntervalError names any day not validated by every suite."""
     symbol = (symbol or cfg.market.symbol).upper()
     interval = interval or cfg.market.interval
     with engine.connect() as conn:
         suites.require_validated(conn, cfg, start, end, symbol, interval)
-        return warehouse.read_features(conn, warehouse.features_table(feature_spec(cfg).columns), symbol, interval,
-                                       start, end)
+        return warehouse.read_features(
+            conn, warehouse.features_table(feature_spec(cfg).columns), symbol, interval, start, end
+        )
 
 
 def validated_span(conn: Any, cfg: Config, symbol: str | None = None, interval: str | None = None) -> tuple[date, date]:
@@ -37,13 +43,19 @@ def validated_span(conn: Any, cfg: Config, symbol: str | None = None, interval: 
     v = warehouse.validated_days
     passed: set[date] | None = None
     for suite in suites.SUITES:
-        days = {row.day for row in conn.execute(
-            sa.select(v.c.day).where(v.c.suite == suite, v.c.scope == warehouse.scope_of(suite, symbol, interval),
-                                     v.c.status == "passed"))}
+        days = {
+            row.day
+            for row in conn.execute(
+                sa.select(v.c.day).where(
+                    v.c.suite == suite, v.c.scope == warehouse.scope_of(suite, symbol, interval), v.c.status == "passed"
+                )
+            )
+        }
         passed = days if passed is None else passed & days
     if not passed:
         raise suites.UnvalidatedIntervalError(
-            f"no day of {symbol} {interval} passed every validation suite; run `sofare validate` first")
+            f"no day of {symbol} {interval} passed every validation suite; run `sofare validate` first"
+        )
     last = max(passed)
     first = last
     while first - timedelta(days=1) in passed:

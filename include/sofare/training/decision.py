@@ -77,9 +77,15 @@ def ece(prob_up: np.ndarray, y_up: np.ndarray, bins: int = 10) -> float:
 
 def reliability(raw: np.ndarray, calibrated: np.ndarray, y_up: np.ndarray, bins: int = 10) -> Reliability:
     predicted, observed, count = _bins(calibrated, y_up, bins)
-    return Reliability(predicted=tuple(float(v) for v in predicted), observed=tuple(float(v) for v in observed),
-                       count=tuple(int(c) for c in count), brier_raw=brier(raw, y_up), brier=brier(calibrated, y_up),
-                       ece_raw=ece(raw, y_up, bins), ece=ece(calibrated, y_up, bins))
+    return Reliability(
+        predicted=tuple(float(v) for v in predicted),
+        observed=tuple(float(v) for v in observed),
+        count=tuple(int(c) for c in count),
+        brier_raw=brier(raw, y_up),
+        brier=brier(calibrated, y_up),
+        ece_raw=ece(raw, y_up, bins),
+        ece=ece(calibrated, y_up, bins),
+    )
 
 
 # --- the policy --------------------------------------------------------------------------------------
@@ -114,25 +120,40 @@ def trade(position: np.ndarray, ret: np.ndarray, cost_bps: float) -> tuple[np.nd
     return position * ret - changes * cost, changes
 
 
-def summarise(r: np.ndarray, position: np.ndarray, changes: np.ndarray, cost_bps: float,
-              decisions_per_year: float) -> PolicyResult:
+def summarise(
+    r: np.ndarray, position: np.ndarray, changes: np.ndarray, cost_bps: float, decisions_per_year: float
+) -> PolicyResult:
     n = len(r)
     if n == 0:
-        return PolicyResult(total_return=0.0, sharpe=0.0, max_drawdown=0.0, exposure=0.0, trades=0, turnover=0.0,
-                            fees_paid=0.0, decisions=0)
+        return PolicyResult(
+            total_return=0.0,
+            sharpe=0.0,
+            max_drawdown=0.0,
+            exposure=0.0,
+            trades=0,
+            turnover=0.0,
+            fees_paid=0.0,
+            decisions=0,
+        )
     equity = np.exp(np.cumsum(r))
     peak = np.maximum.accumulate(np.concatenate([[1.0], equity]))[1:]
     sd = float(np.std(r))
     years = n / decisions_per_year
     return PolicyResult(
-        total_return=float(equity[-1] - 1), sharpe=float(np.mean(r) / sd * math.sqrt(decisions_per_year)) if sd > 0 else 0.0,
-        max_drawdown=float(np.min(equity / peak - 1)), exposure=float(position.mean()), trades=int(changes.sum()),
-        turnover=float(changes.sum() / years) if years > 0 else 0.0, fees_paid=float(changes.sum() * cost_bps / 1e4),
-        decisions=n)
+        total_return=float(equity[-1] - 1),
+        sharpe=float(np.mean(r) / sd * math.sqrt(decisions_per_year)) if sd > 0 else 0.0,
+        max_drawdown=float(np.min(equity / peak - 1)),
+        exposure=float(position.mean()),
+        trades=int(changes.sum()),
+        turnover=float(changes.sum() / years) if years > 0 else 0.0,
+        fees_paid=float(changes.sum() * cost_bps / 1e4),
+        decisions=n,
+    )
 
 
-def simulate(policy: Policy, prob_up: np.ndarray, ret: np.ndarray, horizon: int,
-             bars_per_year: float) -> tuple[PolicyResult, np.ndarray]:
+def simulate(
+    policy: Policy, prob_up: np.ndarray, ret: np.ndarray, horizon: int, bars_per_year: float
+) -> tuple[PolicyResult, np.ndarray]:
     """The policy on windows in time order (`ret`: each window's realised `horizon`-bar log return): its
     figures and the per-decision returns (to pool folds)."""
     step = decisions(len(ret), horizon)
@@ -150,12 +171,22 @@ def pooled(parts: list[np.ndarray], cost_bps: float, decisions_per_year: float) 
     return summarise(r, position, changes, cost_bps, decisions_per_year)
 
 
-def buy_and_hold(ret: np.ndarray, horizon: int, cost_bps: float, bars_per_year: float) -> tuple[PolicyResult, np.ndarray]:
+def buy_and_hold(
+    ret: np.ndarray, horizon: int, cost_bps: float, bars_per_year: float
+) -> tuple[PolicyResult, np.ndarray]:
     return simulate(Policy.make(-1.0, 1, cost_bps, 0.0, "buy and hold"), np.ones(len(ret)), ret, horizon, bars_per_year)
 
 
-def choose(prob_up: np.ndarray, ret: np.ndarray, horizon: int, thresholds: list[float], holds: list[int],
-           fee_bps: float, slippage_bps: float, chosen_on: str) -> Policy:
+def choose(
+    prob_up: np.ndarray,
+    ret: np.ndarray,
+    horizon: int,
+    thresholds: list[float],
+    holds: list[int],
+    fee_bps: float,
+    slippage_bps: float,
+    chosen_on: str,
+) -> Policy:
     """The policy with the highest after-cost log return on validation windows; staying flat (return 0) is a
     candidate, and wins unless something beats it. Ties go to fewer trades, then the higher threshold."""
     best, best_key = Policy.make(None, 1, fee_bps, slippage_bps, chosen_on), (0.0, 0, 0.0)

@@ -82,23 +82,41 @@ def block_indices(n: int, block: int, samples: int, seed: int) -> np.ndarray:
     return (starts[:, :, None] + np.arange(block)[None, None, :]).reshape(samples, -1)[:, :n]
 
 
-def score(y_up: np.ndarray, y_ret: np.ndarray, p: Predictions, threshold: float, samples: int, block: int,
-          seed: int, names: tuple[str, ...] = METRICS) -> dict[str, dict[str, float]]:
+def score(
+    y_up: np.ndarray,
+    y_ret: np.ndarray,
+    p: Predictions,
+    threshold: float,
+    samples: int,
+    block: int,
+    seed: int,
+    names: tuple[str, ...] = METRICS,
+) -> dict[str, dict[str, float]]:
     """Every metric (or `names`) as {value, ci_low, ci_high} (percentile CI over the block bootstrap)."""
     out = {}
     index = block_indices(len(y_up), block, samples, seed)
     for name in names:
         value = metric(name, y_up, y_ret, p, threshold)
-        draws = np.array([metric(name, y_up[i], y_ret[i], Predictions(p.prob_up[i], p.expected_return[i]), threshold)
-                          for i in index])
+        draws = np.array(
+            [metric(name, y_up[i], y_ret[i], Predictions(p.prob_up[i], p.expected_return[i]), threshold) for i in index]
+        )
         draws = draws[np.isfinite(draws)]
-        low, high = (np.percentile(draws, [2.5, 97.5]) if len(draws) else (math.nan, math.nan))
+        low, high = np.percentile(draws, [2.5, 97.5]) if len(draws) else (math.nan, math.nan)
         out[name] = {"value": value, "ci_low": float(low), "ci_high": float(high)}
     return out
 
 
-def paired(name: str, y_up: np.ndarray, y_ret: np.ndarray, mine: Predictions, theirs: Predictions, threshold: float,
-           samples: int, block: int, seed: int) -> dict[str, Any]:
+def paired(
+    name: str,
+    y_up: np.ndarray,
+    y_ret: np.ndarray,
+    mine: Predictions,
+    theirs: Predictions,
+    threshold: float,
+    samples: int,
+    block: int,
+    seed: int,
+) -> dict[str, Any]:
     """`mine` minus `theirs` on the same rows, with a paired moving-block bootstrap (the same resampled hours
     for both): the difference with its 95% CI, the share of draws where `mine` is not better, and a verdict."""
     sign = -1.0 if name in LOWER_IS_BETTER else 1.0
@@ -111,14 +129,25 @@ def paired(name: str, y_up: np.ndarray, y_ret: np.ndarray, mine: Predictions, th
     d = np.asarray(draws)
     d = d[np.isfinite(d)]
     if not len(d):
-        return {"difference": {"value": diff, "ci_low": math.nan, "ci_high": math.nan}, "share_not_better": math.nan,
-                "verdict": "no significant difference"}
+        return {
+            "difference": {"value": diff, "ci_low": math.nan, "ci_high": math.nan},
+            "share_not_better": math.nan,
+            "verdict": "no significant difference",
+        }
     low, high = np.percentile(d, [2.5, 97.5])
     better = sign * d > 0
-    verdict = ("better" if (sign > 0 and low > 0) or (sign < 0 and high < 0) else
-               "worse" if (sign > 0 and high < 0) or (sign < 0 and low > 0) else "no significant difference")
-    return {"difference": {"value": float(diff), "ci_low": float(low), "ci_high": float(high)},
-            "share_not_better": float(1 - better.mean()), "verdict": verdict}
+    verdict = (
+        "better"
+        if (sign > 0 and low > 0) or (sign < 0 and high < 0)
+        else "worse"
+        if (sign > 0 and high < 0) or (sign < 0 and low > 0)
+        else "no significant difference"
+    )
+    return {
+        "difference": {"value": float(diff), "ci_low": float(low), "ci_high": float(high)},
+        "share_not_better": float(1 - better.mean()),
+        "verdict": verdict,
+    }
 
 
 # --- baselines -------------------------------------------------------------------------------------
@@ -136,7 +165,9 @@ def majority(train_up: np.ndarray, train_ret: np.ndarray, n: int) -> Predictions
     return Predictions(np.full(n, prob), np.full(n, float(np.mean(train_ret))))
 
 
-def linear(train_x: np.ndarray, train_up: np.ndarray, train_ret: np.ndarray, test_x: np.ndarray, seed: int) -> Predictions:
+def linear(
+    train_x: np.ndarray, train_up: np.ndarray, train_ret: np.ndarray, test_x: np.ndarray, seed: int
+) -> Predictions:
     """Logistic regression (direction) and ridge regression (return) on the same features at the
     window's last row, fitted on the same rows as the model."""
     from sklearn.linear_model import LogisticRegression, Ridge
@@ -152,8 +183,15 @@ def gbm(train_x: np.ndarray, train_up: np.ndarray, train_ret: np.ndarray, test_x
     number of rounds (no early stopping on later rows), seeded."""
     from sklearn.ensemble import HistGradientBoostingClassifier, HistGradientBoostingRegressor
 
-    common = {"learning_rate": 0.05, "max_iter": 150, "max_leaf_nodes": 15, "min_samples_leaf": 100,
-              "l2_regularization": 1.0, "early_stopping": False, "random_state": seed}
+    common = {
+        "learning_rate": 0.05,
+        "max_iter": 150,
+        "max_leaf_nodes": 15,
+        "min_samples_leaf": 100,
+        "l2_regularization": 1.0,
+        "early_stopping": False,
+        "random_state": seed,
+    }
     clf = HistGradientBoostingClassifier(**common).fit(train_x, train_up)
     reg = HistGradientBoostingRegressor(**common).fit(train_x, train_ret)
     return Predictions(clf.predict_proba(test_x)[:, 1], reg.predict(test_x))
@@ -162,24 +200,31 @@ def gbm(train_x: np.ndarray, train_up: np.ndarray, train_ret: np.ndarray, test_x
 # --- backtest --------------------------------------------------------------------------------------
 
 
-def backtest(prob_up: np.ndarray, realised: np.ndarray, horizon: int, threshold: float, fee_bps: float,
-             bars_per_year: float) -> dict[str, Any]:
+def backtest(
+    prob_up: np.ndarray, realised: np.ndarray, horizon: int, threshold: float, fee_bps: float, bars_per_year: float
+) -> dict[str, Any]:
     """Long/flat on non-overlapping horizons: long when prob_up > threshold, paying fee_bps per side
     on every position change. Log returns; Sharpe annualised; buy and hold over the same rows. The same
     simulation as the decision policy's (`training.decision`), with the direction threshold as the rule."""
     from sofare.contracts import Policy
     from sofare.training import decision
 
-    strategy, steps = decision.simulate(Policy.make(threshold, 1, fee_bps, 0.0), prob_up, realised, horizon,
-                                        bars_per_year)
+    strategy, steps = decision.simulate(
+        Policy.make(threshold, 1, fee_bps, 0.0), prob_up, realised, horizon, bars_per_year
+    )
     hold, hold_steps = decision.buy_and_hold(realised, horizon, fee_bps, bars_per_year)
 
     def side(r: Any) -> dict[str, float]:
         return {"total_return": r.total_return, "sharpe": r.sharpe, "max_drawdown": r.max_drawdown}
 
-    return {"strategy": side(strategy), "buy_and_hold": side(hold), "trades": strategy.trades,
-            "exposure": strategy.exposure, "equity": np.exp(np.cumsum(steps[0])).tolist(),
-            "equity_buy_and_hold": np.exp(np.cumsum(hold_steps[0])).tolist()}
+    return {
+        "strategy": side(strategy),
+        "buy_and_hold": side(hold),
+        "trades": strategy.trades,
+        "exposure": strategy.exposure,
+        "equity": np.exp(np.cumsum(steps[0])).tolist(),
+        "equity_buy_and_hold": np.exp(np.cumsum(hold_steps[0])).tolist(),
+    }
 
 
 # --- plots -----------------------------------------------------------------------------------------
@@ -204,8 +249,15 @@ def _figures(directory: Any) -> tuple[Any, list[Any], Any]:
     return plt, files, save
 
 
-def plots(directory: Any, history: list[dict[str, float]], y_up: np.ndarray, p: Predictions, threshold: float,
-          bt: dict[str, Any], times: Any) -> list[Any]:
+def plots(
+    directory: Any,
+    history: list[dict[str, float]],
+    y_up: np.ndarray,
+    p: Predictions,
+    threshold: float,
+    bt: dict[str, Any],
+    times: Any,
+) -> list[Any]:
     """Learning curves, confusion matrix, calibration and equity curve as PNG files."""
     from sklearn.calibration import calibration_curve
     from sklearn.metrics import confusion_matrix
@@ -226,8 +278,15 @@ def plots(directory: Any, history: list[dict[str, float]], y_up: np.ndarray, p: 
     ax.imshow(cm, cmap="Blues")
     for (i, j), v in np.ndenumerate(cm):
         ax.text(j, i, str(v), ha="center", va="center")
-    ax.set(xticks=[0, 1], yticks=[0, 1], xticklabels=["down", "up"], yticklabels=["down", "up"], xlabel="predicted",
-           ylabel="actual", title="Confusion matrix (test)")
+    ax.set(
+        xticks=[0, 1],
+        yticks=[0, 1],
+        xticklabels=["down", "up"],
+        yticklabels=["down", "up"],
+        xlabel="predicted",
+        ylabel="actual",
+        title="Confusion matrix (test)",
+    )
     save(fig, "confusion_matrix.png")
 
     fig, ax = plt.subplots(figsize=(4, 4))
@@ -250,8 +309,17 @@ def plots(directory: Any, history: list[dict[str, float]], y_up: np.ndarray, p: 
     return files
 
 
-def evidence_plots(directory: Any, wf: Any, raw_prob: np.ndarray, prob: np.ndarray, y_up: np.ndarray,
-                   policy_steps: np.ndarray, hold_steps: np.ndarray, times: Any, horizon: int) -> list[Any]:
+def evidence_plots(
+    directory: Any,
+    wf: Any,
+    raw_prob: np.ndarray,
+    prob: np.ndarray,
+    y_up: np.ndarray,
+    policy_steps: np.ndarray,
+    hold_steps: np.ndarray,
+    times: Any,
+    horizon: int,
+) -> list[Any]:
     """Walk-forward per fold (with CIs, beside the baselines) and the ablations, reliability before and after
     calibration, and the decision policy's equity after costs against buy and hold (test window)."""
     from sofare.training import decision
@@ -267,18 +335,31 @@ def evidence_plots(directory: Any, wf: Any, raw_prob: np.ndarray, prob: np.ndarr
             x = np.arange(len(scores)) + (j - len(names) / 2) * 0.12
             values = np.array([s.value for s in scores])
             err = np.array([[s.value - s.ci_low for s in scores], [s.ci_high - s.value for s in scores]])
-            ax.errorbar(x, values, yerr=np.clip(np.nan_to_num(err), 0, None), fmt="o" if name == "sofare_m3" else ".",
-                        capsize=2, label=name)
+            ax.errorbar(
+                x,
+                values,
+                yerr=np.clip(np.nan_to_num(err), 0, None),
+                fmt="o" if name == "sofare_m3" else ".",
+                capsize=2,
+                label=name,
+            )
         ax.axhline(0.5, color="grey", lw=0.8, ls="--")
-        ax.set(xticks=range(len(wf.folds)), xticklabels=[f.test_start[:10] for f in wf.folds], xlabel="fold (test start)",
-               ylabel="primary metric [95% CI]", title="Walk-forward folds")
+        ax.set(
+            xticks=range(len(wf.folds)),
+            xticklabels=[f.test_start[:10] for f in wf.folds],
+            xlabel="fold (test start)",
+            ylabel="primary metric [95% CI]",
+            title="Walk-forward folds",
+        )
         ax.legend(fontsize=7)
         ax = axes[1]
         labels = list(wf.ablations)
         if labels:
             values = [wf.ablations[k].value for k in labels]
-            err = [[wf.ablations[k].value - wf.ablations[k].ci_low for k in labels],
-                   [wf.ablations[k].ci_high - wf.ablations[k].value for k in labels]]
+            err = [
+                [wf.ablations[k].value - wf.ablations[k].ci_low for k in labels],
+                [wf.ablations[k].ci_high - wf.ablations[k].value for k in labels],
+            ]
             ax.errorbar(range(len(labels)), values, yerr=np.clip(np.nan_to_num(err), 0, None), fmt="o", capsize=3)
             ax.axhline(0.5, color="grey", lw=0.8, ls="--")
             ax.set(xticks=range(len(labels)), xticklabels=labels, title="Ablations (pooled walk-forward)")
@@ -291,8 +372,13 @@ def evidence_plots(directory: Any, wf: Any, raw_prob: np.ndarray, prob: np.ndarr
         ax.plot(predicted, observed, marker="o", label=f"{label} (Brier {decision.brier(p, y_up):.4f})")
     lo = float(min(np.min(raw_prob), np.min(prob), 0.4))
     hi = float(max(np.max(raw_prob), np.max(prob), 0.6))
-    ax.set(xlim=(lo, hi), ylim=(lo, hi), xlabel="predicted P(up)", ylabel="observed up-rate",
-           title="Reliability (test window)")
+    ax.set(
+        xlim=(lo, hi),
+        ylim=(lo, hi),
+        xlabel="predicted P(up)",
+        ylabel="observed up-rate",
+        title="Reliability (test window)",
+    )
     ax.legend(fontsize=8)
     save(fig, "reliability.png")
 

@@ -35,9 +35,15 @@ def export(model: SofareM3, meta: ModelMeta, directory: Path, reference: pd.Data
     model.eval()
     torch.save(model.state_dict(), directory / WEIGHTS_FILE)
     example = tuple(torch.zeros(2, meta.lookback, max(meta.n_inputs[g], 1)) for g in MODALITIES)
-    torch.onnx.export(model, example, str(directory / RUNTIME_FILES["onnx"]), input_names=list(MODALITIES),
-                      output_names=["logits", "ret"], dynamo=False,
-                      dynamic_axes={n: {0: "batch"} for n in (*MODALITIES, "logits", "ret")})
+    torch.onnx.export(
+        model,
+        example,
+        str(directory / RUNTIME_FILES["onnx"]),
+        input_names=list(MODALITIES),
+        output_names=["logits", "ret"],
+        dynamo=False,
+        dynamic_axes={n: {0: "batch"} for n in (*MODALITIES, "logits", "ret")},
+    )
     with torch.no_grad():
         # Lightning's own tracing: torch.jit.trace alone probes `trainer`, which raises on a model not attached to
         # one (a model rebuilt from its weights, e.g. the replay's sabotaged canary)

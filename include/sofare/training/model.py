@@ -55,13 +55,14 @@ class TransformerEncoder(nn.Module):
         super().__init__()
         self.proj = nn.Linear(n_in, width)
         self.pos = nn.Parameter(torch.randn(1, max_len, width) * 0.02)
-        layer = nn.TransformerEncoderLayer(width, heads, dim_feedforward=2 * width, dropout=dropout,
-                                           batch_first=True, norm_first=True)
+        layer = nn.TransformerEncoderLayer(
+            width, heads, dim_feedforward=2 * width, dropout=dropout, batch_first=True, norm_first=True
+        )
         self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.proj(x) + self.pos[:, -x.shape[1]:]
+        h = self.proj(x) + self.pos[:, -x.shape[1] :]
         return self.norm(self.encoder(h)[:, -1])
 
 
@@ -135,7 +136,9 @@ class SofareM3(L.LightningModule):
         self.reg_head = nn.Linear(width, 1)
         self.hyper = h
 
-    def forward(self, micro: torch.Tensor, safe: torch.Tensor, macro: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, micro: torch.Tensor, safe: torch.Tensor, macro: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         fused, _ = self.fusion([self.micro(micro), self.safe(safe), self.macro(macro)])
         return self.cls_head(fused), self.reg_head(fused).squeeze(-1)
 
@@ -160,7 +163,9 @@ class SofareM3(L.LightningModule):
         self.log("val_acc", acc, on_epoch=True, batch_size=n)
 
     def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = torch.optim.AdamW(self.parameters(), lr=self.hyper.learning_rate, weight_decay=self.hyper.weight_decay)
+        optimizer = torch.optim.AdamW(
+            self.parameters(), lr=self.hyper.learning_rate, weight_decay=self.hyper.weight_decay
+        )
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         warmup = int(total * self.hparams.warmup_fraction)
 

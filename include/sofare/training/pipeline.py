@@ -75,7 +75,9 @@ class Data:
     parts: dict[str, range]
     delta: timedelta
 
-    def windows(self, rows: range, fit_rows: range, lookback: int, shuffle_seed: int | None = None) -> tuple[Windows, Scaler]:
+    def windows(
+        self, rows: range, fit_rows: range, lookback: int, shuffle_seed: int | None = None
+    ) -> tuple[Windows, Scaler]:
         """Windows ending in `rows`, scaled with statistics of `fit_rows` (the rows being fitted on)."""
         scaler = Scaler.fit(self.frame, list(self.spec.columns), np.arange(fit_rows.start, fit_rows.stop))
         ends = window_ends(self.frame, self.spec, rows, lookback, self.delta)
@@ -110,32 +112,56 @@ def training_window(cfg: Config, start: str | None, end: str | None) -> DateWind
         return DateWindow(start=first.date(), end=(last - timedelta(days=1)).date())
     with warehouse.get_engine(cfg).connect() as conn:
         first_day, last_day = dataset.validated_span(conn, cfg)
-    return DateWindow(start=date.fromisoformat(start) if start else first_day,
-                      end=date.fromisoformat(end) if end else last_day)
+    return DateWindow(
+        start=date.fromisoformat(start) if start else first_day, end=date.fromisoformat(end) if end else last_day
+    )
 
 
 # --- plan ------------------------------------------------------------------------------------------
 
 
-def plan(cfg: Config, n_trials: int | None = None, timeout: int | None = None, max_epochs: int | None = None,
-         start: str | None = None, end: str | None = None, run_name: str | None = None) -> TrainingPlan:
+def plan(
+    cfg: Config,
+    n_trials: int | None = None,
+    timeout: int | None = None,
+    max_epochs: int | None = None,
+    start: str | None = None,
+    end: str | None = None,
+    run_name: str | None = None,
+) -> TrainingPlan:
     """Fix the window (checking it is validated), create or resume the study, open the parent run."""
     from sofare.training import tracking, tuning
 
     window = training_window(cfg, start, end)
     data = load_data(cfg, window.start, window.end)  # raises UnvalidatedIntervalError naming any bad day
     spec = data.spec
-    name = (f"{cfg.training.study_name}-{cfg.market.symbol}-{cfg.market.interval}-{window.start}-{window.end}-"
-            f"{spec.version}-s{cfg.training.seed}")
+    name = (
+        f"{cfg.training.study_name}-{cfg.market.symbol}-{cfg.market.interval}-{window.start}-{window.end}-"
+        f"{spec.version}-s{cfg.training.seed}"
+    )
     study = tuning.create_study(cfg, name)
-    run = tracking.client(cfg).create_run(tracking.experiment_id(cfg), run_name=run_name or f"train {window.label}", tags={
-        "sofare.kind": "training", "study": name, "data_window": window.label,
-        "feature_set_version": spec.version, "git_commit": tracking.git_commit(cfg)})
-    out = TrainingPlan(window=window, study=name, parent_run_id=run.info.run_id, rows=len(data.frame),
-                       parts={k: len(v) for k, v in data.parts.items()}, n_trials=n_trials or cfg.training.n_trials,
-                       timeout=timeout or cfg.training.timeout_seconds,
-                       max_epochs=max_epochs or cfg.training.max_epochs,
-                       trials_done_before=tuning.finished_trials(study))
+    run = tracking.client(cfg).create_run(
+        tracking.experiment_id(cfg),
+        run_name=run_name or f"train {window.label}",
+        tags={
+            "sofare.kind": "training",
+            "study": name,
+            "data_window": window.label,
+            "feature_set_version": spec.version,
+            "git_commit": tracking.git_commit(cfg),
+        },
+    )
+    out = TrainingPlan(
+        window=window,
+        study=name,
+        parent_run_id=run.info.run_id,
+        rows=len(data.frame),
+        parts={k: len(v) for k, v in data.parts.items()},
+        n_trials=n_trials or cfg.training.n_trials,
+        timeout=timeout or cfg.training.timeout_seconds,
+        max_epochs=max_epochs or cfg.training.max_epochs,
+        trials_done_before=tuning.finished_trials(study),
+    )
     log.info("training plan: %s", out)
     return out
 
@@ -154,15 +180,26 @@ def objective(cfg: Config, data: Data, trial: optuna.trial.Trial, max_epochs: in
     train, _ = data.windows(data.parts["train"], data.parts["train"], hyper["lookback"])
     val, _ = data.windows(data.parts["validation"], data.parts["train"], hyper["lookback"])
     c = tracking.client(cfg)
-    run = c.create_run(c.get_run(parent_run_id).info.experiment_id, run_name=f"trial {trial.number}",
-                       tags={"mlflow.parentRunId": parent_run_id, "sofare.kind": "trial", "optuna.trial": str(trial.number)})
+    run = c.create_run(
+        c.get_run(parent_run_id).info.experiment_id,
+        run_name=f"trial {trial.number}",
+        tags={"mlflow.parentRunId": parent_run_id, "sofare.kind": "trial", "optuna.trial": str(trial.number)},
+    )
     run_id = run.info.run_id
     for key, value in hyper.items():
         c.log_param(run_id, key, value)
     state = "FINISHED"
     try:
-        result = fit(cfg, data.spec, hyper, train, val, max_epochs, cfg.training.seed,
-                     callbacks=[PyTorchLightningPruningCallback(trial, monitor="val_loss")])
+        result = fit(
+            cfg,
+            data.spec,
+            hyper,
+            train,
+            val,
+            max_epochs,
+            cfg.training.seed,
+            callbacks=[PyTorchLightningPruningCallback(trial, monitor="val_loss")],
+        )
         trial.set_user_attr("best_epoch", result.best_epoch)
         trial.set_user_attr("epochs", len(result.history.epochs))
         trial.set_user_attr("history", result.history.epochs)
@@ -194,10 +231,18 @@ def tune(cfg: Config, the_plan: TrainingPlan, worker: int) -> dict[str, Any]:
     data = load_data(cfg, the_plan.window.start, the_plan.window.end)
     study = tuning.load_study(cfg, the_plan.study, worker)
     began = time.monotonic()
-    ran = tuning.optimize(study, lambda trial: objective(cfg, data, trial, the_plan.max_epochs, the_plan.parent_run_id),
-                          the_plan.n_trials, the_plan.timeout)
-    return {"worker": worker, "trials_run": ran, "finished": tuning.finished_trials(study),
-            "seconds": round(time.monotonic() - began, 1)}
+    ran = tuning.optimize(
+        study,
+        lambda trial: objective(cfg, data, trial, the_plan.max_epochs, the_plan.parent_run_id),
+        the_plan.n_trials,
+        the_plan.timeout,
+    )
+    return {
+        "worker": worker,
+        "trials_run": ran,
+        "finished": tuning.finished_trials(study),
+        "seconds": round(time.monotonic() - began, 1),
+    }
 
 
 # --- fit and evaluation -------------------------------------------------------------------------------
@@ -230,11 +275,17 @@ class Evaluation:
     val_ret: np.ndarray | None = None
 
 
-def _scores(cfg: Config, y_up: np.ndarray, y_ret: np.ndarray, p: evaluation.Predictions,
-            names: tuple[str, ...] = evaluation.METRICS) -> dict[str, MetricCI]:
+def _scores(
+    cfg: Config,
+    y_up: np.ndarray,
+    y_ret: np.ndarray,
+    p: evaluation.Predictions,
+    names: tuple[str, ...] = evaluation.METRICS,
+) -> dict[str, MetricCI]:
     e = cfg.evaluation
-    raw = evaluation.score(y_up, y_ret, p, e.decision_threshold, e.bootstrap_samples, e.bootstrap_block_bars,
-                           cfg.training.seed, names)
+    raw = evaluation.score(
+        y_up, y_ret, p, e.decision_threshold, e.bootstrap_samples, e.bootstrap_block_bars, cfg.training.seed, names
+    )
     return {name: MetricCI.model_validate(s) for name, s in raw.items()}
 
 
@@ -242,8 +293,9 @@ def bars_per_year(data: Data) -> float:
     return BARS_PER_YEAR_1H * (timedelta(hours=1) / data.delta)
 
 
-def _baselines(data: Data, scaler: Scaler, train: Windows, targets: list[np.ndarray], seed: int
-               ) -> dict[str, list[evaluation.Predictions]]:
+def _baselines(
+    data: Data, scaler: Scaler, train: Windows, targets: list[np.ndarray], seed: int
+) -> dict[str, list[evaluation.Predictions]]:
     """The baselines fitted on the model's training windows, predicting each array of window ends."""
     frame = data.frame
     train_up = train.y_up[train.ends]
@@ -275,9 +327,19 @@ def _ablate(windows: list[Windows], modalities: tuple[str, ...] | None) -> None:
             w.x[:, hidden] = 0.0
 
 
-def evaluate(cfg: Config, data: Data, hyper: dict[str, Any], epochs: int, fit_rows: range, test_rows: range,
-             shuffle_labels: bool = False, validation_rows: range | None = None,
-             modalities: tuple[str, ...] | None = None, baselines: bool = True, full_scores: bool = True) -> Evaluation:
+def evaluate(
+    cfg: Config,
+    data: Data,
+    hyper: dict[str, Any],
+    epochs: int,
+    fit_rows: range,
+    test_rows: range,
+    shuffle_labels: bool = False,
+    validation_rows: range | None = None,
+    modalities: tuple[str, ...] | None = None,
+    baselines: bool = True,
+    full_scores: bool = True,
+) -> Evaluation:
     """Fit on `fit_rows`, then score the model (and the baselines) on `test_rows`.
 
     With `validation_rows`: early-stopped on them (at most `epochs`), P(up) calibrated on them and the decision
@@ -300,19 +362,34 @@ def evaluate(cfg: Config, data: Data, hyper: dict[str, Any], epochs: int, fit_ro
     raw_prob, ret = predict(result.model, test, scaler)
     y_up, y_ret = target_up[test.ends].astype(int), target_ret[test.ends].astype(float)
     times = pd.to_datetime(frame["open_time"].to_numpy()[test.ends], utc=True)
-    label = f"{pd.Timestamp(frame['open_time'].iloc[(validation_rows or fit_rows).start]).date()}.." \
-            f"{pd.Timestamp(frame['open_time'].iloc[(validation_rows or fit_rows).stop - 1]).date()}"
-    others = _baselines(data, scaler, train, [test.ends] + ([val.ends] if val is not None else []), seed) \
-        if baselines else {}
+    label = (
+        f"{pd.Timestamp(frame['open_time'].iloc[(validation_rows or fit_rows).start]).date()}.."
+        f"{pd.Timestamp(frame['open_time'].iloc[(validation_rows or fit_rows).stop - 1]).date()}"
+    )
+    others = (
+        _baselines(data, scaler, train, [test.ends] + ([val.ends] if val is not None else []), seed)
+        if baselines
+        else {}
+    )
     validation, val_up, val_ret = None, None, None
     if val is not None:
         val_prob, val_r = predict(result.model, val, scaler)
         val_up, val_ret = target_up[val.ends].astype(int), target_ret[val.ends].astype(float)
         calibration = decision.fit_calibration(val_prob, val_up, e.calibration, label)
-        validation = {"sofare_m3": evaluation.Predictions(calibration.apply(decision.margin(val_prob)), val_r),
-                      **{name: p[1] for name, p in others.items()}}
-        policy = decision.choose(validation["sofare_m3"].prob_up, val_ret, cfg.features.horizon, e.policy_thresholds,
-                                 e.policy_min_hold, e.fee_bps, e.slippage_bps, label)
+        validation = {
+            "sofare_m3": evaluation.Predictions(calibration.apply(decision.margin(val_prob)), val_r),
+            **{name: p[1] for name, p in others.items()},
+        }
+        policy = decision.choose(
+            validation["sofare_m3"].prob_up,
+            val_ret,
+            cfg.features.horizon,
+            e.policy_thresholds,
+            e.policy_min_hold,
+            e.fee_bps,
+            e.slippage_bps,
+            label,
+        )
     else:
         calibration = Calibration(fitted_on="no validation part: identity")
         policy = Policy.make(e.decision_threshold, 1, e.fee_bps, e.slippage_bps, "no validation part: the threshold")
@@ -320,32 +397,78 @@ def evaluate(cfg: Config, data: Data, hyper: dict[str, Any], epochs: int, fit_ro
     predictors = {"sofare_m3": evaluation.Predictions(prob, ret), **{name: p[0] for name, p in others.items()}}
     names = evaluation.METRICS if full_scores else (e.primary_metric,)
     scores = {name: _scores(cfg, y_up, y_ret, p, names) for name, p in predictors.items()}
-    backtest = evaluation.backtest(prob, y_ret, cfg.features.horizon, e.decision_threshold, e.fee_bps, bars_per_year(data))
-    return Evaluation(result.model, scaler, result.history.epochs, scores, backtest, len(train), test, y_up, y_ret,
-                      times, predictors["sofare_m3"], result.seconds, epochs=result.best_epoch, raw_prob=raw_prob,
-                      calibration=calibration, policy=policy, baselines={k: v for k, v in predictors.items()
-                                                                          if k != "sofare_m3"},
-                      validation=validation, val_up=val_up, val_ret=val_ret)
+    backtest = evaluation.backtest(
+        prob, y_ret, cfg.features.horizon, e.decision_threshold, e.fee_bps, bars_per_year(data)
+    )
+    return Evaluation(
+        result.model,
+        scaler,
+        result.history.epochs,
+        scores,
+        backtest,
+        len(train),
+        test,
+        y_up,
+        y_ret,
+        times,
+        predictors["sofare_m3"],
+        result.seconds,
+        epochs=result.best_epoch,
+        raw_prob=raw_prob,
+        calibration=calibration,
+        policy=policy,
+        baselines={k: v for k, v in predictors.items() if k != "sofare_m3"},
+        validation=validation,
+        val_up=val_up,
+        val_ret=val_ret,
+    )
 
 
-def walk_forward_folds(cfg: Config, data: Data, hyper: dict[str, Any], max_epochs: int,
-                       modalities: tuple[str, ...] | None = None, baselines: bool = True) -> list[tuple[dict[str, range], Evaluation]]:
+def walk_forward_folds(
+    cfg: Config,
+    data: Data,
+    hyper: dict[str, Any],
+    max_epochs: int,
+    modalities: tuple[str, ...] | None = None,
+    baselines: bool = True,
+) -> list[tuple[dict[str, range], Evaluation]]:
     """Every walk-forward fold fitted and scored (oldest first): retrained on the rows before its test part,
     early-stopped, calibrated and given a policy on its own validation part."""
     t = cfg.training
     out = []
-    for parts in walk_forward_splits(len(data.frame), t.walk_forward.folds, t.walk_forward.mode, t.split.validation,
-                                     t.walk_forward.test_share, purge_rows(cfg)):
-        out.append((parts, evaluate(cfg, data, hyper, max_epochs, parts["train"], parts["test"],
-                                    validation_rows=parts["validation"], modalities=modalities, baselines=baselines,
-                                    full_scores=False)))
+    for parts in walk_forward_splits(
+        len(data.frame),
+        t.walk_forward.folds,
+        t.walk_forward.mode,
+        t.split.validation,
+        t.walk_forward.test_share,
+        purge_rows(cfg),
+    ):
+        out.append(
+            (
+                parts,
+                evaluate(
+                    cfg,
+                    data,
+                    hyper,
+                    max_epochs,
+                    parts["train"],
+                    parts["test"],
+                    validation_rows=parts["validation"],
+                    modalities=modalities,
+                    baselines=baselines,
+                    full_scores=False,
+                ),
+            )
+        )
     return out
 
 
 def _pool(folds: list[Evaluation], key: str) -> evaluation.Predictions:
     parts = [f.predictions if key == "sofare_m3" else f.baselines[key] for f in folds]
-    return evaluation.Predictions(np.concatenate([p.prob_up for p in parts]),
-                                  np.concatenate([p.expected_return for p in parts]))
+    return evaluation.Predictions(
+        np.concatenate([p.prob_up for p in parts]), np.concatenate([p.expected_return for p in parts])
+    )
 
 
 def _pooled_primary(cfg: Config, folds: list[Evaluation]) -> MetricCI:
@@ -366,8 +489,16 @@ def _policy_walk(cfg: Config, data: Data, folds: list[Evaluation], predictor: st
         else:
             val = f.validation[predictor]
             calibration = decision.fit_calibration(val.prob_up, f.val_up, e.calibration)
-            policy = decision.choose(calibration.apply(decision.margin(val.prob_up)), f.val_ret, h,
-                                     e.policy_thresholds, e.policy_min_hold, e.fee_bps, e.slippage_bps, "")
+            policy = decision.choose(
+                calibration.apply(decision.margin(val.prob_up)),
+                f.val_ret,
+                h,
+                e.policy_thresholds,
+                e.policy_min_hold,
+                e.fee_bps,
+                e.slippage_bps,
+                "",
+            )
             prob = calibration.apply(decision.margin(f.baselines[predictor].prob_up))
         parts.append(decision.simulate(policy, prob, f.y_ret, h, bars)[1])
     return decision.pooled(parts, e.fee_bps + e.slippage_bps, bars / max(h, 1))
@@ -388,16 +519,32 @@ def walk_forward(cfg: Config, data: Data, hyper: dict[str, Any], max_epochs: int
     pooled = {name: _scores(cfg, y_up, y_ret, _pool(folds, name)) for name in PREDICTORS}
     sign = -1 if metric in evaluation.LOWER_IS_BETTER else 1
     best = max(BASELINES, key=lambda b: sign * np.nan_to_num(pooled[b][metric].value, nan=-np.inf))
-    paired = [Paired(baseline=b, **evaluation.paired(metric, y_up, y_ret, _pool(folds, "sofare_m3"), _pool(folds, b),
-                                                    e.decision_threshold, e.bootstrap_samples,
-                                                    e.bootstrap_block_bars, cfg.training.seed)) for b in BASELINES]
+    paired = [
+        Paired(
+            baseline=b,
+            **evaluation.paired(
+                metric,
+                y_up,
+                y_ret,
+                _pool(folds, "sofare_m3"),
+                _pool(folds, b),
+                e.decision_threshold,
+                e.bootstrap_samples,
+                e.bootstrap_block_bars,
+                cfg.training.seed,
+            ),
+        )
+        for b in BASELINES
+    ]
     raw = np.concatenate([f.raw_prob for f in folds])
     reliability = decision.reliability(raw, _pool(folds, "sofare_m3").prob_up, y_up)
     h, bars = cfg.features.horizon, bars_per_year(data)
     hold = [decision.buy_and_hold(f.y_ret, h, e.fee_bps + e.slippage_bps, bars)[1] for f in folds]
-    policy = {"sofare_m3": _policy_walk(cfg, data, folds, "sofare_m3"),
-              f"best baseline: {best}": _policy_walk(cfg, data, folds, best),
-              "buy_and_hold": decision.pooled(hold, e.fee_bps + e.slippage_bps, bars / max(h, 1))}
+    policy = {
+        "sofare_m3": _policy_walk(cfg, data, folds, "sofare_m3"),
+        f"best baseline: {best}": _policy_walk(cfg, data, folds, best),
+        "buy_and_hold": decision.pooled(hold, e.fee_bps + e.slippage_bps, bars / max(h, 1)),
+    }
     ablations: dict[str, MetricCI] = {}
     if e.ablations:
         for modalities in (("micro",), ("micro", "safe")):
@@ -406,14 +553,31 @@ def walk_forward(cfg: Config, data: Data, hyper: dict[str, Any], max_epochs: int
         ablations["micro+safe+macro"] = pooled["sofare_m3"][metric]
     out = []
     for k, (parts, f) in enumerate(runs):
-        out.append(Fold(fold=k, test_start=str(pd.Timestamp(times[parts["test"].start])),
-                        test_end=str(pd.Timestamp(times[parts["test"].stop - 1])), score=f.scores["sofare_m3"][metric],
-                        train_rows=len(parts["train"]), test_windows=len(f.test), epochs=f.epochs,
-                        baselines={b: f.scores[b][metric] for b in BASELINES}, calibration=f.calibration,
-                        policy=f.policy))
-    return WalkForward(mode=cfg.training.walk_forward.mode, folds=out, pooled=pooled, paired=paired,
-                       reliability=reliability, policy=policy, best_baseline=best, ablations=ablations,
-                       seconds=round(time.monotonic() - began, 1))
+        out.append(
+            Fold(
+                fold=k,
+                test_start=str(pd.Timestamp(times[parts["test"].start])),
+                test_end=str(pd.Timestamp(times[parts["test"].stop - 1])),
+                score=f.scores["sofare_m3"][metric],
+                train_rows=len(parts["train"]),
+                test_windows=len(f.test),
+                epochs=f.epochs,
+                baselines={b: f.scores[b][metric] for b in BASELINES},
+                calibration=f.calibration,
+                policy=f.policy,
+            )
+        )
+    return WalkForward(
+        mode=cfg.training.walk_forward.mode,
+        folds=out,
+        pooled=pooled,
+        paired=paired,
+        reliability=reliability,
+        policy=policy,
+        best_baseline=best,
+        ablations=ablations,
+        seconds=round(time.monotonic() - began, 1),
+    )
 
 
 @dataclass
@@ -427,23 +591,46 @@ class Trained:
     run_id: str  # the training run's MLflow parent run
 
 
-def model_meta(cfg: Config, data: Data, hyper: dict[str, Any], scaler: Scaler, window: DateWindow,
-               calibration: Calibration | None = None, policy: Policy | None = None) -> ModelMeta:
+def model_meta(
+    cfg: Config,
+    data: Data,
+    hyper: dict[str, Any],
+    scaler: Scaler,
+    window: DateWindow,
+    calibration: Calibration | None = None,
+    policy: Policy | None = None,
+) -> ModelMeta:
     from sofare.training.model import ARCHITECTURE
 
     spec = data.spec
     return ModelMeta(
-        architecture=ARCHITECTURE, hyper=hyper, lookback=int(hyper["lookback"]), columns=tuple(spec.columns),
+        architecture=ARCHITECTURE,
+        hyper=hyper,
+        lookback=int(hyper["lookback"]),
+        columns=tuple(spec.columns),
         groups={g: tuple(int(i) for i in idx) for g, idx in column_groups(spec).items()},
         n_inputs={"micro": len(spec.micro), "safe": len(spec.safe_haven), "macro": len(spec.macro)},
-        loss={"loss_weight": cfg.training.loss_weight, "huber_delta": cfg.training.huber_delta,
-              "warmup_fraction": cfg.training.warmup_fraction},
-        scaler=Scaling(mean=tuple(scaler.mean.tolist()), std=tuple(scaler.std.tolist()), ret_mean=scaler.ret_mean,
-                       ret_std=scaler.ret_std),
-        feature_set_version=spec.version, symbol=cfg.market.symbol, interval=cfg.market.interval,
-        horizon=cfg.features.horizon, warmup_bars=cfg.features.warmup_bars,
-        threshold=cfg.evaluation.decision_threshold, data_window=window, calibration=calibration or Calibration(),
-        policy=policy)
+        loss={
+            "loss_weight": cfg.training.loss_weight,
+            "huber_delta": cfg.training.huber_delta,
+            "warmup_fraction": cfg.training.warmup_fraction,
+        },
+        scaler=Scaling(
+            mean=tuple(scaler.mean.tolist()),
+            std=tuple(scaler.std.tolist()),
+            ret_mean=scaler.ret_mean,
+            ret_std=scaler.ret_std,
+        ),
+        feature_set_version=spec.version,
+        symbol=cfg.market.symbol,
+        interval=cfg.market.interval,
+        horizon=cfg.features.horizon,
+        warmup_bars=cfg.features.warmup_bars,
+        threshold=cfg.evaluation.decision_threshold,
+        data_window=window,
+        calibration=calibration or Calibration(),
+        policy=policy,
+    )
 
 
 def finalize(cfg: Config, the_plan: TrainingPlan) -> Trained:
@@ -466,8 +653,15 @@ def finalize(cfg: Config, the_plan: TrainingPlan) -> Trained:
     study = tuning.load_study(cfg, the_plan.study, 0)
     best = tuning.best_trial(study)
     hyper = tuning.hyper_of(cfg, best.params)
-    result = evaluate(cfg, data, hyper, the_plan.max_epochs, data.parts["train"], data.parts["test"],
-                      validation_rows=data.parts["validation"])
+    result = evaluate(
+        cfg,
+        data,
+        hyper,
+        the_plan.max_epochs,
+        data.parts["train"],
+        data.parts["test"],
+        validation_rows=data.parts["validation"],
+    )
     epochs = result.epochs
     ends = result.test.ends
     keep = np.unique(np.linspace(0, len(ends) - 1, min(len(ends), cfg.monitoring.reference_rows)).round().astype(int))
@@ -482,45 +676,98 @@ def finalize(cfg: Config, the_plan: TrainingPlan) -> Trained:
     policy_test, policy_steps = decision.simulate(result.policy, result.predictions.prob_up, result.y_ret, h, bars)
     hold_test, hold_steps = decision.buy_and_hold(result.y_ret, h, e.fee_bps + e.slippage_bps, bars)
     report = EvaluationReport(
-        data_window=window, test_start=str(result.times[0]), test_end=str(result.times[-1]), rows=the_plan.rows,
-        parts=the_plan.parts, purge_rows=purge_rows(cfg), train_windows=result.train_windows,
-        test_windows=len(result.test), epochs=epochs, hyper=hyper, best_trial=best.number,
-        best_val_loss=float(best.value), scores=result.scores,
+        data_window=window,
+        test_start=str(result.times[0]),
+        test_end=str(result.times[-1]),
+        rows=the_plan.rows,
+        parts=the_plan.parts,
+        purge_rows=purge_rows(cfg),
+        train_windows=result.train_windows,
+        test_windows=len(result.test),
+        epochs=epochs,
+        hyper=hyper,
+        best_trial=best.number,
+        best_val_loss=float(best.value),
+        scores=result.scores,
         backtest=Backtest.model_validate({k: v for k, v in result.backtest.items() if not k.startswith("equity")}),
-        wf=wf, calibration=result.calibration,
+        wf=wf,
+        calibration=result.calibration,
         reliability=decision.reliability(result.raw_prob, result.predictions.prob_up, result.y_up),
-        policy=result.policy, policy_test=policy_test, policy_buy_and_hold=hold_test,
-        primary_metric=e.primary_metric, fee_bps=e.fee_bps,
-        trials=[Trial.model_validate(t) for t in tuning.trial_summary(study)], study_seconds=tuning.wall_seconds(study),
+        policy=result.policy,
+        policy_test=policy_test,
+        policy_buy_and_hold=hold_test,
+        primary_metric=e.primary_metric,
+        fee_bps=e.fee_bps,
+        trials=[Trial.model_validate(t) for t in tuning.trial_summary(study)],
+        study_seconds=tuning.wall_seconds(study),
         seed=cfg.training.seed,
-        architecture=ARCHITECTURE, feature_set_version=spec.version, symbol=cfg.market.symbol,
-        interval=cfg.market.interval, horizon=cfg.features.horizon, threshold=e.decision_threshold,
-        bootstrap_samples=e.bootstrap_samples, bootstrap_block_bars=e.bootstrap_block_bars)
+        architecture=ARCHITECTURE,
+        feature_set_version=spec.version,
+        symbol=cfg.market.symbol,
+        interval=cfg.market.interval,
+        horizon=cfg.features.horizon,
+        threshold=e.decision_threshold,
+        bootstrap_samples=e.bootstrap_samples,
+        bootstrap_block_bars=e.bootstrap_block_bars,
+    )
     run_id = the_plan.parent_run_id
-    with tracking.scoped(cfg), mlflow.start_run(run_id=run_id), \
-            tempfile.TemporaryDirectory(prefix="sofare-plots-") as scratch:
-        mlflow.log_params({**{f"hp_{k}": v for k, v in hyper.items()}, "epochs": epochs, "seed": cfg.training.seed,
-                           "data_window": window.label, "test_window": report.test_window,
-                           "feature_set_version": spec.version, "architecture": ARCHITECTURE})
+    with (
+        tracking.scoped(cfg),
+        mlflow.start_run(run_id=run_id),
+        tempfile.TemporaryDirectory(prefix="sofare-plots-") as scratch,
+    ):
+        mlflow.log_params(
+            {
+                **{f"hp_{k}": v for k, v in hyper.items()},
+                "epochs": epochs,
+                "seed": cfg.training.seed,
+                "data_window": window.label,
+                "test_window": report.test_window,
+                "feature_set_version": spec.version,
+                "architecture": ARCHITECTURE,
+            }
+        )
         for name, scores in result.scores.items():
             prefix = "test" if name == "sofare_m3" else f"baseline_{name}"
             for m, s in scores.items():
-                mlflow.log_metrics({f"{prefix}_{m}": s.value, f"{prefix}_{m}_ci_low": s.ci_low,
-                                    f"{prefix}_{m}_ci_high": s.ci_high})
+                mlflow.log_metrics(
+                    {f"{prefix}_{m}": s.value, f"{prefix}_{m}_ci_low": s.ci_low, f"{prefix}_{m}_ci_high": s.ci_high}
+                )
         for side in ("strategy", "buy_and_hold"):
             mlflow.log_metrics({f"backtest_{side}_{k}": v for k, v in result.backtest[side].items()})
         mlflow.log_params({"policy_id": result.policy.id, "calibration": result.calibration.method})
-        mlflow.log_metrics({"calibration_scale": result.calibration.scale, "calibration_bias": result.calibration.bias,
-                            **{f"policy_test_{k}": v for k, v in policy_test.model_dump().items()}})
+        mlflow.log_metrics(
+            {
+                "calibration_scale": result.calibration.scale,
+                "calibration_bias": result.calibration.bias,
+                **{f"policy_test_{k}": v for k, v in policy_test.model_dump().items()},
+            }
+        )
         if wf is not None:
             mlflow.log_metrics(tracking.walk_forward_metrics(wf))
         for row in result.history:
             mlflow.log_metric("final_train_loss", row["train_loss"], step=int(row["epoch"]))
-        for path in evaluation.plots(Path(scratch), best.user_attrs.get("history") or [], result.y_up,
-                                     result.predictions, e.decision_threshold, result.backtest, result.times):
+        for path in evaluation.plots(
+            Path(scratch),
+            best.user_attrs.get("history") or [],
+            result.y_up,
+            result.predictions,
+            e.decision_threshold,
+            result.backtest,
+            result.times,
+        ):
             mlflow.log_artifact(str(path), artifact_path="plots")
-        for path in evaluation.evidence_plots(Path(scratch), wf, result.raw_prob, result.predictions.prob_up,
-                                              result.y_up, policy_steps, hold_steps, result.times, h):
+        for path in evaluation.evidence_plots(
+            Path(scratch),
+            wf,
+            result.raw_prob,
+            result.predictions.prob_up,
+            result.y_up,
+            policy_steps,
+            hold_steps,
+            result.times,
+            h,
+        ):
             mlflow.log_artifact(str(path), artifact_path="plots")
         mlflow.log_dict(report.model_dump(mode="json"), "evaluation.json")
     meta = model_meta(cfg, data, hyper, result.scaler, window, result.calibration, result.policy)
@@ -534,5 +781,8 @@ def test_set(cfg: Config, report: EvaluationReport, lookback: int) -> tuple[np.n
     the promotion gate re-scores a champion on, so both are judged on the very same hours."""
     data = load_data(cfg, report.data_window.start, report.data_window.end)
     ends = window_ends(data.frame, data.spec, data.parts["test"], lookback, data.delta)
-    return (data.raw_windows(ends, lookback), data.frame["target_up"].to_numpy()[ends].astype(int),
-            data.frame["target_return"].to_numpy()[ends].astype(float))
+    return (
+        data.raw_windows(ends, lookback),
+        data.frame["target_up"].to_numpy()[ends].astype(int),
+        data.frame["target_return"].to_numpy()[ends].astype(float),
+    )

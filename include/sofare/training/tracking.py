@@ -53,10 +53,22 @@ def scoped(cfg: Config) -> Iterator[None]:
 def git_commit(cfg: Config) -> str:
     """The commit the code was trained from (`-dirty` with uncommitted changes), or 'unknown'."""
     try:
-        done = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=cfg.root, capture_output=True, text=True,
-                              timeout=10, check=False)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cfg.root,
-                               capture_output=True, text=True, timeout=10, check=False)
+        done = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"],
+            cwd=cfg.root,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=cfg.root,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
     except OSError:
         return "unknown"
     if done.returncode != 0:
@@ -74,18 +86,34 @@ def walk_forward_metrics(wf: WalkForward) -> dict[str, float]:
     out: dict[str, float] = {"wf_folds": len(wf.folds), "wf_seconds": wf.seconds}
     for predictor, scores in wf.pooled.items():
         for metric, s in scores.items():
-            out.update({f"wf_{predictor}_{metric}": s.value, f"wf_{predictor}_{metric}_ci_low": s.ci_low,
-                        f"wf_{predictor}_{metric}_ci_high": s.ci_high})
+            out.update(
+                {
+                    f"wf_{predictor}_{metric}": s.value,
+                    f"wf_{predictor}_{metric}_ci_low": s.ci_low,
+                    f"wf_{predictor}_{metric}_ci_high": s.ci_high,
+                }
+            )
     for fold in wf.folds:
         out[f"wf_fold{fold.fold}_sofare_m3"] = fold.score.value
         out.update({f"wf_fold{fold.fold}_{b}": s.value for b, s in fold.baselines.items()})
     for p in wf.paired:
-        out.update({f"wf_paired_{p.baseline}_diff": p.difference.value, f"wf_paired_{p.baseline}_ci_low": p.difference.ci_low,
-                    f"wf_paired_{p.baseline}_ci_high": p.difference.ci_high})
+        out.update(
+            {
+                f"wf_paired_{p.baseline}_diff": p.difference.value,
+                f"wf_paired_{p.baseline}_ci_low": p.difference.ci_low,
+                f"wf_paired_{p.baseline}_ci_high": p.difference.ci_high,
+            }
+        )
     for name, result in wf.policy.items():
         out.update({f"wf_policy_{_key(name)}_{k}": float(v) for k, v in result.model_dump().items()})
     out.update({f"wf_ablation_{_key(k)}": s.value for k, s in wf.ablations.items()})
     if wf.reliability is not None:
-        out.update({"wf_brier_raw": wf.reliability.brier_raw, "wf_brier_calibrated": wf.reliability.brier,
-                    "wf_ece_raw": wf.reliability.ece_raw, "wf_ece_calibrated": wf.reliability.ece})
+        out.update(
+            {
+                "wf_brier_raw": wf.reliability.brier_raw,
+                "wf_brier_calibrated": wf.reliability.brier,
+                "wf_ece_raw": wf.reliability.ece_raw,
+                "wf_ece_calibrated": wf.reliability.ece,
+            }
+        )
     return {k: float(v) for k, v in out.items()}

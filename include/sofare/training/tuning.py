@@ -29,8 +29,13 @@ def storage(cfg: Config) -> RDBStorage:
     logging.getLogger("alembic").setLevel(logging.WARNING)
     url = warehouse.warehouse_url(cfg)
     kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
-    return RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS,
-                      heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1))
+    return RDBStorage(
+        url,
+        engine_kwargs=kwargs,
+        heartbeat_interval=HEARTBEAT_SECONDS,
+        grace_period=GRACE_SECONDS,
+        heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
+    )
 
 
 def pruner(cfg: Config) -> optuna.pruners.BasePruner:
@@ -53,29 +58,40 @@ def _sampler(cfg: Config, worker: int) -> optuna.samplers.BaseSampler:
 
 
 def create_study(cfg: Config, name: str) -> optuna.Study:
-    return optuna.create_study(study_name=name, storage=storage(cfg), direction="minimize", load_if_exists=True,
-                               sampler=_sampler(cfg, 0), pruner=pruner(cfg))
+    return optuna.create_study(
+        study_name=name,
+        storage=storage(cfg),
+        direction="minimize",
+        load_if_exists=True,
+        sampler=_sampler(cfg, 0),
+        pruner=pruner(cfg),
+    )
 
 
 def load_study(cfg: Config, name: str, worker: int) -> optuna.Study:
     try:
-        return optuna.load_study(study_name=name, storage=storage(cfg), sampler=_sampler(cfg, worker), pruner=pruner(cfg))
+        return optuna.load_study(
+            study_name=name, storage=storage(cfg), sampler=_sampler(cfg, worker), pruner=pruner(cfg)
+        )
     except KeyError:
         raise NotFoundError(f"no Optuna study {name!r} in {warehouse.describe(warehouse.get_engine(cfg))}") from None
 
 
 def suggest(cfg: Config, trial: optuna.trial.Trial) -> dict[str, Any]:
     s = cfg.training.search_space
-    return hyper_of(cfg, {
-        "hidden_size": trial.suggest_int("hidden_size", s.hidden_size[0], s.hidden_size[1], step=s.hidden_size[2]),
-        "num_layers": trial.suggest_int("num_layers", *s.num_layers),
-        "num_heads": trial.suggest_categorical("num_heads", s.num_heads),
-        "dropout": trial.suggest_float("dropout", *s.dropout),
-        "learning_rate": trial.suggest_float("learning_rate", *s.learning_rate, log=True),
-        "batch_size": trial.suggest_categorical("batch_size", s.batch_size),
-        "weight_decay": trial.suggest_float("weight_decay", *s.weight_decay, log=True),
-        "lookback": trial.suggest_categorical("lookback", s.lookback),
-    })
+    return hyper_of(
+        cfg,
+        {
+            "hidden_size": trial.suggest_int("hidden_size", s.hidden_size[0], s.hidden_size[1], step=s.hidden_size[2]),
+            "num_layers": trial.suggest_int("num_layers", *s.num_layers),
+            "num_heads": trial.suggest_categorical("num_heads", s.num_heads),
+            "dropout": trial.suggest_float("dropout", *s.dropout),
+            "learning_rate": trial.suggest_float("learning_rate", *s.learning_rate, log=True),
+            "batch_size": trial.suggest_categorical("batch_size", s.batch_size),
+            "weight_decay": trial.suggest_float("weight_decay", *s.weight_decay, log=True),
+            "lookback": trial.suggest_categorical("lookback", s.lookback),
+        },
+    )
 
 
 def hyper_of(cfg: Config, params: dict[str, Any]) -> dict[str, Any]:
@@ -88,7 +104,9 @@ def finished_trials(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=FINISHED))
 
 
-def optimize(study: optuna.Study, objective: Callable[[optuna.trial.Trial], float], n_trials: int, timeout: float) -> int:
+def optimize(
+    study: optuna.Study, objective: Callable[[optuna.trial.Trial], float], n_trials: int, timeout: float
+) -> int:
     """Run trials until the study holds n_trials finished ones (counting other workers' and earlier
     runs'), or until timeout; the number this call ran."""
     optuna.storages.fail_stale_trials(study)
@@ -111,9 +129,19 @@ def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial:
 
 
 def trial_summary(study: optuna.Study) -> list[dict[str, Any]]:
-    return [{"number": t.number, "state": t.state.name, "value": t.value, "epochs": t.user_attrs.get("epochs"),
-             "params": t.params, "seconds": (t.datetime_complete - t.datetime_start).total_seconds()
-             if t.datetime_complete and t.datetime_start else None} for t in study.get_trials(deepcopy=False)]
+    return [
+        {
+            "number": t.number,
+            "state": t.state.name,
+            "value": t.value,
+            "epochs": t.user_attrs.get("epochs"),
+            "params": t.params,
+            "seconds": (t.datetime_complete - t.datetime_start).total_seconds()
+            if t.datetime_complete and t.datetime_start
+            else None,
+        }
+        for t in study.get_trials(deepcopy=False)
+    ]
 
 
 def wall_seconds(study: optuna.Study) -> float | None:

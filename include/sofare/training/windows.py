@@ -40,14 +40,16 @@ def purge_rows(cfg: Config) -> int:
 def temporal_split(n: int, train: float, validation: float, purge: int) -> dict[str, range]:
     """Row ranges of train, validation and test, in time order, `purge` rows apart."""
     b1, b2 = int(n * train), int(n * (train + validation))
-    parts = {"train": range(0, b1 - purge), "validation": range(b1, b2 - purge), "test": range(b2, n)}
+    parts = {"train": range(b1 - purge), "validation": range(b1, b2 - purge), "test": range(b2, n)}
     for name, rows in parts.items():
         if len(rows) <= 0:
             raise InputError(f"not enough rows ({n}) for a {name} part after a purge of {purge} rows")
     return parts
 
 
-def walk_forward_splits(n: int, folds: int, mode: str, validation: float, test: float, purge: int) -> list[dict[str, range]]:
+def walk_forward_splits(
+    n: int, folds: int, mode: str, validation: float, test: float, purge: int
+) -> list[dict[str, range]]:
     """Folds whose test windows tile the last `folds * test` share of the rows, oldest first.
 
     expanding: every fold trains from row 0; sliding: the training part keeps the first fold's length.
@@ -63,8 +65,13 @@ def walk_forward_splits(n: int, folds: int, mode: str, validation: float, test: 
         train_start = 0 if mode == "expanding" else max(0, train_end - first_train_end)
         if train_end - train_start <= 0:
             raise InputError(f"not enough rows ({n}) for {folds} walk-forward folds")
-        out.append({"train": range(train_start, train_end), "validation": range(val_start, test_start - purge),
-                    "test": range(test_start, test_start + test_len)})
+        out.append(
+            {
+                "train": range(train_start, train_end),
+                "validation": range(val_start, test_start - purge),
+                "test": range(test_start, test_start + test_len),
+            }
+        )
     return out
 
 
@@ -96,16 +103,22 @@ class Scaler:
         return np.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0).astype(np.float32)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"columns": self.columns, "mean": self.mean.tolist(), "std": self.std.tolist(),
-                "ret_mean": self.ret_mean, "ret_std": self.ret_std}
+        return {
+            "columns": self.columns,
+            "mean": self.mean.tolist(),
+            "std": self.std.tolist(),
+            "ret_mean": self.ret_mean,
+            "ret_std": self.ret_std,
+        }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Scaler:
         return cls(list(d["columns"]), np.asarray(d["mean"]), np.asarray(d["std"]), d["ret_mean"], d["ret_std"])
 
 
-def window_ends(frame: pd.DataFrame, spec: FeatureSpec, rows: range, lookback: int, delta: timedelta,
-                need_target: bool = True) -> np.ndarray:
+def window_ends(
+    frame: pd.DataFrame, spec: FeatureSpec, rows: range, lookback: int, delta: timedelta, need_target: bool = True
+) -> np.ndarray:
     """Rows t in `rows` where a full, gap-free window [t-lookback+1, t] lies inside `rows`."""
     times = pd.to_datetime(frame["open_time"], utc=True).to_numpy()
     micro_ok = frame[list(spec.micro)].notna().all(axis=1).to_numpy()
@@ -161,9 +174,11 @@ class Windows:
 
 def column_groups(spec: FeatureSpec) -> dict[str, np.ndarray]:
     columns = list(spec.columns)
-    return {"micro": np.array([columns.index(c) for c in spec.micro]),
-            "safe": np.array([columns.index(c) for c in spec.safe_haven]),
-            "macro": np.array([columns.index(c) for c in spec.macro])}
+    return {
+        "micro": np.array([columns.index(c) for c in spec.micro]),
+        "safe": np.array([columns.index(c) for c in spec.safe_haven]),
+        "macro": np.array([columns.index(c) for c in spec.macro]),
+    }
 
 
 def make_windows(frame: pd.DataFrame, spec: FeatureSpec, scaler: Scaler, ends: np.ndarray, lookback: int) -> Windows:
@@ -199,8 +214,9 @@ def loader(windows: Windows, batch_size: int, shuffle: bool, seed: int) -> Any:
     from torch.utils.data import DataLoader
 
     generator = torch.Generator().manual_seed(seed)
-    return DataLoader(windows, batch_size=batch_size, shuffle=shuffle, generator=generator, collate_fn=lambda b: b,
-                      num_workers=0)
+    return DataLoader(
+        windows, batch_size=batch_size, shuffle=shuffle, generator=generator, collate_fn=lambda b: b, num_workers=0
+    )
 
 
 class History:
@@ -217,8 +233,13 @@ class History:
         class _Collect(L.Callback):
             def on_train_epoch_end(self, trainer: Any, module: Any) -> None:
                 row = {"epoch": trainer.current_epoch + 1}
-                row.update({k: float(v) for k, v in trainer.callback_metrics.items() if k in
-                            ("train_loss", "val_loss", "val_acc", "val_ce")})
+                row.update(
+                    {
+                        k: float(v)
+                        for k, v in trainer.callback_metrics.items()
+                        if k in ("train_loss", "val_loss", "val_acc", "val_ce")
+                    }
+                )
                 history.epochs.append(row)
 
         return _Collect()
@@ -253,24 +274,38 @@ def fit(
 
     seed_everything(seed, cfg.training.threads)
     t = cfg.training
-    model = SofareM3(len(spec.micro), len(spec.safe_haven), len(spec.macro), hyper, t.loss_weight, t.huber_delta,
-                     t.warmup_fraction)
+    model = SofareM3(
+        len(spec.micro), len(spec.safe_haven), len(spec.macro), hyper, t.loss_weight, t.huber_delta, t.warmup_fraction
+    )
     history = History()
     cbs = [history.callback(), *(callbacks or [])]
     best = None
     with tempfile.TemporaryDirectory(prefix="sofare-fit-") as scratch:
         if validation is not None:
-            best = L.pytorch.callbacks.ModelCheckpoint(dirpath=scratch, monitor="val_loss", mode="min", save_top_k=1,
-                                                       save_weights_only=True)
+            best = L.pytorch.callbacks.ModelCheckpoint(
+                dirpath=scratch, monitor="val_loss", mode="min", save_top_k=1, save_weights_only=True
+            )
             cbs += [L.pytorch.callbacks.EarlyStopping(monitor="val_loss", mode="min", patience=t.patience), best]
         trainer = L.Trainer(
-            accelerator="cpu", devices=1, max_epochs=max_epochs, deterministic=True, gradient_clip_val=t.gradient_clip,
-            callbacks=cbs, logger=False, enable_progress_bar=False, enable_model_summary=False,
-            enable_checkpointing=validation is not None, default_root_dir=scratch, num_sanity_val_steps=0,
+            accelerator="cpu",
+            devices=1,
+            max_epochs=max_epochs,
+            deterministic=True,
+            gradient_clip_val=t.gradient_clip,
+            callbacks=cbs,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            enable_checkpointing=validation is not None,
+            default_root_dir=scratch,
+            num_sanity_val_steps=0,
         )
         began = time.perf_counter()
-        trainer.fit(model, loader(train, hyper["batch_size"], True, seed),
-                    loader(validation, 256, False, seed) if validation is not None else None)
+        trainer.fit(
+            model,
+            loader(train, hyper["batch_size"], True, seed),
+            loader(validation, 256, False, seed) if validation is not None else None,
+        )
         seconds = time.perf_counter() - began
         best_epoch, best_loss = len(history.epochs), None
         if best is not None and best.best_model_path:
@@ -292,7 +327,7 @@ def predict(model: SofareM3, windows: Windows, scaler: Scaler, batch: int = 1024
     probs, rets = [], []
     with torch.no_grad():
         for lo in range(0, len(windows), batch):
-            micro, safe, macro, _, _ = windows.batch(windows.ends[lo: lo + batch])
+            micro, safe, macro, _, _ = windows.batch(windows.ends[lo : lo + batch])
             logits, ret = model(micro, safe, macro)
             probs.append(torch.softmax(logits, -1)[:, 1].numpy())
             rets.append(ret.numpy() * scaler.ret_std + scaler.ret_mean)

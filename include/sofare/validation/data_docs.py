@@ -26,26 +26,17 @@ VENDOR = "static/vendor"  # where the assets go in the site
 # The CDN URLs in GX 1.24.1's page templates -> the same file in data_docs_assets/ (bootstrap-table's
 # filter-control CSS 1.19.0 differs from 1.19.1 only in its version comment; bootstrap-dark is its .min.css).
 CDN = {
-    "https://unpkg.com/bootstrap-table@1.19.1/dist/bootstrap-table.min.css":
-        "bootstrap-table-1.19.1/bootstrap-table.min.css",
-    "https://unpkg.com/bootstrap-table@1.19.1/dist/bootstrap-table.min.js":
-        "bootstrap-table-1.19.1/bootstrap-table.min.js",
-    "https://unpkg.com/bootstrap-table@1.19.1/dist/extensions/filter-control/bootstrap-table-filter-control.min.js":
-        "bootstrap-table-1.19.1/extensions/filter-control/bootstrap-table-filter-control.min.js",
-    "https://unpkg.com/bootstrap-table@1.19.0/dist/extensions/filter-control/bootstrap-table-filter-control.css":
-        "bootstrap-table-1.19.1/extensions/filter-control/bootstrap-table-filter-control.css",
-    "https://unpkg.com/bootstrap-table@1.19.0/dist/extensions/filter-control/bootstrap-table-filter-control.min.css":
-        "bootstrap-table-1.19.1/extensions/filter-control/bootstrap-table-filter-control.min.css",
+    "https://unpkg.com/bootstrap-table@1.19.1/dist/bootstrap-table.min.css": "bootstrap-table-1.19.1/bootstrap-table.min.css",
+    "https://unpkg.com/bootstrap-table@1.19.1/dist/bootstrap-table.min.js": "bootstrap-table-1.19.1/bootstrap-table.min.js",
+    "https://unpkg.com/bootstrap-table@1.19.1/dist/extensions/filter-control/bootstrap-table-filter-control.min.js": "bootstrap-table-1.19.1/extensions/filter-control/bootstrap-table-filter-control.min.js",
+    "https://unpkg.com/bootstrap-table@1.19.0/dist/extensions/filter-control/bootstrap-table-filter-control.css": "bootstrap-table-1.19.1/extensions/filter-control/bootstrap-table-filter-control.css",
+    "https://unpkg.com/bootstrap-table@1.19.0/dist/extensions/filter-control/bootstrap-table-filter-control.min.css": "bootstrap-table-1.19.1/extensions/filter-control/bootstrap-table-filter-control.min.css",
     "https://maxcdn.bootstrapcdn.com/bootstrap/4.3.1/css/bootstrap.min.css": "bootstrap-4.3.1/css/bootstrap.min.css",
     "https://stackpath.bootstrapcdn.com/bootstrap/4.3.1/js/bootstrap.min.js": "bootstrap-4.3.1/js/bootstrap.min.js",
-    "https://cdnjs.cloudflare.com/ajax/libs/bootstrap-datepicker/1.9.0/css/bootstrap-datepicker.min.css":
-        "bootstrap-datepicker-1.9.0/css/bootstrap-datepicker.min.css",
-    "https://cdnjs.cloudflare.com/ajax/libs/bootstrap-datepicker/1.9.0/js/bootstrap-datepicker.min.js":
-        "bootstrap-datepicker-1.9.0/js/bootstrap-datepicker.min.js",
-    "https://cdn.jsdelivr.net/npm/@forevolve/bootstrap-dark@1.1.0/dist/css/bootstrap-prefers-dark.css":
-        "bootstrap-dark-1.1.0/css/bootstrap-prefers-dark.min.css",
-    "https://cdnjs.cloudflare.com/ajax/libs/font-awesome/6.6.0/css/all.min.css":
-        "fontawesome-free-6.6.0/css/all.min.css",
+    "https://cdnjs.cloudflare.com/ajax/libs/bootstrap-datepicker/1.9.0/css/bootstrap-datepicker.min.css": "bootstrap-datepicker-1.9.0/css/bootstrap-datepicker.min.css",
+    "https://cdnjs.cloudflare.com/ajax/libs/bootstrap-datepicker/1.9.0/js/bootstrap-datepicker.min.js": "bootstrap-datepicker-1.9.0/js/bootstrap-datepicker.min.js",
+    "https://cdn.jsdelivr.net/npm/@forevolve/bootstrap-dark@1.1.0/dist/css/bootstrap-prefers-dark.css": "bootstrap-dark-1.1.0/css/bootstrap-prefers-dark.min.css",
+    "https://cdnjs.cloudflare.com/ajax/libs/font-awesome/6.6.0/css/all.min.css": "fontawesome-free-6.6.0/css/all.min.css",
     "https://code.jquery.com/jquery-3.7.1.min.js": "jquery-3.7.1/jquery.min.js",
     "https://cdnjs.cloudflare.com/ajax/libs/popper.js/1.12.9/umd/popper.min.js": "popper.js-1.12.9/umd/popper.min.js",
     "https://cdn.jsdelivr.net/npm/vega@5": "vega-5.33.1/vega.min.js",
@@ -53,13 +44,17 @@ CDN = {
     "https://cdn.jsdelivr.net/npm/vega-embed@6": "vega-embed-6.29.0/vega-embed.min.js",
 }
 # GX's logo on S3 -> the copy GX itself puts in static/images/ (no dark variant is shipped: the same logo)
-GX_IMAGES = re.compile(r"https://great-expectations-web-assets\.s3\.us-east-2\.amazonaws\.com/([\w.-]+?)(\?[^\"')\s]*)?"
-                       r"(?=[\"')\s])")
+GX_IMAGES = re.compile(
+    r"https://great-expectations-web-assets\.s3\.us-east-2\.amazonaws\.com/([\w.-]+?)(\?[^\"')\s]*)?"
+    r"(?=[\"')\s])"
+)
 IMAGES = {"full_logo_dark.png": "logo-long.png"}
 SRI = re.compile(r"\s+(?:integrity|crossorigin)=\"[^\"]*\"")  # file:// pages cannot load scripts as CORS requests
 STATIC = re.compile(r"\b(href|src)=\"(?:\./|(?:\.\./)+)static/")  # GX gets the depth wrong on result pages
-REMOTE = re.compile(r"<(?:link|script|img)\b[^>]*?\b(?:href|src)=[\"']((?:https?:)?//[^\"']+)"
-                    r"|url\(\s*[\"']?((?:https?:)?//[^\"')]+)|@import\s+[\"']((?:https?:)?//[^\"']+)")
+REMOTE = re.compile(
+    r"<(?:link|script|img)\b[^>]*?\b(?:href|src)=[\"']((?:https?:)?//[^\"']+)"
+    r"|url\(\s*[\"']?((?:https?:)?//[^\"')]+)|@import\s+[\"']((?:https?:)?//[^\"']+)"
+)
 UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -112,9 +107,12 @@ def make_offline(site: Path) -> list[Path]:
             changed.append(path)
         remote.update(remote_references(new))
     if remote:
-        log.warning("Data Docs still load %d URL(s) from the network (a Great Expectations upgrade changed its "
-                    "templates? add them to sofare.validation.data_docs.CDN): %s",
-                    len(remote), ", ".join(sorted(remote)))
+        log.warning(
+            "Data Docs still load %d URL(s) from the network (a Great Expectations upgrade changed its "
+            "templates? add them to sofare.validation.data_docs.CDN): %s",
+            len(remote),
+            ", ".join(sorted(remote)),
+        )
     return changed
 
 

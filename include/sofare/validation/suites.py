@@ -46,7 +46,12 @@ INDEX_COLUMNS = {
     "macro_observations": ["series_id", "observation_date", "known_at"],
     "features": ["open_time"],
 }
-DAY_COLUMN = {"candles": "open_time", "safe_haven_bars": "date", "macro_observations": "known_at", "features": "open_time"}
+DAY_COLUMN = {
+    "candles": "open_time",
+    "safe_haven_bars": "date",
+    "macro_observations": "known_at",
+    "features": "open_time",
+}
 
 
 class UnvalidatedIntervalError(PermanentError):
@@ -89,9 +94,11 @@ class SuiteResult:
 
     def summary(self) -> str:
         state = "passed" if self.success else "FAILED"
-        head = (f"{self.suite} [{self.scope}] {self.start:%Y-%m-%d} .. {(self.end - timedelta(microseconds=1)):%Y-%m-%d}: "
-                f"{state} ({self.statistics.get('successful_expectations')}/{self.statistics.get('evaluated_expectations')}"
-                f" expectations, {self.rows} rows)")
+        head = (
+            f"{self.suite} [{self.scope}] {self.start:%Y-%m-%d} .. {(self.end - timedelta(microseconds=1)):%Y-%m-%d}: "
+            f"{state} ({self.statistics.get('successful_expectations')}/{self.statistics.get('evaluated_expectations')}"
+            f" expectations, {self.rows} rows)"
+        )
         gaps = [f"\n    known gap: {g['first']} .. {g['last']} ({g['reason']})" for g in self.known_gaps]
         return head + "".join(gaps) + "".join(f"\n    ✗ {f}" for f in self.failures)
 
@@ -106,11 +113,16 @@ def days_of(start: datetime, end: datetime) -> list[date]:
 
 
 def _known_gaps(cfg: Config, symbol: str, interval: str, start: datetime, end: datetime) -> list[Any]:
-    return [g for g in cfg.validation.known_gaps
-            if g.symbol == symbol and g.interval == interval and g.last >= start and g.first < end]
+    return [
+        g
+        for g in cfg.validation.known_gaps
+        if g.symbol == symbol and g.interval == interval and g.last >= start and g.first < end
+    ]
 
 
-def candles_frame(conn: Connection, cfg: Config, symbol: str, interval: str, start: datetime, end: datetime) -> pd.DataFrame:
+def candles_frame(
+    conn: Connection, cfg: Config, symbol: str, interval: str, start: datetime, end: datetime
+) -> pd.DataFrame:
     """Candles on the interval's full grid (known gaps removed): a missing bar is a row with present=0."""
     import numpy as np
     import pandas as pd
@@ -129,7 +141,7 @@ def candles_frame(conn: Connection, cfg: Config, symbol: str, interval: str, sta
     parts = [p for p in (previous["close"], frame.loc[frame["present"] == 1, "close"]) if len(p)]
     closes = pd.concat(parts) if parts else pd.Series(dtype=float)
     frame["abs_log_return"] = np.nan
-    returns = np.log(closes.astype(float)).diff().abs().iloc[len(previous):]
+    returns = np.log(closes.astype(float)).diff().abs().iloc[len(previous) :]
     frame.loc[frame["present"] == 1, "abs_log_return"] = returns.to_numpy()
     day = frame["open_time"].dt.floor("D")
     newest = frame.loc[frame["present"] == 1].groupby(day[frame["present"] == 1])["open_time"].max()
@@ -169,23 +181,33 @@ def macro_frame(conn: Connection, cfg: Config, start: datetime, end: datetime) -
     for row in frame.itertuples():
         spec = cfg.macro.series.get(row.series_id)
         ends.append(period_end(spec.frequency if spec else "D", pd.Series([row.observation_date])).iloc[0])
-        earlier = history[(history["series_id"] == row.series_id) & (history["observation_date"] < row.observation_date)
-                          & (history["known_at"] <= row.known_at)]
+        earlier = history[
+            (history["series_id"] == row.series_id)
+            & (history["observation_date"] < row.observation_date)
+            & (history["known_at"] <= row.known_at)
+        ]
         if earlier.empty or spec is None:
             excess.append(math.nan)
             continue
         previous = earlier.sort_values(["observation_date", "known_at"]).iloc[-1]["value"]
-        change = (math.log(row.value / previous) if spec.kind == "index" and row.value > 0 and previous > 0
-                  else row.value - previous)
+        change = (
+            math.log(row.value / previous)
+            if spec.kind == "index" and row.value > 0 and previous > 0
+            else row.value - previous
+        )
         excess.append(abs(change) - cfg.validation.limit(cfg.validation.macro_max_abs_change, row.series_id))
-    frame["days_after_period_end"] = [
-        (known - period) / pd.Timedelta(days=1) for known, period in zip(frame["known_at"], ends)
-    ] if len(frame) else []
+    frame["days_after_period_end"] = (
+        [(known - period) / pd.Timedelta(days=1) for known, period in zip(frame["known_at"], ends)]
+        if len(frame)
+        else []
+    )
     frame["abs_change_excess"] = excess
     return frame.reset_index(drop=True)
 
 
-def features_frame(conn: Connection, cfg: Config, symbol: str, interval: str, start: datetime, end: datetime) -> pd.DataFrame:
+def features_frame(
+    conn: Connection, cfg: Config, symbol: str, interval: str, start: datetime, end: datetime
+) -> pd.DataFrame:
     """Feature rows with: NULL features after warm-up (per row), targets expected vs present."""
     import numpy as np
     import pandas as pd
@@ -195,10 +217,13 @@ def features_frame(conn: Connection, cfg: Config, symbol: str, interval: str, st
     delta = interval_delta(interval)
     lookahead = delta * cfg.features.horizon
     frame = warehouse.read_features(conn, table, symbol, interval, start, end)
-    before = warehouse.read_features(conn, table, symbol, interval, start - delta * cfg.features.warmup_bars, start).tail(1)
+    before = warehouse.read_features(
+        conn, table, symbol, interval, start - delta * cfg.features.warmup_bars, start
+    ).tail(1)
     candles = warehouse.candles
     count_before = conn.execute(
-        sa.select(sa.func.count()).select_from(candles)
+        sa.select(sa.func.count())
+        .select_from(candles)
         .where(candles.c.symbol == symbol, candles.c.interval == interval, candles.c.open_time < start)
     ).scalar_one()
     times = pd.Series(warehouse.read_column(conn, candles, "open_time", symbol=symbol, interval=interval))
@@ -210,7 +235,7 @@ def features_frame(conn: Connection, cfg: Config, symbol: str, interval: str, st
     past_warmup = frame["open_time"].map(position).fillna(-1).to_numpy() >= cfg.features.warmup_bars - 1
     null_micro = frame[micro].isna().to_numpy().sum(axis=1) * past_warmup
     both = pd.concat([before, frame], ignore_index=True)
-    seen = both[others].notna().cummax().shift(1, fill_value=False).iloc[len(before):].to_numpy(dtype=bool)
+    seen = both[others].notna().cummax().shift(1, fill_value=False).iloc[len(before) :].to_numpy(dtype=bool)
     null_others = (frame[others].isna().to_numpy() & seen).sum(axis=1)
     frame["null_features_after_warmup"] = null_micro + null_others
     future = set(times.tolist())
@@ -220,7 +245,9 @@ def features_frame(conn: Connection, cfg: Config, symbol: str, interval: str, st
     return frame
 
 
-def build_frame(conn: Connection, cfg: Config, suite: str, symbol: str, interval: str, start: datetime, end: datetime) -> pd.DataFrame:
+def build_frame(
+    conn: Connection, cfg: Config, suite: str, symbol: str, interval: str, start: datetime, end: datetime
+) -> pd.DataFrame:
     if suite == "candles":
         return candles_frame(conn, cfg, symbol, interval, start, end)
     if suite == "safe_haven_bars":
@@ -242,7 +269,10 @@ def suite_parameters(cfg: Config, suite: str, frame: pd.DataFrame, start: dateti
         from sofare.data.sources.base import trading_dates
 
         first, last = trading_dates(start, end)
-        return {"tickers": sorted(cfg.safe_haven.tickers), "max_rows": len(cfg.safe_haven.tickers) * max((last - first).days, 0)}
+        return {
+            "tickers": sorted(cfg.safe_haven.tickers),
+            "max_rows": len(cfg.safe_haven.tickers) * max((last - first).days, 0),
+        }
     if suite == "macro_observations":
         return {"series": sorted(cfg.macro.series)}
     return {"feature_columns": [*spec.columns, *TARGET_COLUMNS], "feature_set_versions": [spec.version]}
@@ -342,8 +372,11 @@ def _failures(suite: str, result: Any, days: list[date]) -> list[Failure]:
             continue
         config = item.expectation_config
         kwargs = config.kwargs
-        column = kwargs.get("column") or ", ".join(
-            str(kwargs[k]) for k in ("column_A", "column_B") if k in kwargs) or ", ".join(kwargs.get("column_list", []))
+        column = (
+            kwargs.get("column")
+            or ", ".join(str(kwargs[k]) for k in ("column_A", "column_B") if k in kwargs)
+            or ", ".join(kwargs.get("column_list", []))
+        )
         info = item.result or {}
         rows = info.get("unexpected_count")
         failing_days: set[str] = set()
@@ -370,7 +403,13 @@ def run_name(scope: str, start: datetime, run_id: str) -> str:
 
 
 def check_frame(
-    cfg: Config, suite: str, frame: pd.DataFrame, start: datetime, end: datetime, scope: str, run_id: str,
+    cfg: Config,
+    suite: str,
+    frame: pd.DataFrame,
+    start: datetime,
+    end: datetime,
+    scope: str,
+    run_id: str,
 ) -> tuple[bool, dict[str, Any], list[Failure]]:
     """Run one suite on a prepared frame in the GX context; success, statistics, failures by day."""
     import great_expectations as gx  # imported before the lock: the first import takes seconds
@@ -378,8 +417,9 @@ def check_frame(
     with gx_context(cfg) as ctx:
         source = ctx.data_sources.add_or_update_pandas("sofare_warehouse")
         asset = next((a for a in source.assets if a.name == suite), None) or source.add_dataframe_asset(suite)
-        batch = next((b for b in asset.batch_definitions if b.name == "interval"), None) \
-            or asset.add_batch_definition_whole_dataframe("interval")
+        batch = next(
+            (b for b in asset.batch_definitions if b.name == "interval"), None
+        ) or asset.add_batch_definition_whole_dataframe("interval")
         definition = ctx.validation_definitions.add_or_update(
             gx.ValidationDefinition(name=safe_name(f"{suite}-{scope}"), data=batch, suite=ctx.suites.get(suite))
         )
@@ -393,8 +433,13 @@ def check_frame(
 
 
 def run_suite(
-    cfg: Config, engine: Engine, suite: str, start: datetime, end: datetime,
-    symbol: str | None = None, interval: str | None = None,
+    cfg: Config,
+    engine: Engine,
+    suite: str,
+    start: datetime,
+    end: datetime,
+    symbol: str | None = None,
+    interval: str | None = None,
 ) -> SuiteResult:
     """Validate one table over [start, end); record the run and mark each day passed or failed."""
     symbol = (symbol or cfg.market.symbol).upper()
@@ -406,10 +451,28 @@ def run_suite(
     run_id = uuid.uuid4().hex
     success, statistics, failures = check_frame(cfg, suite, frame, start, end, scope, run_id)
     failed_days = sorted({d for f in failures for d in f.days})
-    gaps = [{"first": g.first.isoformat(), "last": g.last.isoformat(), "reason": g.reason}
-            for g in _known_gaps(cfg, symbol, interval, start, end)] if suite == "candles" else []
-    outcome = SuiteResult(suite, scope, start, end, run_id, success, len(frame), statistics, failures,
-                          [str(d) for d in days if str(d) not in failed_days], failed_days, gaps)
+    gaps = (
+        [
+            {"first": g.first.isoformat(), "last": g.last.isoformat(), "reason": g.reason}
+            for g in _known_gaps(cfg, symbol, interval, start, end)
+        ]
+        if suite == "candles"
+        else []
+    )
+    outcome = SuiteResult(
+        suite,
+        scope,
+        start,
+        end,
+        run_id,
+        success,
+        len(frame),
+        statistics,
+        failures,
+        [str(d) for d in days if str(d) not in failed_days],
+        failed_days,
+        gaps,
+    )
     _record(engine, cfg, outcome, days)
     log.log(logging.INFO if outcome.success else logging.ERROR, "%s", outcome.summary())
     return outcome
@@ -418,18 +481,33 @@ def run_suite(
 def _record(engine: Engine, cfg: Config, outcome: SuiteResult, days: list[date]) -> None:
     import pandas as pd
 
-    run = pd.DataFrame([{
-        "run_id": outcome.run_id, "suite": outcome.suite, "scope": outcome.scope,
-        "interval_start": pd.Timestamp(outcome.start), "interval_end": pd.Timestamp(outcome.end),
-        "run_at": pd.Timestamp.now(tz="UTC"), "success": outcome.success, "rows": outcome.rows,
-        "statistics": json.dumps(outcome.statistics, default=str),
-        "failed_expectations": json.dumps([asdict(f) for f in outcome.failures]),
-        "known_gaps": json.dumps(outcome.known_gaps), "data_docs": str(data_docs_index(cfg)),
-    }])
-    marks = pd.DataFrame({
-        "suite": outcome.suite, "scope": outcome.scope, "day": days,
-        "status": ["failed" if str(d) in outcome.days_failed else "passed" for d in days], "run_id": outcome.run_id,
-    })
+    run = pd.DataFrame(
+        [
+            {
+                "run_id": outcome.run_id,
+                "suite": outcome.suite,
+                "scope": outcome.scope,
+                "interval_start": pd.Timestamp(outcome.start),
+                "interval_end": pd.Timestamp(outcome.end),
+                "run_at": pd.Timestamp.now(tz="UTC"),
+                "success": outcome.success,
+                "rows": outcome.rows,
+                "statistics": json.dumps(outcome.statistics, default=str),
+                "failed_expectations": json.dumps([asdict(f) for f in outcome.failures]),
+                "known_gaps": json.dumps(outcome.known_gaps),
+                "data_docs": str(data_docs_index(cfg)),
+            }
+        ]
+    )
+    marks = pd.DataFrame(
+        {
+            "suite": outcome.suite,
+            "scope": outcome.scope,
+            "day": days,
+            "status": ["failed" if str(d) in outcome.days_failed else "passed" for d in days],
+            "run_id": outcome.run_id,
+        }
+    )
     with warehouse.transaction(engine) as conn:
         warehouse.upsert(conn, warehouse.validation_runs, run)
         warehouse.upsert(conn, warehouse.validated_days, marks)
@@ -448,7 +526,12 @@ def build_data_docs(cfg: Config) -> Path:
 
 
 def require_validated(
-    conn: Connection, cfg: Config, start: datetime, end: datetime, symbol: str | None = None, interval: str | None = None,
+    conn: Connection,
+    cfg: Config,
+    start: datetime,
+    end: datetime,
+    symbol: str | None = None,
+    interval: str | None = None,
 ) -> None:
     """Raise UnvalidatedIntervalError naming every day of [start, end) that is not validated by every suite."""
     symbol = (symbol or cfg.market.symbol).upper()
@@ -459,8 +542,9 @@ def require_validated(
     for suite in SUITES:
         scope = warehouse.scope_of(suite, symbol, interval)
         rows = conn.execute(
-            sa.select(v.c.day, v.c.status, v.c.run_id)
-            .where(v.c.suite == suite, v.c.scope == scope, v.c.day >= days[0], v.c.day <= days[-1])
+            sa.select(v.c.day, v.c.status, v.c.run_id).where(
+                v.c.suite == suite, v.c.scope == scope, v.c.day >= days[0], v.c.day <= days[-1]
+            )
         ).all()
         status = {row.day: (row.status, row.run_id) for row in rows}
         missing = [d for d in days if d not in status]
@@ -468,12 +552,15 @@ def require_validated(
         if missing:
             problems.append(f"{suite} [{scope}] not validated: {_ranges(missing)}")
         if failed:
-            problems.append(f"{suite} [{scope}] failed validation: "
-                            + ", ".join(f"{d} (run {run[:8]})" for d, run in failed[:10])
-                            + (f" (+{len(failed) - 10} more)" if len(failed) > 10 else ""))
+            problems.append(
+                f"{suite} [{scope}] failed validation: "
+                + ", ".join(f"{d} (run {run[:8]})" for d, run in failed[:10])
+                + (f" (+{len(failed) - 10} more)" if len(failed) > 10 else "")
+            )
     if problems:
         raise UnvalidatedIntervalError(
-            f"training window {days[0]} .. {days[-1]} holds intervals that cannot be used: " + "; ".join(problems)
+            f"training window {days[0]} .. {days[-1]} holds intervals that cannot be used: "
+            + "; ".join(problems)
             + ". Run `sofare validate` for them (and fix the data where it failed)."
         )
 

@@ -13,7 +13,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 from typing import TYPE_CHECKING, ClassVar, TypeVar
 
 from sofare.errors import InputError, PermanentError, TransientError
@@ -75,8 +75,9 @@ class FetchRequest:
 
 def trading_dates(start: datetime, end: datetime) -> tuple[date, date]:
     """Dates [first, last) that belong to the UTC interval [start, end): those whose midnight it holds."""
+
     def ceil_day(moment: datetime) -> date:
-        return (moment.astimezone(timezone.utc) + timedelta(days=1) - timedelta(microseconds=1)).date()
+        return (moment.astimezone(UTC) + timedelta(days=1) - timedelta(microseconds=1)).date()
 
     return ceil_day(start), ceil_day(end)
 

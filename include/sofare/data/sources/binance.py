@@ -53,8 +53,16 @@ def parse_kline(row: Any, where: str) -> tuple:
     trades = row[8]
     if not isinstance(trades, int) or isinstance(trades, bool):
         raise MalformedDataError(f"{where}: field 'trade_count' must be an integer, got {trades!r}")
-    return (open_time, values["open"], values["high"], values["low"], values["close"], values["volume"],
-            values["quote_volume"], trades)
+    return (
+        open_time,
+        values["open"],
+        values["high"],
+        values["low"],
+        values["close"],
+        values["volume"],
+        values["quote_volume"],
+        trades,
+    )
 
 
 class BinanceSource(Source):
@@ -78,11 +86,14 @@ class BinanceSource(Source):
         except BinanceAPIException as exc:
             if exc.status_code in (418, 429):
                 retry_after = exc.response.headers.get("Retry-After") if exc.response is not None else None
-                raise RateLimitedError(f"Binance rate limit (HTTP {exc.status_code})",
-                                       float(retry_after) if retry_after else None) from exc
+                raise RateLimitedError(
+                    f"Binance rate limit (HTTP {exc.status_code})", float(retry_after) if retry_after else None
+                ) from exc
             if exc.status_code >= 500:
                 raise TransientSourceError(f"Binance server error HTTP {exc.status_code}") from exc
-            raise SourceError(f"Binance rejected the request (HTTP {exc.status_code}, code {exc.code}): {exc.message}") from exc
+            raise SourceError(
+                f"Binance rejected the request (HTTP {exc.status_code}, code {exc.code}): {exc.message}"
+            ) from exc
         except BinanceRequestException as exc:
             raise MalformedDataError(f"Binance answered with a body that is not JSON: {exc.message:.200}") from exc
         except (rexc.Timeout, rexc.ConnectionError) as exc:
@@ -108,9 +119,15 @@ class BinanceSource(Source):
         page_no = 0
         while cursor < end:
             page_no += 1
-            params = dict(symbol=request.symbol, interval=request.interval, startTime=cursor, endTime=end - 1, limit=limit)
+            params = {
+                "symbol": request.symbol,
+                "interval": request.interval,
+                "startTime": cursor,
+                "endTime": end - 1,
+                "limit": limit,
+            }
             where = f"Binance klines {request.symbol} {request.interval} page {page_no}"
-            page = self.with_retries(where, lambda: self._call_klines(**params))
+            page = self.with_retries(where, lambda params=params: self._call_klines(**params))
             if not isinstance(page, list):
                 raise MalformedDataError(f"{where}: expected a JSON array, got {type(page).__name__}")
             if not page:

@@ -15,7 +15,7 @@ import time
 import urllib.request
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
-from datetime import timedelta, timezone
+from datetime import UTC, timedelta
 from typing import TYPE_CHECKING, Any
 from urllib.error import HTTPError, URLError
 
@@ -93,8 +93,9 @@ class FredSource(Source):
 
     def __init__(self, cfg: Config, sleep: Callable[[float], None] = time.sleep) -> None:
         super().__init__(cfg, sleep)
-        self.fred = _fred_client(_api_key(cfg), cfg.sources.fred.base_url.rstrip("/") + "/fred",
-                                 cfg.sources.http.timeout_seconds)
+        self.fred = _fred_client(
+            _api_key(cfg), cfg.sources.fred.base_url.rstrip("/") + "/fred", cfg.sources.http.timeout_seconds
+        )
 
     def _classify(self, series_id: str, exc: Exception) -> SofareError:
         status = self.fred.status
@@ -114,7 +115,7 @@ class FredSource(Source):
         self.fred.status = None
         try:
             return self.fred.get_series_all_releases(series_id, realtime_start=first, realtime_end=last)
-        except Exception as exc:  # noqa: BLE001 - classified, never swallowed
+        except Exception as exc:
             raise self._classify(series_id, exc) from exc
 
     def _fetch(self, request: FetchRequest) -> pd.DataFrame:
@@ -122,8 +123,8 @@ class FredSource(Source):
 
         # Values visible in [start, end) were first served on [start-1d, end-1d). FRED clips realtime
         # periods to the query window, so ask from one day earlier and drop rows clipped to it.
-        query_start = request.start.astimezone(timezone.utc).date() - timedelta(days=2)
-        query_end = (request.end.astimezone(timezone.utc) - timedelta(microseconds=1)).date() - timedelta(days=1)
+        query_start = request.start.astimezone(UTC).date() - timedelta(days=2)
+        query_end = (request.end.astimezone(UTC) - timedelta(microseconds=1)).date() - timedelta(days=1)
         parts = []
         for series_id in request.series:
             raw = self.with_retries(

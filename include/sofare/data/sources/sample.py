@@ -92,7 +92,9 @@ class SampleSource(Source):
         raw["open_time"] = pd.to_datetime(raw["open_time"], utc=True)
         if source_interval != request.interval:
             lo = request.start - INTERVALS[request.interval]
-            raw = _resample(raw[(raw["open_time"] >= lo) & (raw["open_time"] < request.end)], source_interval, request.interval)
+            raw = _resample(
+                raw[(raw["open_time"] >= lo) & (raw["open_time"] < request.end)], source_interval, request.interval
+            )
         window = raw[(raw["open_time"] >= request.start) & (raw["open_time"] < request.end)]
         return window.loc[:, list(CANDLE_COLUMNS)].reset_index(drop=True)
 

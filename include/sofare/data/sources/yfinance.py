@@ -92,7 +92,9 @@ class YfinanceSource(Source):
         try:
             chart = json.loads(body)["chart"]
         except (ValueError, KeyError, TypeError):
-            return MalformedDataError(f"Yahoo chart answer for {ticker} (HTTP {status}) is not chart JSON: {body[:120]!r}")
+            return MalformedDataError(
+                f"Yahoo chart answer for {ticker} (HTTP {status}) is not chart JSON: {body[:120]!r}"
+            )
         if chart.get("error"):
             return SourceError(f"Yahoo refused {ticker}: {chart['error'].get('description', chart['error'])}")
         try:
@@ -113,10 +115,15 @@ class YfinanceSource(Source):
         self.session.last_chart = None
         try:
             bars = yf.Ticker(ticker, session=self.session).history(
-                start=first, end=last, interval="1d", auto_adjust=False,
-                actions=False, repair=False, timeout=self.cfg.sources.http.timeout_seconds,
+                start=first,
+                end=last,
+                interval="1d",
+                auto_adjust=False,
+                actions=False,
+                repair=False,
+                timeout=self.cfg.sources.http.timeout_seconds,
             )
-        except Exception as exc:  # noqa: BLE001 - classified below, never swallowed
+        except Exception as exc:
             error = self._classify(ticker, exc)
             if error is not None:
                 raise error from exc
