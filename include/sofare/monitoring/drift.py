@@ -30,7 +30,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import numpy as np
 import pandas as pd
@@ -83,6 +83,14 @@ def load_reference(cfg: Config, version: str) -> pd.DataFrame | None:
 # --- measuring -----------------------------------------------------------------------------------------------
 
 
+class _Sizes(TypedDict):
+    """The fields every DriftResult of `measure` carries, whatever its status."""
+
+    model_version: str
+    reference_rows: int
+    current_rows: int
+
+
 @dataclass(frozen=True)
 class ColumnDrift:
     score: float
@@ -106,7 +114,7 @@ def measure(
     `report_dir` is given and `html` (the newest `monitoring.reports_kept` are kept); without it the run is about
     twice as fast and gives the same numbers."""
     m = cfg.monitoring
-    base = {"model_version": model_version, "reference_rows": len(reference), "current_rows": len(current)}
+    base: _Sizes = {"model_version": model_version, "reference_rows": len(reference), "current_rows": len(current)}
     if len(reference) == 0:
         return DriftResult(status="no_reference", **base, message="the reference sample is empty")
     if len(current) < m.min_drift_rows:
@@ -144,7 +152,7 @@ def measure(
             "methods differ by column (scores not comparable across them): "
             + ", ".join(f"{name} x{n}" for name, n in methods.items())
         )
-    report = _save(cfg, snapshot, report_dir, label) if save else None
+    report = _save(cfg, snapshot, report_dir, label) if save and report_dir is not None else None
     pred, target = found.get(PREDICTION), found.get(TARGET)
     return DriftResult(
         status="ok",
