@@ -292,7 +292,7 @@ class ModelMeta(_Contract):
     warmup_bars: int
     threshold: float
     data_window: DateWindow
-    runtime_files: dict[str, str] = Field(default_factory=dict)  # runtime (onnx | torch) -> file name
+    runtime_files: dict[str, str] = Field(default_factory=dict)  # runtime (onnx | torch | explain) -> file name
     reference_file: str | None = None  # the drift reference sample beside meta.json (None: registered before it)
     calibration: Calibration = Field(default_factory=Calibration)  # applied to every P(up) served
     policy: Policy | None = None  # None: registered before policies; `decision_policy()` falls back to the threshold

@@ -2,7 +2,9 @@
 
 A model directory holds `meta.json` (`contracts.ModelMeta`), `weights.pt` (the state dict, for
 training-side use: re-scoring a champion, the MLflow pyfunc), `model.onnx` (ONNX Runtime) and
-`model.ts` (TorchScript). `sofare.serving.bundle` loads the last two with onnxruntime or plain torch.
+`model.ts` (TorchScript). `sofare.serving.bundle` loads the last two with onnxruntime or plain torch. `explain.ts`
+(runtime_files["explain"]) is the same network traced with autograd on, for `/explain` only: the inference trace
+(`model.ts`, traced under no_grad) holds fused kernels that have no derivative, so Captum cannot use it.
 Since the monitoring stage, it also holds `reference.parquet` (`meta.reference_file`): the drift reference
 sample written at training time (`write_reference`), so it travels with the version wherever the directory goes.
 """
@@ -22,7 +24,7 @@ if TYPE_CHECKING:
     from sofare.training.model import SofareM3
 
 WEIGHTS_FILE = "weights.pt"
-RUNTIME_FILES = {"onnx": "model.onnx", "torch": "model.ts"}
+RUNTIME_FILES = {"onnx": "model.onnx", "torch": "model.ts", "explain": "explain.ts"}
 REFERENCE_FILES = ("reference.parquet", "reference.csv.gz")  # parquet when pyarrow is there, else gzipped CSV
 
 
@@ -49,6 +51,14 @@ def export(model: SofareM3, meta: ModelMeta, directory: Path, reference: pd.Data
         # one (a model rebuilt from its weights, e.g. the replay's sabotaged canary)
         traced = model.to_torchscript(method="trace", example_inputs=example, check_trace=False)
     traced.save(str(directory / RUNTIME_FILES["torch"]))
+    # Lightning's flag that lets torch.jit probe the module's attributes without a trainer (as to_torchscript
+    # does), set on this instance only; tracing with autograd on keeps the unfused, differentiable kernels
+    model._jit_is_scripting = True
+    try:
+        differentiable = torch.jit.trace(model, example, check_trace=False)
+    finally:
+        del model._jit_is_scripting
+    differentiable.save(str(directory / RUNTIME_FILES["explain"]))
     update: dict[str, object] = {"runtime_files": dict(RUNTIME_FILES)}
     if reference is not None:
         update["reference_file"] = write_reference(reference, directory)
