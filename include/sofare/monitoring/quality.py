@@ -9,7 +9,7 @@ its mean prob_up: counting it per request would shrink the intervals without add
 from __future__ import annotations
 
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypedDict, cast
 
 import numpy as np
 import pandas as pd
@@ -76,9 +76,32 @@ def ece(prob: np.ndarray, up: np.ndarray, bins: int = 10) -> float:
     return float(total)
 
 
-def scores(
-    prob: np.ndarray, up: np.ndarray, last_return: np.ndarray, samples: int, block: int, seed: int
-) -> dict[str, LiveScore | float | None]:
+class Scores(TypedDict):
+    """What `scores` gives: LiveQuality's metric fields (None: not computable on these hours)."""
+
+    accuracy: LiveScore | None
+    roc_auc: LiveScore | None
+    brier: LiveScore | None
+    persistence_accuracy: LiveScore | None
+    always_up_accuracy: LiveScore | None
+    vs_persistence: LiveScore | None
+    vs_coin_brier: LiveScore | None
+    ece: float
+
+
+class _Window(TypedDict):
+    """The LiveQuality fields of one (version, variant, window), whatever its status."""
+
+    model_version: str
+    variant: str
+    window: str
+    start: str
+    end: str
+    n: int
+    pending: int
+
+
+def scores(prob: np.ndarray, up: np.ndarray, last_return: np.ndarray, samples: int, block: int, seed: int) -> Scores:
     """Model, persistence and always-up on the same hours; differences paired on the same resamples."""
     up = up.astype(int)
     persistence_up = (np.nan_to_num(last_return, nan=0.0) > 0).astype(float)  # unknown last bar: "down", as training
@@ -112,7 +135,7 @@ def scores(
     )
     point = statistics(np.arange(len(up)))
     draws = np.array([statistics(i) for i in block_indices(len(up), block, samples, seed)])
-    out: dict[str, LiveScore | float | None] = {}
+    out: dict[str, LiveScore | None] = {}
     for k, name in enumerate(names):
         column = draws[:, k][np.isfinite(draws[:, k])]
         if not np.isfinite(point[k]) or not len(column):
@@ -120,8 +143,8 @@ def scores(
             continue
         low, high = np.percentile(column, [2.5, 97.5])
         out[name] = LiveScore(value=float(point[k]), ci_low=float(low), ci_high=float(high))
-    out["ece"] = ece(prob, up.astype(float))
-    return out
+    # the loop above filled every interval key of Scores (`names`), ece is the last one
+    return cast(Scores, {**out, "ece": ece(prob, up.astype(float))})
 
 
 def live_quality(conn: sa.Connection, cfg: Config, at: datetime) -> list[LiveQuality]:
@@ -135,7 +158,7 @@ def live_quality(conn: sa.Connection, cfg: Config, at: datetime) -> list[LiveQua
             continue
         for (version, variant), group in frame.groupby(["model_version", "variant"], sort=True):
             known = group[group["realised_up"].notna()]
-            common = {
+            common: _Window = {
                 "model_version": str(version),
                 "variant": str(variant),
                 "window": window,
@@ -155,5 +178,5 @@ def live_quality(conn: sa.Connection, cfg: Config, at: datetime) -> list[LiveQua
                 m.bootstrap_block_bars,
                 cfg.training.seed,
             )
-            out.append(LiveQuality(status="ok", **common, **found))  # type: ignore[arg-type]
+            out.append(LiveQuality(status="ok", **common, **found))
     return out

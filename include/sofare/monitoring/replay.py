@@ -21,7 +21,7 @@ import logging
 import time
 import urllib.request
 import uuid
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -58,7 +58,8 @@ class Summary:
     seconds: float = 0.0
     quality: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
-    timings: Counter[str] = field(default_factory=Counter)  # seconds per step, summed over the hours
+    # seconds per step, summed over the hours
+    timings: defaultdict[str, float] = field(default_factory=lambda: defaultdict(float))
 
     def to_dict(self) -> dict[str, Any]:
         drift = [
@@ -316,7 +317,7 @@ def overall_quality(cfg: Config, start: datetime, end: datetime) -> list[dict[st
     """Live accuracy with its CI over the whole replayed span, per version and variant, beside persistence."""
     m = cfg.monitoring
     engine = monitor.engine_of(cfg)
-    out = []
+    out: list[dict[str, Any]] = []
     with engine.connect() as conn:
         frame = quality.hours(conn, cfg, start, end)
     if frame.empty:
