@@ -390,8 +390,10 @@ class _Measured(_Contract):
     model_config = ConfigDict(frozen=True, extra="forbid", ser_json_inf_nan="constants")
 
 
-SEVERITIES = ("none", "low", "medium", "high", "critical")
-ACTIONS = ("none", "alert", "retrain", "rollback")  # in rising strength
+Severity = Literal["low", "medium", "high", "critical"]  # of one finding; a run without any is "none"
+Action = Literal["none", "alert", "retrain", "rollback"]
+SEVERITIES: tuple[Literal["none", Severity], ...] = ("none", "low", "medium", "high", "critical")
+ACTIONS: tuple[Action, ...] = ("none", "alert", "retrain", "rollback")  # in rising strength
 
 
 class LiveScore(_Measured):
@@ -465,8 +467,8 @@ class Finding(_Measured):
     """One rule that fired."""
 
     rule: Literal["drift", "prediction_drift", "target_drift", "quality", "calibration", "errors"]
-    severity: Literal["low", "medium", "high", "critical"]
-    action: Literal["none", "alert", "retrain", "rollback"]
+    severity: Severity
+    action: Action
     model_version: str | None = None
     variant: str | None = None
     message: str
@@ -475,9 +477,9 @@ class Finding(_Measured):
 class Decision(_Measured):
     """Severity and action of one monitor run, with every finding and the cool-down that held an action back."""
 
-    severity: Literal["none", "low", "medium", "high", "critical"]
-    action: Literal["none", "alert", "retrain", "rollback"]
-    wanted: Literal["none", "alert", "retrain", "rollback"]  # before the cool-down
+    severity: Literal["none", Severity]
+    action: Action
+    wanted: Action  # before the cool-down
     reason: str
     findings: tuple[Finding, ...] = ()
     cooldown: str | None = None  # why `wanted` was held back

@@ -18,9 +18,19 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
-from sofare.contracts import ACTIONS, SEVERITIES, Decision, DriftResult, Finding, LiveQuality, ServiceHealth
+from sofare.contracts import (
+    ACTIONS,
+    SEVERITIES,
+    Action,
+    Decision,
+    DriftResult,
+    Finding,
+    LiveQuality,
+    ServiceHealth,
+    Severity,
+)
 
 if TYPE_CHECKING:
     from sofare.config import Config
@@ -37,15 +47,17 @@ def drift_findings(cfg: Config, drift: DriftResult) -> list[Finding]:
     """Severity from the drifted share of the hourly (micro) features; the daily and monthly context cannot match a
     month-long reference within one week, so its drift is recorded (low), never acted on."""
     rules = cfg.monitoring.drift
-    out = []
+    out: list[Finding] = []
     if drift.status != "ok":
         return out
     micro = drift.shares.get("micro", drift.share)
     names = ", ".join(drift.drifted[:5]) + (" …" if len(drift.drifted) > 5 else "")
     if micro is not None:
-        level = next((lvl for lvl in ("high", "medium", "low") if micro >= getattr(rules, lvl)), None)
+        levels: tuple[Severity, ...] = ("high", "medium", "low")
+        level = next((lvl for lvl in levels if micro >= getattr(rules, lvl)), None)
         if level:
-            action = {"low": "none", "medium": "alert", "high": "retrain"}[level]
+            actions: dict[Severity, Action] = {"low": "none", "medium": "alert", "high": "retrain"}
+            action = actions[level]
             out.append(
                 Finding(
                     rule="drift",
@@ -107,9 +119,11 @@ def quality_findings(
         key = (q.model_version, q.variant)
         if key not in longest or windows[q.window] > windows[longest[key].window]:
             longest[key] = q
-    out = []
+    out: list[Finding] = []
     for (version, variant), q in sorted(longest.items()):
         severe = version in at_fault
+        severity: Severity
+        action: Action
         severity, action = ("critical", "rollback") if severe else ("high", "retrain")
         who = f"version {version} ({variant}, {q.window}, n={q.n})"
         if q.vs_persistence is not None and q.vs_persistence.ci_high < 0:
@@ -143,14 +157,16 @@ def quality_findings(
 
 def error_findings(cfg: Config, service: Iterable[ServiceHealth], at_fault: set[str]) -> list[Finding]:
     m = cfg.monitoring
-    out = []
+    out: list[Finding] = []
+    levels: tuple[Severity, ...] = ("critical", "high", "medium")
     for s in service:
         if s.error_rate is None or s.requests < m.min_requests:
             continue
-        level = next((lvl for lvl in ("critical", "high", "medium") if s.error_rate >= getattr(m.errors, lvl)), None)
+        level = next((lvl for lvl in levels if s.error_rate >= getattr(m.errors, lvl)), None)
         if level is None:
             continue
-        severity, action = level, "alert"
+        severity: Severity = level
+        action: Action = "alert"
         if level == "critical":
             severity, action = ("critical", "rollback") if s.model_version in at_fault else ("high", "alert")
         out.append(
@@ -172,13 +188,14 @@ def decide(
 ) -> Decision:
     """The run's severity and action. `history`: earlier runs' (at, action) -- actions actually taken -- newest
     first. A rollback without a version to roll back to becomes a retrain (and says so)."""
-    severity = max((f.severity for f in findings), key=SEVERITIES.index, default="none")
-    wanted = max((f.action for f in findings), key=ACTIONS.index, default="none")
+    severity: Literal["none", Severity] = max((f.severity for f in findings), key=SEVERITIES.index, default="none")
+    wanted: Action = max((f.action for f in findings), key=ACTIONS.index, default="none")
     notes = []
     if wanted == "rollback" and rollback_target is None:
         wanted = "retrain"
         notes.append("no version to roll back to: retrain instead")
-    action, cooldown = wanted, None
+    action: Action = wanted
+    cooldown: str | None = None
     if wanted != "none":
         since = at - timedelta(hours=cfg.monitoring.cooldown_hours)
         last = next((h for h in history if h["action"] == wanted and since < h["at"] <= at), None)
