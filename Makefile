@@ -4,9 +4,10 @@ SHELL := /bin/bash
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
+LINTED := include dags plugins tests benchmarks scripts
 PIP_QUIET := 2> >(grep -v 'is ignored: it is neither a file nor a directory' >&2)
 
-.PHONY: help setup init demo test bench airflow clean
+.PHONY: help setup init demo test lint bench airflow clean
 
 help:  ## list the targets
 	@grep -E '^[a-z]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -29,6 +30,11 @@ demo: setup  ## set up, run the pipeline through the DAGs on the embedded data, 
 test: init  ## set up (.venv, lock, var/), then run every test tier
 	scripts/system-deps.sh
 	$(BIN)/pytest
+
+lint: setup  ## ruff check, ruff format --check and mypy (what the pre-commit hooks run)
+	$(BIN)/ruff check $(LINTED)
+	$(BIN)/ruff format --check $(LINTED)
+	$(BIN)/mypy include/sofare
 
 bench: setup  ## run the benchmarks and rewrite docs/benchmarks.md
 	scripts/system-deps.sh

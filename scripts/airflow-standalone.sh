@@ -1,19 +1,15 @@
 #!/usr/bin/env bash
-# `make airflow`: Airflow standalone on this checkout (var/airflow), its API bound to 127.0.0.1, with the venv's bin
+# `make airflow`: `sofare airflow standalone`, i.e. Airflow standalone on this checkout with the environment `sofare
+# init` uses (var/airflow, dags/, plugins/, no examples, the API bound to 127.0.0.1: sofare.runtime) and the venv's bin
 # first on PATH (standalone starts its components as `airflow ...` subprocesses). Ctrl-C, SIGTERM or the end of this
 # script stops everything standalone started — the scheduler, the API server, the dag-processor, the triggerer and
 # every LocalExecutor worker — by process group and by process tree (a component that starts a session of its own
 # is still found through its parent).
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
-export PATH="$ROOT/.venv/bin:$PATH"
-export AIRFLOW_HOME="${AIRFLOW_HOME:-$ROOT/var/airflow}"
-export AIRFLOW__CORE__DAGS_FOLDER="$ROOT/dags" AIRFLOW__CORE__PLUGINS_FOLDER="$ROOT/plugins"
-export AIRFLOW__CORE__LOAD_EXAMPLES=False
-export AIRFLOW__API__HOST="${AIRFLOW__API__HOST:-127.0.0.1}" AIRFLOW__API__PORT="${AIRFLOW__API__PORT:-8080}"
 
 set -m  # the background job below gets a process group of its own: its id is the job's pid
-airflow standalone &
+"$ROOT/.venv/bin/sofare" airflow standalone &  # prints the UI's address and where the login is
 leader=$!
 
 tree() {  # a process and all its descendants
@@ -43,5 +39,5 @@ stop() {
   kill -KILL -- "-$leader" $pids 2>/dev/null || true
 }
 trap stop INT TERM EXIT
-echo "Airflow UI: http://$AIRFLOW__API__HOST:$AIRFLOW__API__PORT (users and passwords: $AIRFLOW_HOME/simple_auth_manager_passwords.json.generated; Ctrl-C stops everything)"
+echo "Ctrl-C stops everything Airflow standalone started."
 wait "$leader"

@@ -35,6 +35,25 @@ def cmd_init(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_airflow(cfg: Config, args: argparse.Namespace) -> int:
+    """`airflow ARGS` on this project's Airflow: the venv's Airflow with the environment `sofare init` and `make
+    airflow` use (AIRFLOW_HOME var/airflow, dags/, plugins/, no examples, the API on 127.0.0.1). The process becomes
+    that `airflow` (exec): its output, exit status and signals are Airflow's."""
+    from sofare import runtime
+
+    env = runtime.airflow_process_environment(cfg)
+    if args.airflow_args[:1] in (["standalone"], ["api-server"]):
+        print(
+            f"Airflow UI: http://{env['AIRFLOW__API__HOST']}:{env.get('AIRFLOW__API__PORT', '8080')} (log in as admin; "
+            f"the password is in {env['AIRFLOW_HOME']}/simple_auth_manager_passwords.json.generated once the API "
+            "server has started)",
+            file=sys.stderr,
+            flush=True,
+        )
+    command = runtime.airflow_command(args.airflow_args)
+    os.execve(command[0], command, env)
+
+
 def _progress(step: str, chunk: dict[str, Any], result: dict[str, Any]) -> None:
     if step == "load":
         gaps = f"  gaps: {len(result['gaps'])}" if result["gaps"] else ""
@@ -590,11 +609,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the whole pipeline through the DAGs on the embedded data")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser(
+        "airflow",
+        add_help=False,  # `sofare airflow --help` is Airflow's help
+        help="run `airflow ARGS` on this project's Airflow (var/airflow, dags/, plugins/), e.g. sofare airflow dags list",
+    )
+    p.add_argument("airflow_args", nargs=argparse.REMAINDER, metavar="ARGS")
+    p.set_defaults(func=cmd_airflow)
     return parser
 
 
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line as `sofare` reads it (argparse exits 2 on a bad one); everything after `sofare airflow`
+    belongs to Airflow."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if args.command != "airflow":
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.airflow_args = [*extra, *args.airflow_args]  # REMAINDER leaves a leading option (--help) unclaimed
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -40,6 +40,7 @@ def airflow_environment(cfg: Config) -> dict[str, str]:
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
         "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",
         "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
+        "AIRFLOW__API__HOST": "127.0.0.1",  # the API server (UI) on loopback only
     }
 
 
@@ -47,6 +48,72 @@ def use_airflow_environment(cfg: Config) -> None:
     """Point Airflow at var/airflow unless told otherwise; must run before Airflow is imported."""
     for key, value in airflow_environment(cfg).items():
         os.environ.setdefault(key, value)
+
+
+def airflow_process_environment(cfg: Config, base: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment an `airflow ...` process of this project runs in: `base` (default: this process's), the
+    embedded runtime's settings where `base` has none, and this interpreter's bin directory first on PATH (`airflow
+    standalone` starts its components as `airflow ...` subprocesses)."""
+    env = dict(os.environ if base is None else base)
+    for key, value in airflow_environment(cfg).items():
+        env.setdefault(key, value)
+    bin_dir = str(Path(sys.executable).parent)
+    env["PATH"] = os.pathsep.join([bin_dir, *(p for p in env.get("PATH", "").split(os.pathsep) if p and p != bin_dir)])
+    return env
+
+
+def airflow_command(args: list[str]) -> list[str]:
+    """The argv of `airflow ARGS` run by this interpreter (the venv's Airflow, whatever PATH says)."""
+    return [sys.executable, "-m", "airflow", *args]
+
+
+def airflow_config_file(env: dict[str, str]) -> Path:
+    """Where Airflow reads (and on first use writes) its airflow.cfg in `env`."""
+    return Path(env.get("AIRFLOW_CONFIG") or Path(env["AIRFLOW_HOME"]) / "airflow.cfg")
+
+
+def settle_airflow_config(cfg: Config, env: dict[str, str]) -> list[str]:
+    """Write the embedded runtime's `AIRFLOW__<SECTION>__<KEY>` settings, as `env` has them, into the airflow.cfg that
+    Airflow generated with its own defaults (examples loaded, DAGs from AIRFLOW_HOME/dags, the API on 0.0.0.0), so an
+    `airflow` run without this project's environment sees the same Airflow. Comments and every other line stay as
+    they are; returns the `section.key` settings it changed."""
+    path = airflow_config_file(env)
+    wanted: dict[str, dict[str, str]] = {}
+    for name in airflow_environment(cfg):
+        if name.startswith("AIRFLOW__") and name in env:
+            _, section, key = name.lower().split("__", 2)
+            wanted.setdefault(section, {})[key] = env[name]
+    changed: list[str] = []
+    done: set[tuple[str, str]] = set()
+
+    def missing(section: str) -> list[str]:
+        keys = [k for k in wanted.get(section, {}) if (section, k) not in done]
+        done.update((section, k) for k in keys)
+        changed.extend(f"{section}.{k}" for k in keys)
+        return [f"{k} = {wanted[section][k]}\n" for k in keys]
+
+    out: list[str] = []
+    section = ""
+    for line in path.read_text().splitlines(keepends=True):
+        stripped = line.strip()
+        if stripped.startswith("[") and stripped.endswith("]"):
+            out.extend(missing(section))
+            section = stripped[1:-1].strip().lower()
+        elif "=" in stripped and not stripped.startswith(("#", ";")):
+            key, value = (part.strip() for part in stripped.split("=", 1))
+            if key.lower() in wanted.get(section, {}) and (section, key.lower()) not in done:
+                done.add((section, key.lower()))
+                if value != wanted[section][key.lower()]:
+                    changed.append(f"{section}.{key.lower()}")
+                    line = f"{key} = {wanted[section][key.lower()]}\n"
+        out.append(line)
+    out.extend(missing(section))
+    for name in wanted:  # a section the file lacks
+        if keys := missing(name):
+            out.extend([f"\n[{name}]\n", *keys])
+    if changed:
+        path.write_text("".join(out))
+    return changed
 
 
 def _ensure_connection(conn_id: str, url: str) -> str:
@@ -78,18 +145,18 @@ def init(cfg: Config, rebuild_features: bool = False, airflow: bool = True) -> l
     done.append(f"warehouse schema ready at {warehouse.describe(engine)} (feature set {feature_spec(cfg).version})")
     if airflow:
         use_airflow_environment(cfg)
+        env = airflow_process_environment(cfg)
         logfile = cfg.var_dir / "logs" / "airflow-db-migrate.log"
         with logfile.open("w") as out:
             rc = subprocess.run(
-                [sys.executable, "-m", "airflow", "db", "migrate"],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env=os.environ.copy(),
-                check=False,
+                airflow_command(["db", "migrate"]), stdout=out, stderr=subprocess.STDOUT, env=env, check=False
             ).returncode
         if rc != 0:
             raise RuntimeError(f"`airflow db migrate` failed (exit {rc}); see {logfile}")
-        done.append(f"Airflow metadata database ready in {os.environ['AIRFLOW_HOME']}")
+        done.append(f"Airflow metadata database ready in {env['AIRFLOW_HOME']}")
+        settled = settle_airflow_config(cfg, env)
+        if settled:
+            done.append(f"{airflow_config_file(env)}: {', '.join(settled)} set as `sofare airflow` runs it")
         done.append(_ensure_connection(cfg.warehouse.conn_id, warehouse.warehouse_url(cfg)))
     return done
 
