@@ -23,7 +23,16 @@ from typing import TYPE_CHECKING, Any
 import sqlalchemy as sa
 from pydantic import TypeAdapter, ValidationError
 
-from sofare.contracts import Decision, DriftResult, LiveQuality, LiveScore, MonitorRun, ServiceHealth
+from sofare.contracts import (
+    ACTIONS,
+    SEVERITIES,
+    Decision,
+    DriftResult,
+    LiveQuality,
+    LiveScore,
+    MonitorRun,
+    ServiceHealth,
+)
 from sofare.data import warehouse
 
 if TYPE_CHECKING:
@@ -36,8 +45,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_DAYS = 30
 MAX_RUNS = 2000  # a month of hourly runs is 720; the cap keeps a misconfigured schedule from flooding the page
-SEVERITIES = ("none", "low", "medium", "high", "critical")  # sofare_monitor_severity is the index
-ACTIONS = ("none", "alert", "retrain", "rollback")
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # Prometheus text exposition format
 _QUALITY = TypeAdapter(tuple[LiveQuality, ...])
 _SERVICE = TypeAdapter(tuple[ServiceHealth, ...])
@@ -596,7 +603,7 @@ def _gauges(run: Run) -> list[Any]:
     families.append(
         GaugeMetricFamily(
             "sofare_monitor_severity",
-            "Severity of the latest run: 0 none .. 4 critical",
+            "Severity of the latest run: 0 none .. 4 critical",  # the index in contracts.SEVERITIES
             value=SEVERITIES.index(run.severity) if run.severity in SEVERITIES else -1,
         )
     )
@@ -647,5 +654,5 @@ def prometheus_text(cfg: Config) -> str:
     if run is None:
         return ""
     registry = CollectorRegistry(auto_describe=False)  # fresh per call: nothing process-global
-    registry.register(_Collector(_gauges(run)))  # type: ignore[arg-type]
+    registry.register(_Collector(_gauges(run)))
     return generate_latest(registry).decode()
