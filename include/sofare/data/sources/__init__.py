@@ -30,6 +30,7 @@ LIVE_SOURCES = ("binance", "yfinance", "fred")
 
 def get_source(name: str, cfg: Config, sleep: Callable[[float], None] = time.sleep) -> Source:
     """Build a source by name (imports its client library only when asked for)."""
+    cls: type[Source]
     if name == "sample":
         from sofare.data.sources.sample import SampleSource as cls
     elif name == "binance":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -127,7 +128,7 @@ class BinanceSource(Source):
                 "limit": limit,
             }
             where = f"Binance klines {request.symbol} {request.interval} page {page_no}"
-            page = self.with_retries(where, lambda params=params: self._call_klines(**params))
+            page = self.with_retries(where, functools.partial(self._call_klines, **params))
             if not isinstance(page, list):
                 raise MalformedDataError(f"{where}: expected a JSON array, got {type(page).__name__}")
             if not page:

@@ -9,6 +9,7 @@ the timeout per call and keeps each answer's status, so failures are classified 
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -44,7 +45,7 @@ def _fred_client(api_key: str, root_url: str, timeout: float) -> Any:
     HTTP errors into ValueError; installing an opener would change every other caller in the process.)"""
     from fredapi import Fred
 
-    class _Fred(Fred):  # type: ignore[misc]
+    class _Fred(Fred):
         def __init__(self) -> None:
             super().__init__(api_key=api_key)
             self.root_url = root_url
@@ -128,7 +129,7 @@ class FredSource(Source):
         parts = []
         for series_id in request.series:
             raw = self.with_retries(
-                f"FRED {series_id}", lambda s=series_id: self._releases(s, str(query_start), str(query_end))
+                f"FRED {series_id}", functools.partial(self._releases, series_id, str(query_start), str(query_end))
             )
             if raw.empty:
                 continue

@@ -9,6 +9,7 @@ responses on 127.0.0.1 in tests).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -150,7 +151,7 @@ class YfinanceSource(Source):
         if first >= last:
             return pd.DataFrame(columns=list(SAFE_HAVEN_COLUMNS))
         parts = [
-            self.with_retries(f"Yahoo daily bars {ticker}", lambda t=ticker: self._history(t, first, last))
+            self.with_retries(f"Yahoo daily bars {ticker}", functools.partial(self._history, ticker, first, last))
             for ticker in request.tickers
         ]
         parts = [p for p in parts if not p.empty]
