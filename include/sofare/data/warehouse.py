@@ -23,6 +23,8 @@ from sofare.errors import InputError, PermanentError
 
 if TYPE_CHECKING:
     import pandas as pd
+    from sqlalchemy.dialects.postgresql import Insert as PostgresInsert
+    from sqlalchemy.dialects.sqlite import Insert as SqliteInsert
 
     from sofare.config import Config
 
@@ -409,13 +411,17 @@ def _upsert_statement(conn: Connection, table: sa.Table, columns: list[str], sou
     """INSERT … ON CONFLICT (primary key) DO UPDATE, from VALUES or from a SELECT (every write path: executemany
     on SQLite, the COPY staging table and executemany on PostgreSQL). A column flagged `KEEP_KNOWN` in its
     Column.info keeps its stored value where the new one is NULL."""
+    stmt: SqliteInsert | PostgresInsert
     if conn.dialect.name == "sqlite":
-        from sqlalchemy.dialects.sqlite import insert
+        from sqlalchemy.dialects import sqlite
+
+        stmt = sqlite.insert(table)
     elif conn.dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
+        from sqlalchemy.dialects import postgresql
+
+        stmt = postgresql.insert(table)
     else:  # pragma: no cover - normalize_url refuses other databases
         raise ValueError(f"unsupported dialect {conn.dialect.name}")
-    stmt = insert(table)
     stmt = (
         stmt.from_select(columns, source) if source is not None else stmt.values({c: sa.bindparam(c) for c in columns})
     )
@@ -497,16 +503,19 @@ def _upsert_postgres(conn: Connection, table: sa.Table, frame: pd.DataFrame, col
     payload, ddl = _binary_copy(frame, table, columns)
     stage = f"stage_{table.name}_{uuid.uuid4().hex[:8]}"
     quoted = ", ".join(f'"{c}"' for c in columns)
-    cursor = conn.connection.dbapi_connection.cursor()
+    dbapi = conn.connection.dbapi_connection
+    assert dbapi is not None  # None only once the pooled connection is closed; `conn` is open here
+    cursor = dbapi.cursor()
     try:
         cursor.execute(f'CREATE TEMP TABLE "{stage}" ({", ".join(ddl)}) ON COMMIT DROP')
         cursor.copy_expert(f'COPY "{stage}" ({quoted}) FROM STDIN WITH (FORMAT binary)', io.BytesIO(payload))
     finally:
         cursor.close()
-    nan = sa.literal_column("'NaN'::float8")
+    nan: sa.ColumnClause[Any] = sa.literal_column("'NaN'::float8")
     selected = []
     for name in columns:
-        kind, column = table.c[name].type, sa.column(name)
+        kind = table.c[name].type
+        column: sa.ColumnElement[Any] = sa.column(name)
         if isinstance(kind, sa.Double):
             column = sa.func.nullif(column, nan)
         elif isinstance(kind, _INTEGER_TYPES):
@@ -561,7 +570,7 @@ def _python_rows(frame: pd.DataFrame, table: sa.Table, columns: list[str]) -> li
 
     rows = []
     for record in frame[columns].to_dict("records"):
-        row = {}
+        row: dict[str, Any] = {}
         for name, value in record.items():
             if value is None or (isinstance(value, float) and not math.isfinite(value)) or value is pd.NaT:
                 row[name] = None
