@@ -355,12 +355,12 @@ def evidence_plots(
         ax = axes[1]
         labels = list(wf.ablations)
         if labels:
-            values = [wf.ablations[k].value for k in labels]
-            err = [
+            ablated = [wf.ablations[k].value for k in labels]
+            spread = [
                 [wf.ablations[k].value - wf.ablations[k].ci_low for k in labels],
                 [wf.ablations[k].ci_high - wf.ablations[k].value for k in labels],
             ]
-            ax.errorbar(range(len(labels)), values, yerr=np.clip(np.nan_to_num(err), 0, None), fmt="o", capsize=3)
+            ax.errorbar(range(len(labels)), ablated, yerr=np.clip(np.nan_to_num(spread), 0, None), fmt="o", capsize=3)
             ax.axhline(0.5, color="grey", lw=0.8, ls="--")
             ax.set(xticks=range(len(labels)), xticklabels=labels, title="Ablations (pooled walk-forward)")
         save(fig, "walk_forward.png")
@@ -383,9 +383,9 @@ def evidence_plots(
     save(fig, "reliability.png")
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    x = list(times)[:: max(int(horizon), 1)][: policy_steps.shape[1]]
-    ax.plot(x, np.exp(np.cumsum(policy_steps[0])), label="SofareM3 policy (after fees + slippage)")
-    ax.plot(x, np.exp(np.cumsum(hold_steps[0])), label="buy and hold")
+    steps = list(times)[:: max(int(horizon), 1)][: policy_steps.shape[1]]
+    ax.plot(steps, np.exp(np.cumsum(policy_steps[0])), label="SofareM3 policy (after fees + slippage)")
+    ax.plot(steps, np.exp(np.cumsum(hold_steps[0])), label="buy and hold")
     ax.set(ylabel="equity (start = 1)", title="Decision policy on the test window")
     ax.legend()
     fig.autofmt_xdate()
