@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:
+    from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 
 ARCHITECTURE = "SofareM3/1"  # bump on any change of the network's structure (semver MAJOR)
 
@@ -146,11 +149,11 @@ class SofareM3(L.LightningModule):
         micro, safe, macro, y_up, y_ret = batch
         logits, ret = self(micro, safe, macro)
         ce = F.cross_entropy(logits, y_up)
-        huber = F.huber_loss(ret, y_ret, delta=self.hparams.huber_delta)
-        w = self.hparams.loss_weight
+        huber = F.huber_loss(ret, y_ret, delta=self.hparams["huber_delta"])
+        w = self.hparams["loss_weight"]
         return w * ce + (1 - w) * huber, ce, (logits.argmax(-1) == y_up).float().mean()
 
-    def training_step(self, batch: tuple[torch.Tensor, ...], _: int) -> torch.Tensor:
+    def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
         loss, _, _ = self.loss(batch)
         self.log("train_loss", loss, on_step=False, on_epoch=True, batch_size=len(batch[0]))
         return loss
@@ -162,12 +165,12 @@ class SofareM3(L.LightningModule):
         self.log("val_ce", ce, on_epoch=True, batch_size=n)
         self.log("val_acc", acc, on_epoch=True, batch_size=n)
 
-    def configure_optimizers(self) -> dict[str, Any]:
+    def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
         optimizer = torch.optim.AdamW(
             self.parameters(), lr=self.hyper.learning_rate, weight_decay=self.hyper.weight_decay
         )
         total = max(int(self.trainer.estimated_stepping_batches), 1)
-        warmup = int(total * self.hparams.warmup_fraction)
+        warmup = int(total * self.hparams["warmup_fraction"])
 
         def factor(step: int) -> float:
             if step < warmup:
