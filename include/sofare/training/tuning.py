@@ -125,7 +125,12 @@ def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial:
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if not complete:
         raise NotFoundError(f"study {study.study_name!r} has no completed trial (all pruned or failed); tune again")
-    return min(complete, key=lambda t: t.value)
+    return min(complete, key=_value)
+
+
+def _value(trial: optuna.trial.FrozenTrial) -> float:
+    assert trial.value is not None  # a COMPLETE trial of a single-objective study always has its value
+    return trial.value
 
 
 def trial_summary(study: optuna.Study) -> list[dict[str, Any]]:
@@ -146,7 +151,11 @@ def trial_summary(study: optuna.Study) -> list[dict[str, Any]]:
 
 def wall_seconds(study: optuna.Study) -> float | None:
     """The study's wall time: its first trial's start to its last trial's end (parallel workers overlap)."""
-    done = [t for t in study.get_trials(deepcopy=False) if t.datetime_start and t.datetime_complete]
-    if not done:
+    spans = [
+        (t.datetime_start, t.datetime_complete)
+        for t in study.get_trials(deepcopy=False)
+        if t.datetime_start and t.datetime_complete
+    ]
+    if not spans:
         return None
-    return (max(t.datetime_complete for t in done) - min(t.datetime_start for t in done)).total_seconds()
+    return (max(end for _, end in spans) - min(start for start, _ in spans)).total_seconds()
