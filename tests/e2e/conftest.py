@@ -164,9 +164,9 @@ class Stack:
         )
         return next(iter(users.items()))
 
-    def unpause(self, *dag_ids: str) -> None:
+    def unpause(self, *dag_ids: str, paused: bool = False) -> None:
         for dag_id in dag_ids:
-            self.ok("PATCH", f"/api/v2/dags/{dag_id}", {"is_paused": False})
+            self.ok("PATCH", f"/api/v2/dags/{dag_id}", {"is_paused": paused})
 
     def trigger(self, dag_id: str, conf: dict[str, Any] | None = None) -> str:
         run = self.ok("POST", f"/api/v2/dags/{dag_id}/dagRuns", {"logical_date": None, "conf": conf or {}})

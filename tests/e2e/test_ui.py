@@ -89,6 +89,9 @@ class Browser:
 def browser(stack: Stack, pipeline: dict[str, Any]) -> Iterator[Browser]:
     if not (shutil.which("chromium") and shutil.which("chromedriver")):
         pytest.fail("chromium and chromedriver are missing: run scripts/system-deps.sh (make test does)")
+    # The pipeline test has proved the asset chain; here a form's backfill would start validate -> train again,
+    # which on 2 cores slows every later browser test and leaves a tuning task for the workers to finish at teardown.
+    stack.unpause("sofare_validate", "sofare_train", "sofare_promote", "sofare_deploy", paused=True)
     b = Browser()
     try:
         login(b, stack)
