@@ -15,6 +15,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 from mlflow.exceptions import MlflowException
+from mlflow.pyfunc import PythonModel  # mlflow.pyfunc is a lazy loader: mypy sees no class through it
 
 from sofare.contracts import EvaluationReport, RegisteredVersion, model_dir
 from sofare.errors import NotFoundError
@@ -114,7 +115,7 @@ def download(cfg: Config, version: str) -> Path:
 # --- registering ----------------------------------------------------------------------------------------
 
 
-class SofareM3Pyfunc(mlflow.pyfunc.PythonModel):
+class SofareM3Pyfunc(PythonModel):
     """Input: raw feature windows float32 [batch, lookback, features] in `meta.json`'s column order
     (the feature function's output); output: prob_up and expected_return per window."""
 
