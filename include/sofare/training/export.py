@@ -50,6 +50,7 @@ def export(model: SofareM3, meta: ModelMeta, directory: Path, reference: pd.Data
         # Lightning's own tracing: torch.jit.trace alone probes `trainer`, which raises on a model not attached to
         # one (a model rebuilt from its weights, e.g. the replay's sabotaged canary)
         traced = model.to_torchscript(method="trace", example_inputs=example, check_trace=False)
+    assert isinstance(traced, torch.jit.ScriptModule)  # the dict in its return type is for overrides; SofareM3 has none
     traced.save(str(directory / RUNTIME_FILES["torch"]))
     # Lightning's flag that lets torch.jit probe the module's attributes without a trainer (as to_torchscript
     # does), set on this instance only; tracing with autograd on keeps the unfused, differentiable kernels
