@@ -15,7 +15,7 @@ import math
 import tempfile
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import pandas as pd
@@ -211,11 +211,13 @@ def seed_everything(seed: int, threads: int) -> None:
 
 def loader(windows: Windows, batch_size: int, shuffle: bool, seed: int) -> Any:
     import torch
-    from torch.utils.data import DataLoader
+    from torch.utils.data import DataLoader, Dataset
 
     generator = torch.Generator().manual_seed(seed)
+    # Windows is a map-style dataset (__len__, __getitem__, __getitems__), all DataLoader uses, without torch's base
+    dataset = cast("Dataset[Any]", windows)
     return DataLoader(
-        windows, batch_size=batch_size, shuffle=shuffle, generator=generator, collate_fn=lambda b: b, num_workers=0
+        dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, collate_fn=lambda b: b, num_workers=0
     )
 
 
