@@ -30,6 +30,7 @@ from bentoml._internal.server.http import traffic as _traffic
 from sofare.config import load_config
 from sofare.serving.app import App
 from sofare.serving.http import Gateway, timeout_middleware_call
+from sofare.serving.prediction_log import DROP_REASONS
 from sofare.serving.predictor import Predictor
 
 HERE = Path(__file__).parent
@@ -56,7 +57,7 @@ DURATION = bentoml.metrics.Histogram(namespace="bentoml_service", name="request_
 BAD_REQUESTS = bentoml.metrics.Counter(name="sofare_bad_requests", documentation="Requests refused with a 4xx",
                                        labelnames=["variant", "endpoint"])
 VARIANT = os.environ.get("SOFARE_VARIANT", "stable")
-ENDPOINTS = ("/predict", "/predict_batch", "/predict_latest")
+ENDPOINTS = ("/predict", "/predict_batch", "/predict_latest", "/explain")
 
 
 def _config() -> Any:
@@ -111,6 +112,8 @@ class Sofare:
         labels = dict(self.model.info.labels)
         predictor = Predictor.from_directory(cfg, Path(self.model.path), labels.get("model_version", "?"),
                                              info={"semver": labels.get("semver"), "bento_model": str(self.model.tag)})
+        for reason in DROP_REASONS:  # exported at 0 from the start, so a query (or a grep) finds 0, not nothing
+            DROPPED.labels(variant=predictor.variant, reason=reason).inc(0)
         example = json.loads(BUNDLED_EXAMPLE.read_text()) if BUNDLED_EXAMPLE.exists() else None
         self.app = App(cfg, predictor, example, on_served=self._served,
                        on_drop=lambda n, reason: DROPPED.labels(variant=predictor.variant, reason=reason).inc(n))

@@ -258,6 +258,14 @@ class ServingConfig(_Model):
 
 
 class DeployConfig(_Model):
+    # POST /explain (Integrated Gradients, sofare.explain): each request's cost capped before any work (a 422 names
+    # the field), its own admission bound (a 503 + Retry-After beyond it), computed on one thread off the event loop
+    explain_steps: int = Field(default=32, ge=1)  # integration steps when a request names none
+    explain_max_steps: int = Field(default=128, ge=1)  # a request's `steps` above this: 422
+    explain_top_k: int = Field(default=10, ge=1)  # top (feature, time step) cells when a request names none
+    explain_max_top_k: int = Field(default=50, ge=1)  # a request's `top_k` above this: 422
+    explain_max_pending: int = Field(default=2, ge=1)  # /explain requests in flight per worker; beyond: 503
+    explain_threads: int = Field(default=1, ge=1)  # torch intra-op threads of the explaining worker
     """The canary front door, canary analysis and rollback (docs/runbook.md)."""
 
     frontdoor_port: int = Field(default=8000, ge=1, le=65535)  # nginx on 127.0.0.1: what clients call

@@ -167,3 +167,30 @@ def test_the_exported_explain_trace_explains_as_the_network(tiny, tmp_path):
     for g in MODALITIES:
         np.testing.assert_allclose(served.values[g], direct.values[g], rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(served.output, direct.output, atol=1e-5)
+
+
+def test_tree_shap_explains_the_gbm_baseline_exactly():
+    """The gbm baseline (fitted as training fits it) explained by SHAP's TreeExplainer: complete to float error, a
+    feature held constant in training (never split on) gets exactly 0, the same rows give the same values."""
+    from sofare.explain import tree
+    from sofare.training import evaluation
+
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(3000, 5))
+    x[:, 2] = 4.0  # planted: constant, so no tree can split on it
+    up = (x[:, 0] - 0.7 * x[:, 1] + rng.normal(0, 0.5, len(x)) > 0).astype(int)
+    clf, _ = evaluation.fit_gbm(x, up, x[:, 0] * 0.01, seed=0)
+    names = ["close_ret", "rsi", "planted", "vix", "dff"]
+    rows = rng.normal(size=(20, 5))
+    rows[:, 2] = rng.normal(size=20)  # whatever it is at prediction time, the model ignores it
+    got = tree.explain_gbm(clf, rows, names)
+    assert (got.method, got.target) == ("tree_shap", "prob_up_logit")
+    np.testing.assert_allclose(got.gap(), 0.0, atol=1e-9)
+    p = clf.predict_proba(rows)[:, 1]
+    np.testing.assert_allclose(1 / (1 + np.exp(-got.output)), p, atol=1e-9)  # the target is P(up)'s log-odds
+    assert np.abs(got.values[:, 2]).max() == 0.0
+    importance = got.feature_importance()
+    assert importance["close_ret"] > importance["vix"] and importance["rsi"] > importance["dff"]
+    assert got.top(0, 2)[0][0] in {"close_ret", "rsi"}
+    again = tree.explain_gbm(clf, rows, names)
+    np.testing.assert_array_equal(again.values, got.values)

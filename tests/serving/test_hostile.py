@@ -22,6 +22,7 @@ KNOWN_ENDPOINTS = {
     "/predict",
     "/predict_batch",
     "/predict_latest",
+    "/explain",
     "/model_info",
     "/docs.json",
     "/",
@@ -272,11 +273,13 @@ def test_the_api_document_is_valid_and_its_examples_work(url):
     assert spec["openapi"] == "3.0.3"
     validate(spec)  # openapi-spec-validator, for the declared version
     example = spec["paths"]["/predict"]["post"]["requestBody"]["content"]["application/json"]["example"]
-    assert len(example["candles"]) == 300
-    for path in ("/predict", "/predict_batch", "/predict_latest"):
+    needed = json.loads(post(url, "/model_info", b"{}")[2])["candles_needed"]
+    assert len(example["candles"]) == max(300, needed)  # bento.example_window: 300 candles, at least one window
+    for path in ("/predict", "/predict_batch", "/predict_latest", "/explain"):  # Swagger's "Try it out" bodies
         body = spec["paths"][path]["post"]["requestBody"]["content"]["application/json"]["example"]
         status, _, answer = post(url, path, json.dumps(body).encode())
         assert status == 200, (path, answer[:500])
+    assert json.loads(answer)["explanation"]["top"], "the /explain example explains"
     with urllib.request.urlopen(url + "/", timeout=30) as response:
         page = response.read().decode()
     resources = re.findall(r'(?:src|href)="([^"]+)"', page)

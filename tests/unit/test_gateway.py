@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
+from types import SimpleNamespace
 from typing import Any, ClassVar
 
 from sofare.serving.http import Gateway
@@ -19,12 +21,23 @@ class Stub:
         "/predict_batch": 1000,
         "/predict_latest": 1000,
         "/model_info": 1000,
+        "/explain": 1000,
     }
     openapi = b"{}"
     index = b"<html></html>"
+    explainer = SimpleNamespace(max_pending=2)
 
     def __init__(self) -> None:
         self.calls = 0
+        self.explaining = threading.Event()  # set by the first explanation that runs
+        self.release = threading.Event()  # explanations block until the test sets it
+        self.explained = 0
+
+    def explain(self, body: bytes) -> bytes:
+        self.explaining.set()
+        assert self.release.wait(60), "the test never released the explanation"
+        self.explained += 1
+        return b'{"explained": true}'
 
     def predict(self, window: Any, endpoint: str) -> bytes:
         self.calls += 1
@@ -219,3 +232,32 @@ def test_a_timed_out_request_gets_a_504_in_the_error_shape():
 
     sent = asyncio.run(once())
     assert sent[0]["status"] == 504 and json.loads(sent[1]["body"])["error"]["code"] == "timeout"
+
+
+def test_explanations_run_off_the_event_loop_and_past_their_bound_get_a_fast_503():
+    """Five /explain requests arrive while explanations block: two are admitted (explain_max_pending 2), three get
+    a 503 with Retry-After at once; /predict is answered meanwhile (the loop is free), and once released both
+    admitted explanations answer and the bound admits again."""
+    stub = Stub()
+    g = gateway(stub)
+
+    async def scenario() -> tuple[list[int], int, bytes]:
+        explains = [asyncio.ensure_future(call(g, "POST", "/explain", window())) for _ in range(5)]
+        # only refusals can finish while the admitted two block; polled, never timed
+        while not stub.explaining.is_set() or sum(t.done() for t in explains) < 3:
+            await asyncio.sleep(0.01)
+        refused = [t.result() for t in explains if t.done()]
+        assert len(refused) == 3 and all(a[0] == 503 and a[1][b"retry-after"] == b"1" for a in refused)
+        assert g.explains == 2
+        predicted = await call(g, "POST", "/predict", window())
+        assert stub.explained == 0  # /predict answered while both explanations still block
+        stub.release.set()
+        answers = [await t for t in explains]
+        return [a[0] for a in answers], predicted[0], answers[-1][2]
+
+    statuses, predicted, _ = asyncio.run(scenario())
+    assert predicted == 200 and sorted(statuses) == [200, 200, 503, 503, 503] and stub.explained == 2
+    assert g.explains == 0
+    stub.release.set()
+    status, _, body = run(g, "POST", "/explain", window())
+    assert status == 200 and json.loads(body) == {"explained": True}

@@ -1,6 +1,7 @@
 """The prediction application behind the HTTP gateway: a `Predictor`, the in-memory latest window,
-the non-blocking prediction log, the API document, and one refresher thread that re-reads the
-warehouse (safe-haven/macro context, newest candles) so no request waits on the database.
+the non-blocking prediction log, the API document, the explainer (loaded on the first /explain only), and one
+refresher thread that re-reads the warehouse (safe-haven/macro context, newest candles) so no request waits on
+the database.
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ import numpy as np
 
 from sofare.serving import openapi
 from sofare.serving.batching import MicroBatcher
+from sofare.serving.explainer import Explainer
 from sofare.serving.prediction_log import PredictionLog, log_row
 from sofare.serving.predictor import Latest, Predictor
+from sofare.serving.schemas import ExplainRequest, decode
 
 if TYPE_CHECKING:
     from sofare.config import Config
@@ -45,6 +48,7 @@ class App:
         self.log = PredictionLog(cfg, on_drop=on_drop)
         self.on_served = on_served or (lambda answers, endpoint, seconds: None)
         self.infer = MicroBatcher(predictor.predict_raw, s.max_batch_windows, s.batch_wait_ms)
+        self.explainer = Explainer(predictor)
         self.max_pending = s.max_pending
         self.max_pending_batches = s.max_pending_batches
         self.limits = {
@@ -52,6 +56,7 @@ class App:
             "/predict_latest": s.max_body_bytes,
             "/model_info": s.max_body_bytes,
             "/predict_batch": s.max_batch_body_bytes,
+            "/explain": s.max_body_bytes,
         }
         self.openapi = msgspec.json.encode(openapi.document(cfg, predictor, example))
         self.index = openapi.swagger_page().encode()
@@ -84,11 +89,20 @@ class App:
         answer, inputs = self.latest.answer(request.symbol, started)
         return self._served([answer], "predict_latest", started, [inputs], single=True)
 
+    def explain(self, body: bytes) -> bytes:
+        """/explain, on the gateway's explain thread (decoding included: nothing of it runs on the event loop).
+        Not written to the prediction log: an explanation is a diagnostic, not a served decision."""
+        started = time.perf_counter()
+        answer = self.explainer.answer(decode(body, ExplainRequest), started)
+        self.on_served([answer], "explain", time.perf_counter() - started)
+        return msgspec.json.encode(answer)
+
     def model_info(self) -> bytes:
         return msgspec.json.encode(
             {
                 **self.predictor.model_info(),
                 "prediction_log": {"written": self.log.written, "dropped": self.log.dropped, "worker": os.getpid()},
+                "explainer_load_seconds": self.explainer.load_seconds,  # None until this worker's first /explain
             }
         )  # this worker's; /metrics sums them
 

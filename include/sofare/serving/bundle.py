@@ -52,10 +52,11 @@ def _torchscript(path: Path, threads: int) -> Network:
 class ServedModel:
     """One model version as the service runs it."""
 
-    def __init__(self, meta: ModelMeta, network: Network, runtime: Runtime) -> None:
+    def __init__(self, meta: ModelMeta, network: Network, runtime: Runtime, directory: Path | None = None) -> None:
         self.meta = meta
         self.network = network
         self.runtime = runtime
+        self.directory = directory  # where meta.json and the model files are (the explainer loads from it)
 
     @classmethod
     def load(cls, directory: Path, runtime: Runtime = "onnx", threads: int | None = None) -> ServedModel:
@@ -65,7 +66,7 @@ class ServedModel:
         if file is None or not (where / file).exists():
             raise NotFoundError(f"the model under {where} has no {runtime} file (has: {sorted(meta.runtime_files)})")
         threads = threads or len(os.sched_getaffinity(0))
-        return cls(meta, (_onnx if runtime == "onnx" else _torchscript)(where / file, threads), runtime)
+        return cls(meta, (_onnx if runtime == "onnx" else _torchscript)(where / file, threads), runtime, where)
 
     @property
     def lookback(self) -> int:

@@ -9,14 +9,15 @@ itself, in this order, before any parsing:
 2. `Content-Type: application/json` (415) and the body size (413 from `Content-Length`, or while
    streaming, with `Connection: close` so the rest is never read),
 3. admission: a bounded queue (`serving.max_pending` /predict requests waiting, `max_pending_batches`
-   batches); beyond it a fast 503 with `Retry-After` instead of an unbounded backlog,
+   batches, `explain_max_pending` explanations); beyond it a fast 503 with `Retry-After` instead of an
+   unbounded backlog,
 4. the body decoded straight into structs (msgspec), checked, answered.
 
 Every refusal has the one error shape (`schemas.error_body`) and is logged at INFO in one line.
 `/predict` computes on the event loop (a window is ~1 ms of CPU: a thread hop and the GIL would cost
 more than they save), one request at a time from the queue with a loop iteration between any two (see
 `_compute`); `/predict_latest` is answered from memory at once; `/predict_batch` runs on one worker thread
-so probes stay live.
+so probes stay live; `/explain` (tens to hundreds of ms of gradients) on another, its own, one at a time.
 """
 
 from __future__ import annotations
@@ -94,6 +95,8 @@ class Gateway:
         self.batches = 0  # /predict_batch requests admitted and not answered
         self._routes = self.routes()  # built once, not per request
         self.batch_pool = ThreadPoolExecutor(1, thread_name_prefix="sofare-batch")
+        self.explains = 0  # /explain requests admitted and not answered
+        self.explain_pool = ThreadPoolExecutor(1, thread_name_prefix="sofare-explain")
 
     @property
     def api(self) -> Any:
@@ -155,6 +158,7 @@ class Gateway:
             "/predict": (("POST",), self._predict),
             "/predict_batch": (("POST",), self._predict_batch),
             "/predict_latest": (("POST",), self._predict_latest),
+            "/explain": (("POST",), self._explain),
             "/model_info": (("GET", "POST"), self._model_info),
             "/docs.json": (("GET",), None),
             "/": (("GET",), None),
@@ -211,6 +215,8 @@ class Gateway:
             if path == "/predict"
             else (self.batches, api.max_pending_batches)
             if path == "/predict_batch"
+            else (self.explains, api.explainer.max_pending)
+            if path == "/explain"
             else (0, 1)
         )
         if waiting < bound:
@@ -259,6 +265,22 @@ class Gateway:
             return Response(200, await loop.run_in_executor(self.batch_pool, api.predict_batch, batch))
         finally:
             self.batches -= 1
+
+    async def _explain(self, api: Any, body: bytes) -> Response:
+        """Decoded, checked and explained on the explain thread; admitted again here (others may have been
+        admitted while this body was read), so at most `explain_max_pending` are ever in flight."""
+        if self.explains >= api.explainer.max_pending:
+            raise Overloaded(
+                f"server: {self.explains} explanations in flight; retry shortly",
+                [Problem("server", "at capacity for /explain")],
+                headers={"Retry-After": "1"},
+            )
+        self.explains += 1
+        try:
+            loop = asyncio.get_running_loop()
+            return Response(200, await loop.run_in_executor(self.explain_pool, api.explain, body))
+        finally:
+            self.explains -= 1
 
     async def _predict_latest(self, api: Any, body: bytes) -> Response:
         return Response(200, api.predict_latest(decode(body, LatestRequest)))

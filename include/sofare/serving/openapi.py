@@ -177,6 +177,7 @@ def schemas(p: Predictor) -> dict[str, Any]:
             },
         },
         "Predictions": {"type": "array", "items": _ref("Prediction")},
+        **explain_schemas(p, window_candles),
         "ModelInfo": {
             "type": "object",
             "required": ["model_version", "variant", "symbol", "interval", "candles_needed"],
@@ -194,14 +195,111 @@ def schemas(p: Predictor) -> dict[str, Any]:
     }
 
 
+def explain_schemas(p: Predictor, window_candles: dict[str, Any]) -> dict[str, Any]:
+    """/explain's request (a /predict window or a logged prediction_id, never both; optional caps) and answer."""
+    e = p.cfg.serving
+    costs = {
+        "top_k": {
+            "type": "integer",
+            "minimum": 1,
+            "maximum": e.explain_max_top_k,
+            "description": f"how many (feature, time step) cells to report, largest |attribution| first; "
+            f"default {e.explain_top_k}",
+        },
+        "steps": {
+            "type": "integer",
+            "minimum": 1,
+            "maximum": e.explain_max_steps,
+            "description": f"Integrated Gradients integration steps (more: smaller convergence_delta, slower); "
+            f"default {e.explain_steps}",
+        },
+    }
+    window = {
+        "symbol": {"type": "string", "minLength": 1, "maxLength": 20, "example": p.symbol},
+        "interval": {
+            "type": "string",
+            "minLength": 1,
+            "maxLength": 8,
+            "description": f"one of {', '.join(INTERVALS)}; this model serves {p.interval}",
+        },
+        "candles": window_candles,
+        "safe_haven": {"type": "array", "items": _ref("SafeHavenBar"), "maxItems": MAX_CONTEXT_ROWS, "nullable": True},
+        "macro": {"type": "array", "items": _ref("MacroObservation"), "maxItems": MAX_CONTEXT_ROWS, "nullable": True},
+    }
+    number = {"type": "number"}
+    return {
+        "ExplainWindow": _object({**window, **costs}, required=["symbol", "interval", "candles"]),
+        "ExplainLogged": _object(
+            {
+                "prediction_id": {
+                    "type": "string",
+                    "pattern": "^[0-9a-f]{32}$",
+                    "description": "a logged prediction of this model version; its window is rebuilt from the "
+                    "warehouse (404 if unknown, 422 if it cannot be rebuilt)",
+                },
+                **costs,
+            },
+            required=["prediction_id"],
+        ),
+        "ExplainRequest": {"oneOf": [_ref("ExplainWindow"), _ref("ExplainLogged")]},
+        "Contribution": _object(
+            {
+                "feature": {"type": "string"},
+                "modality": {"type": "string", "enum": ["micro", "safe", "macro"]},
+                "t": {
+                    "type": "integer",
+                    "maximum": 0,
+                    "description": "time step: 0 the window's last bar, -1 the one before",
+                },
+                "attribution": number,
+            }
+        ),
+        "Explanation": _object(
+            {
+                "method": {"type": "string", "enum": ["integrated_gradients"]},
+                "target": {
+                    "type": "string",
+                    "enum": ["prob_up_logit"],
+                    "description": "what is explained: the log-odds of prob_up (the calibrated margin of the "
+                    "classification head)",
+                },
+                "baseline": {
+                    "type": "string",
+                    "description": "the reference input: the training mean of every feature",
+                },
+                "steps": {"type": "integer", "minimum": 1},
+                "output": {**number, "description": "the target at this window"},
+                "baseline_output": {**number, "description": "the target at the baseline"},
+                "convergence_delta": {
+                    **number,
+                    "description": "sum of all attributions minus (output - baseline_output): the integral's error",
+                },
+                "top": {"type": "array", "items": _ref("Contribution"), "maxItems": e.explain_max_top_k},
+                "by_modality": _object({"micro": number, "safe": number, "macro": number}),
+                "by_time_step": {
+                    "type": "array",
+                    "items": _object({"t": {"type": "integer", "maximum": 0}, "attribution": number}),
+                },
+            }
+        ),
+        "ExplainedPrediction": {
+            "allOf": [
+                _ref("Prediction"),
+                {"type": "object", "required": ["explanation"], "properties": {"explanation": _ref("Explanation")}},
+            ]
+        },
+    }
+
+
 def _errors(*codes: int) -> dict[str, Any]:
     text = {
         400: "malformed JSON",
-        404: "no data for this symbol",
+        404: "no data for this symbol (/predict_latest), or no such logged prediction (/explain)",
         405: "method not allowed",
         413: "body over the size limit (refused before it is read)",
         415: "not application/json",
         422: "invalid content, or more candles/windows/rows than the caps; details name each field",
+        501: "this model version has no differentiable network for /explain (exported before explain.ts)",
         503: "over capacity, starting, or the warehouse unreadable: retry after the Retry-After seconds",
     }
     out: dict[str, Any] = {}
@@ -257,6 +355,13 @@ def document(cfg: Config, p: Predictor, example: dict[str, Any] | None) -> dict[
                 "Prediction",
                 {"symbol": p.symbol},
                 (*body_codes, 404),
+            ),
+            "/explain": _post(
+                "explain: one window's prediction with signed feature attributions (Integrated Gradients)",
+                "ExplainRequest",
+                "ExplainedPrediction",
+                {**example, "top_k": p.cfg.serving.explain_top_k} if example else None,
+                (*body_codes, 404, 501),
             ),
             "/model_info": {
                 "get": {"summary": "the served model", "operationId": "model_info", "responses": info_responses},

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from sofare.config import Config
 
 log = logging.getLogger(__name__)
+DROP_REASONS = ("queue full", "database")  # the `reason` label of dropped rows (each exported from 0 at start)
 
 
 class PredictionLog:
@@ -45,7 +46,7 @@ class PredictionLog:
         try:
             self.queue.put_nowait(row)
         except queue.Full:
-            self._drop(1, "queue full")
+            self._drop(1, DROP_REASONS[0])
 
     def _drop(self, n: int, reason: str) -> None:
         self.dropped += n
@@ -53,7 +54,7 @@ class PredictionLog:
 
     def _run(self) -> None:
         while not self._stop.is_set() or not self.queue.empty():
-            rows = []
+            rows: list[dict[str, Any]] = []
             deadline = time.monotonic() + self.flush_seconds
             while len(rows) < self.batch and time.monotonic() < deadline:
                 try:
@@ -81,7 +82,7 @@ class PredictionLog:
             self.written += len(rows)
         except Exception as exc:  # noqa: BLE001 - the database may be down: count, never fail a prediction
             log.warning("prediction log: %d row(s) dropped: %s", len(rows), str(exc).splitlines()[0][:200])
-            self._drop(len(rows), "database")
+            self._drop(len(rows), DROP_REASONS[1])
 
     def close(self, timeout: float = 10.0) -> None:
         self._stop.set()

@@ -18,7 +18,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, SupportsInt
 
 import numpy as np
 
@@ -194,10 +194,11 @@ class Predictor:
         return Prepared(raw, as_of)
 
     def _check_context(self, window: Window, where: str, problems: Problems) -> None:
-        for name, rows, key, known in (
+        contexts: tuple[tuple[str, list[Any] | None, str, set[str]], ...] = (
             ("safe_haven", window.safe_haven, "ticker", self.tickers),
             ("macro", window.macro, "series_id", self.series),
-        ):
+        )
+        for name, rows, key, known in contexts:
             if rows is None:
                 continue
             if len(rows) > MAX_CONTEXT_ROWS:
@@ -312,16 +313,36 @@ class Predictor:
                 f"symbol: {symbol!r} is not served here; this model predicts {self.symbol}",
                 [Problem("symbol", f"{symbol!r} is not served here; this model predicts {self.symbol}")],
             )
-        engine = warehouse.get_engine(self.cfg)
-        with engine.connect() as conn:
-            frame = warehouse.read_candles_before(
-                conn, self.symbol, self.interval, datetime.now(UTC) - self.delta + FUTURE_TOLERANCE, self.needed
-            )
+        frame = self._candles_before(datetime.now(UTC) - self.delta + FUTURE_TOLERANCE)
         if len(frame) < self.needed:
             raise NoData(
                 f"symbol: the warehouse holds {len(frame)} {self.symbol} {self.interval} candles; {self.needed} needed",
                 [Problem("symbol", f"{len(frame)} candles in the warehouse, {self.needed} needed")],
             )
+        return self._window(frame)
+
+    def window_at(self, symbol: str, as_of: datetime) -> Window:
+        """The window a prediction `as_of` (the close of its last candle) was made on, rebuilt from the warehouse's
+        candles (safe-haven/macro read as-of, as for any window without them); a 422 naming `prediction_id` when
+        the warehouse lacks any of its candles."""
+        last_open = as_of - self.delta
+        frame = _from_warehouse(lambda: self._candles_before(as_of)) if symbol.upper() == self.symbol else None
+        times = [] if frame is None else list(frame["open_time"])
+        first = last_open - self.delta * (self.needed - 1)
+        if frame is None or len(times) != self.needed or times[0] != first or times[-1] != last_open:
+            raise BadRequest(  # unique grid times, so the right count between the right ends is consecutive
+                f"prediction_id: its window cannot be rebuilt from the warehouse (the {self.needed} consecutive "
+                f"{symbol} {self.interval} candles up to {last_open.isoformat()} are not all there)",
+                [Problem("prediction_id", "window not rebuildable from the warehouse")],
+            )
+        return self._window(frame)
+
+    def _candles_before(self, before: datetime) -> Any:
+        engine = warehouse.get_engine(self.cfg)
+        with engine.connect() as conn:
+            return warehouse.read_candles_before(conn, self.symbol, self.interval, before, self.needed)
+
+    def _window(self, frame: Any) -> Window:
         candles = [
             Candle(
                 row["open_time"].to_pydatetime(), *(float(row[k]) for k in ("open", "high", "low", "close", "volume"))
@@ -480,5 +501,5 @@ class WarehouseContext:
         return safe.reset_index(drop=True), macro.reset_index(drop=True)
 
 
-def _iso(us: int | np.integer) -> str:
+def _iso(us: SupportsInt) -> str:
     return (EPOCH + timedelta(microseconds=int(us))).isoformat()

@@ -109,6 +109,12 @@ class Unavailable(ClientError):
     status, code = 503, "unavailable"
 
 
+class NotExplainable(ClientError):
+    """The served version was exported without the differentiable network /explain needs (before explain.ts)."""
+
+    status, code = 501, "not_explainable"
+
+
 class TimedOut(ClientError):
     """Not answered within the server's timeout (BentoML's `traffic.timeout`)."""
 
@@ -231,6 +237,56 @@ class Batch(_Strict):
     windows: list[Window]
 
 
+PredictionId = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{32}\Z")]  # \Z: no trailing newline (JSON Schema $)
+Count = Annotated[int, msgspec.Meta(ge=1)]
+WINDOW_FIELDS = ("symbol", "interval", "candles", "safe_haven", "macro")
+
+
+class ExplainRequest(_Strict):
+    """POST /explain: either a /predict window (symbol, interval, candles, optional safe_haven and macro) or the
+    `prediction_id` of a logged prediction, never both; optional `top_k` and `steps` (capped by the config).
+    Absent fields are UNSET, so an explicit null is refused as the API document says."""
+
+    symbol: Symbol | msgspec.UnsetType = msgspec.UNSET
+    interval: Annotated[str, msgspec.Meta(min_length=1, max_length=8)] | msgspec.UnsetType = msgspec.UNSET
+    candles: list[Candle] | msgspec.UnsetType = msgspec.UNSET
+    safe_haven: list[SafeHavenBar] | None | msgspec.UnsetType = msgspec.UNSET
+    macro: list[MacroObservation] | None | msgspec.UnsetType = msgspec.UNSET
+    prediction_id: PredictionId | msgspec.UnsetType = msgspec.UNSET
+    top_k: Count | msgspec.UnsetType = msgspec.UNSET
+    steps: Count | msgspec.UnsetType = msgspec.UNSET
+
+    def window(self) -> Window | None:
+        """The window to explain; None when the request names a logged prediction instead. A 422 naming the
+        field when it mixes the two or leaves a window's required field out."""
+        given = [f for f in WINDOW_FIELDS if getattr(self, f) is not msgspec.UNSET]
+        if self.prediction_id is not msgspec.UNSET:
+            if given:
+                raise BadRequest(
+                    f"{given[0]}: send a window or a prediction_id, not both",
+                    [Problem(f, "not allowed with prediction_id") for f in given],
+                )
+            return None
+        symbol, interval, candles = self.symbol, self.interval, self.candles
+        if (
+            isinstance(symbol, msgspec.UnsetType)
+            or isinstance(interval, msgspec.UnsetType)
+            or isinstance(candles, msgspec.UnsetType)
+        ):
+            missing = [f for f in WINDOW_FIELDS[:3] if getattr(self, f) is msgspec.UNSET]
+            raise BadRequest(
+                f"{missing[0]}: required (send a window as to /predict, or a prediction_id)",
+                [Problem(f, "required (or send a prediction_id)") for f in missing],
+            )
+        return Window(
+            symbol=symbol,
+            interval=interval,
+            candles=candles,
+            safe_haven=None if isinstance(self.safe_haven, msgspec.UnsetType) else self.safe_haven,
+            macro=None if isinstance(self.macro, msgspec.UnsetType) else self.macro,
+        )
+
+
 class LatestRequest(_Strict):
     symbol: Symbol
 
@@ -239,7 +295,9 @@ class Empty(_Strict):
     pass
 
 
-_DECODERS = {kind: msgspec.json.Decoder(kind) for kind in (Window, Batch, LatestRequest, Empty)}
+_DECODERS: dict[type[msgspec.Struct], msgspec.json.Decoder[Any]] = {
+    kind: msgspec.json.Decoder(kind) for kind in (Window, Batch, LatestRequest, Empty, ExplainRequest)
+}
 _AT = re.compile(r"^(?P<problem>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.DOTALL)
 _FIELD = re.compile(r"field `([^`]*)`")
 

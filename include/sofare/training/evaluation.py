@@ -181,6 +181,12 @@ def gbm(train_x: np.ndarray, train_up: np.ndarray, train_ret: np.ndarray, test_x
     """Gradient-boosted trees (scikit-learn's HistGradientBoosting, LightGBM's algorithm) on the same features
     at the window's last row, fitted on the same rows as the model: shallow, strongly regularised, a fixed
     number of rounds (no early stopping on later rows), seeded."""
+    clf, reg = fit_gbm(train_x, train_up, train_ret, seed)
+    return Predictions(clf.predict_proba(test_x)[:, 1], reg.predict(test_x))
+
+
+def fit_gbm(train_x: np.ndarray, train_up: np.ndarray, train_ret: np.ndarray, seed: int) -> tuple[Any, Any]:
+    """The `gbm` baseline's fitted (direction classifier, return regressor); `sofare.explain.tree` explains them."""
     from sklearn.ensemble import HistGradientBoostingClassifier, HistGradientBoostingRegressor
 
     common = {
@@ -194,7 +200,7 @@ def gbm(train_x: np.ndarray, train_up: np.ndarray, train_ret: np.ndarray, test_x
     }
     clf = HistGradientBoostingClassifier(**common).fit(train_x, train_up)
     reg = HistGradientBoostingRegressor(**common).fit(train_x, train_ret)
-    return Predictions(clf.predict_proba(test_x)[:, 1], reg.predict(test_x))
+    return clf, reg
 
 
 # --- backtest --------------------------------------------------------------------------------------
