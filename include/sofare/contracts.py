@@ -312,7 +312,8 @@ class ModelMeta(_Contract):
             )
         x = (raw.astype(np.float64) - np.asarray(self.scaler.mean)) / np.asarray(self.scaler.std)
         x = np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0).astype(np.float32)
-        return tuple(np.ascontiguousarray(x[:, :, list(self.groups[g])]) for g in MODALITIES)  # type: ignore[return-value]
+        micro, safe, macro = (np.ascontiguousarray(x[:, :, list(self.groups[g])]) for g in MODALITIES)
+        return micro, safe, macro
 
     def outputs(self, logits: np.ndarray, ret: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The network's outputs -> (P(up), expected log return)."""

@@ -55,6 +55,8 @@ class Run(MonitorRun):
     """One `monitoring_runs` row: what the run recorded (its `MonitorRun`, JSON columns parsed back), the hour as a
     datetime, when it ran, and the drift share it judged."""
 
+    # the hour parsed back to a datetime: a narrower field than MonitorRun's ISO string (a Run is never handed on as
+    # a MonitorRun; splitting the contract in two for the type checker would duplicate its fields)
     at: datetime  # type: ignore[assignment]
     ran_at: datetime
     drift_share: float | None = None
