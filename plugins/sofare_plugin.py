@@ -2,7 +2,9 @@
 ranges, gaps per table) under /sofare/status, the Great Expectations Data Docs under
 /sofare/data-docs/, and the monitor (live accuracy, drift, serving health as charts) under
 /sofare/monitor with its Evidently reports under /sofare/reports/ and its gauges at
-/sofare/monitor/metrics for Prometheus. Imports nothing heavy until a page is opened.
+/sofare/monitor/metrics for Prometheus, and what the champion and the challenger rely on (their global views:
+attributions and permutation importance per feature and modality) side by side under /sofare/explain. Imports
+nothing heavy until a page is opened.
 
 Every page and file needs an Airflow login (the API server's JWT: the UI's `_token` cookie or an
 `Authorization: Bearer` token); a browser without one is sent to the login page and back. Only the
@@ -11,6 +13,7 @@ gauges stay open, for Prometheus (numbers the monitor already exports; no data r
 from __future__ import annotations
 
 import html
+from typing import Literal
 from urllib.parse import quote
 
 from airflow.plugins_manager import AirflowPlugin
@@ -132,6 +135,35 @@ def monitor_metrics() -> Response:
     return Response(dashboard.prometheus_text(load_config()), media_type=dashboard.CONTENT_TYPE)
 
 
+EXPLAIN_PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>SOFARE: what the model relies on</title>
+<style>body{{font-family:system-ui,sans-serif;margin:2rem}}.side-by-side{{display:flex;gap:2rem;align-items:flex-start}}
+.side-by-side section{{flex:1;min-width:0}}table{{border-collapse:collapse;margin:.5rem 0 1rem}}td,th{{border:1px solid
+#d0d7de;padding:.25rem .5rem;font-size:.85rem;text-align:left}}th{{background:#f6f8fa}}img{{max-width:100%}}
+.empty{{color:#6e7781}}</style></head>
+<body><h1>What the model relies on</h1><p>The global view of the champion and the challenger, computed when each
+was trained: mean |attribution| (Integrated Gradients) on its test window and permutation importance on its
+walk-forward folds, per modality and per feature, and where the two views disagree. The same section is in each
+version's model card.</p>
+{body}</body></html>"""
+
+
+@app.get("/explain", response_class=HTMLResponse)
+def explain_page() -> str:
+    from sofare.registry import model_card
+
+    return EXPLAIN_PAGE.format(body=model_card.global_view_html(load_config()))
+
+
+@app.get("/explain/{alias}/global_view.png")
+def explain_plot(alias: Literal["champion", "challenger"]) -> Response:
+    from sofare.registry import model_card
+
+    png = model_card.global_view_plot(load_config(), alias)
+    if png is None:
+        return Response(f"no global view picture for {alias}", status_code=404, media_type="text/plain")
+    return Response(png, media_type="image/png")
+
+
 class SofarePlugin(AirflowPlugin):
     name = "sofare"
     fastapi_apps = [{"app": app, "url_prefix": "/sofare", "name": "SOFARE"}]
@@ -139,4 +171,5 @@ class SofarePlugin(AirflowPlugin):
         {"name": "Warehouse status", "href": "/sofare/status", "category": "SOFARE", "destination": "nav"},
         {"name": "Data Docs", "href": "/sofare/data-docs/index.html", "category": "SOFARE", "destination": "nav"},
         {"name": "SOFARE monitor", "href": "/sofare/monitor", "category": "SOFARE", "destination": "nav"},
+        {"name": "What the model relies on", "href": "/sofare/explain", "category": "SOFARE", "destination": "nav"},
     ]

@@ -26,6 +26,7 @@ SMALL_TRAINING = {  # a small, fast search space for tests that train
     "SOFARE_EVALUATION__BOOTSTRAP_SAMPLES": "200",
     "SOFARE_TRAINING__WALK_FORWARD__FOLDS": "2",  # the full evidence (4 folds, ablations) in test_training_run
     "SOFARE_EVALUATION__ABLATIONS": "false",
+    "SOFARE_EVALUATION__GLOBAL_VIEW": "false",  # computed and checked in test_training_run
 }
 
 

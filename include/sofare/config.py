@@ -224,6 +224,9 @@ class EvaluationConfig(_Model):
     policy_thresholds: list[float] = Field(default_factory=lambda: [0.5, 0.52, 0.54, 0.56, 0.58, 0.6, 0.65])
     policy_min_hold: list[int] = Field(default_factory=lambda: [1, 3, 6, 12, 24])
     ablations: bool = True  # walk-forward also with micro only and micro + safe haven
+    global_view: bool = True  # attributions + permutation importance per feature and modality (explain.global_view)
+    global_view_windows: int = Field(default=512, ge=16)  # test windows sampled, per fold and from the test window
+    global_view_repeats: int = Field(default=3, ge=1)  # seeded shuffles per feature (and modality) per fold
 
 
 class PromotionConfig(_Model):

@@ -16,9 +16,11 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import optuna
+import pytest
 
 from sofare import runtime, tasks
-from sofare.registry import versions
+from sofare.explain import global_view
+from sofare.registry import model_card, versions
 from sofare.training import tuning
 
 WINDOW = {"start": "2024-01-12", "end": "2024-03-31"}
@@ -31,8 +33,11 @@ def _conf(**extra):
 def test_train_dag_registers_a_version_with_honest_metrics_and_reproduces_them(
     train_cfg, airflow_db, tmp_path, monkeypatch
 ):
-    monkeypatch.setenv("SOFARE_TRAINING__WALK_FORWARD__FOLDS", "3")  # the full evidence: folds and ablations
+    monkeypatch.setenv("SOFARE_TRAINING__WALK_FORWARD__FOLDS", "3")  # the full evidence: folds, ablations, global view
     monkeypatch.setenv("SOFARE_EVALUATION__ABLATIONS", "true")
+    monkeypatch.setenv("SOFARE_EVALUATION__GLOBAL_VIEW", "true")
+    monkeypatch.setenv("SOFARE_EVALUATION__GLOBAL_VIEW_WINDOWS", "48")  # (a few seconds: 48 windows, 2 shuffles)
+    monkeypatch.setenv("SOFARE_EVALUATION__GLOBAL_VIEW_REPEATS", "2")
     from sofare.config import load_config
 
     cfg = load_config()
@@ -79,6 +84,7 @@ def test_train_dag_registers_a_version_with_honest_metrics_and_reproduces_them(
             "walk_forward",
             "reliability",
             "policy_equity",
+            "global_view",
         )
     }
     report = json.loads(
@@ -118,8 +124,22 @@ def test_train_dag_registers_a_version_with_honest_metrics_and_reproduces_them(
         "fees + slippage paid",
     ):
         assert section in card, section
-    for plot in ("walk_forward", "reliability", "policy_equity"):
+    for plot in ("walk_forward", "reliability", "policy_equity", "global_view"):
         assert (cfg.var_dir / "reports" / "model_card_plots" / f"{plot}.png").stat().st_size > 1000
+    # the global view: both views for every input column, from the final model and the 3 folds' models
+    view = model_card.global_view(cfg, v1)
+    assert view is not None and view.metric == "roc_auc" and view.permutation_folds == 3
+    assert [f.name for f in view.features] == list(served["columns"])
+    assert [m.name for m in view.modalities] == ["micro", "safe", "macro"]
+    assert view.attribution_windows == 48 and view.permutation_windows == [48, 48, 48]
+    assert view.test_window == f"{report['test_start']}..{report['test_end']}"
+    for item in view.features + view.modalities:
+        assert item.attribution is not None and item.attribution >= 0 and len(item.permutation_folds) == 3
+    assert sum(f.attribution_share for f in view.features) == pytest.approx(1.0)
+    assert view.agreement is not None and view.agreement.features == len(view.features)
+    assert "## What the model relies on (global view)" in card
+    said = global_view.findings(view, "ROC-AUC")
+    assert said[0].startswith("By permutation, ") and all(f"- {s}" in card for s in said), said
 
     from sofare.training import tracking
 
@@ -132,6 +152,7 @@ def test_train_dag_registers_a_version_with_honest_metrics_and_reproduces_them(
 
     # same data, same seed: the resumed study runs no new trial and the final fit gives the same numbers
     monkeypatch.setenv("SOFARE_EVALUATION__ABLATIONS", "false")  # (the ablations' refits are the slow part)
+    monkeypatch.setenv("SOFARE_EVALUATION__GLOBAL_VIEW", "false")  # (seeded: tests/unit/test_global_view.py)
     runtime.run_dag(cfg, "sofare_train", conf=_conf(), logfile=tmp_path / "dag.log")
     v2 = max(c.search_model_versions("name = 'sofare-m3'"), key=lambda v: int(v.version))
     assert str(v2.version) == "2" and v2.tags["semver"] == "1.0.1"

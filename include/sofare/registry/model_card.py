@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import html
+import logging
 import shutil
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sofare.contracts import PREDICTORS, EvaluationReport, MetricCI, PolicyResult
+from sofare.explain import global_view as gv
 
 if TYPE_CHECKING:
+    from mlflow.entities.model_registry import ModelVersion
+
     from sofare.config import Config
+
+log = logging.getLogger(__name__)
 
 METRIC_NAMES = {
     "accuracy": "accuracy",
@@ -31,7 +39,7 @@ PREDICTOR_NAMES = {
     "linear": "logistic / ridge",
     "gbm": "gradient-boosted trees",
 }
-PLOTS = ("walk_forward.png", "reliability.png", "policy_equity.png")
+PLOTS = ("walk_forward.png", "reliability.png", "policy_equity.png", gv.PLOT)
 PLOT_DIR = "model_card_plots"  # beside the card
 
 
@@ -216,6 +224,120 @@ def _walk_forward(report: EvaluationReport) -> list[str]:
     return lines
 
 
+def _signed(value: float | None, sd: float | None = None) -> str:
+    if value is None:
+        return "–"
+    return f"{value:+.4f}" + (f" ± {sd:.4f}" if sd is not None else "")
+
+
+def _share(value: float | None) -> str:
+    return "–" if value is None else f"{value:.1%}"
+
+
+Table = tuple[list[str], list[list[str]]]  # header, rows: what the card (markdown) and the plugin (HTML) print
+
+
+def global_view_tables(view: gv.GlobalView, top: int = 10) -> tuple[Table, Table]:
+    """Both views per modality, and the `top` features by either view (half from each view's top, then by
+    attribution) with their ranks in both."""
+    metric = METRIC_NAMES.get(view.metric, view.metric)
+    modalities = (
+        [
+            "modality",
+            "features",
+            "attribution share",
+            f"{metric} drop when shuffled",
+            "per fold",
+            "carries signal",
+        ],
+        [
+            [
+                gv.MODALITY_NAMES[m.name],
+                str(sum(f.modality == m.name for f in view.features)),
+                _share(m.attribution_share),
+                _signed(m.permutation, m.permutation_sd),
+                ", ".join(f"{d:+.4f}" for d in m.permutation_folds) or "–",
+                "yes" if m.carries_signal else "no",
+            ]
+            for m in view.modalities
+        ],
+    )
+
+    def order(key: str) -> list[str]:
+        have = [f for f in view.features if getattr(f, key) is not None]
+        return [f.name for f in sorted(have, key=lambda f: -getattr(f, key))]
+
+    by_attr, by_perm = order("attribution"), order("permutation")
+    names = list(dict.fromkeys(by_attr[: top // 2] + by_perm[: top // 2] + by_attr + by_perm))[:top]
+    features = {f.name: f for f in view.features}
+
+    def rank(name: str, ranks: list[str]) -> str:
+        return f" ({ranks.index(name) + 1})" if name in ranks else ""
+
+    top_features = (
+        ["feature", "modality", "attribution share (rank)", f"{metric} drop (rank)"],
+        [
+            [
+                n,
+                gv.MODALITY_NAMES[features[n].modality],
+                _share(features[n].attribution_share) + rank(n, by_attr),
+                _signed(features[n].permutation, features[n].permutation_sd) + rank(n, by_perm),
+            ]
+            for n in names
+        ],
+    )
+    return modalities, top_features
+
+
+def _markdown(table: Table) -> list[str]:
+    header, rows = table
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(r) + " |" for r in rows)]
+
+
+def global_view_section(view: gv.GlobalView | None) -> list[str]:
+    """What the model relies on: both views per modality and for the top features, and where they disagree."""
+    head = ["## What the model relies on (global view)", ""]
+    if view is None:
+        return head + [
+            "Not computed for this version (trained before the global view existed, or with "
+            "`evaluation.global_view: false`).",
+            "",
+        ]
+    metric = METRIC_NAMES.get(view.metric, view.metric)
+    modalities, features = global_view_tables(view)
+    windows = "/".join(f"{n:,}" for n in view.permutation_windows) or "0"
+    lines = head + [
+        f"Two independent views, computed at training time (`sofare.explain.global_view`, logged as `{gv.ARTIFACT}`):",
+        "",
+        f"- **attributions**: {view.attribution_method}, for the final model on {view.attribution_windows:,} evenly"
+        f" spaced test windows ({view.test_window}); per feature the mean over windows of |its attributions summed"
+        " over the lookback|, as a share of all features (per modality likewise)."
+        if view.attribution_method
+        else "- **attributions**: not computed for this version.",
+        f"- **permutation importance**: on each of the {view.permutation_folds} walk-forward folds' own model and"
+        f" {windows} of its test windows, one feature's whole lookback history (or one modality's features, with one"
+        f" shuffle) is shuffled across the windows, {view.permutation_repeats} time(s) with seeded permutations, and"
+        f" the drop of {metric} is measured (positive: the model relied on it); mean ± sd over folds × repeats, and"
+        " the mean per fold. A modality carries signal when shuffling it lowered the metric in every fold and the"
+        " mean of the fold means exceeds twice their standard error.",
+        "",
+        *_markdown(modalities),
+        "",
+        *[f"- {sentence}" for sentence in gv.findings(view, metric)],
+        "",
+        f"Top {len(features[1])} features by either view (rank 1 = the most important in that view):",
+        "",
+        *_markdown(features),
+        "",
+        "The views need not agree: attributions measure the final model's sensitivity on the test window,"
+        f" permutation each fold model's skill on its test part. Computed in {view.seconds:.0f} s.",
+        "",
+        f"![global view]({PLOT_DIR}/{gv.PLOT})",
+        "",
+    ]
+    return lines
+
+
 def _verdict(verdict: str, baseline: str) -> str:
     return {
         "better": f"SofareM3 beats {PREDICTOR_NAMES[baseline]}",
@@ -224,7 +346,14 @@ def _verdict(verdict: str, baseline: str) -> str:
     }[verdict]
 
 
-def render(report: EvaluationReport, model: str, version: str, tags: dict[str, str], run_id: str) -> str:
+def render(
+    report: EvaluationReport,
+    model: str,
+    version: str,
+    tags: dict[str, str],
+    run_id: str,
+    view: gv.GlobalView | None = None,
+) -> str:
     scores = report.scores
     h = report.hyper
     bt = report.backtest
@@ -234,7 +363,7 @@ def render(report: EvaluationReport, model: str, version: str, tags: dict[str, s
         f"# Model card: {model} version {version} (semver {tags.get('semver', '?')})",
         "",
         f"Generated by `sofare model-card` from MLflow run `{run_id}` (git {tags.get('git_commit', '?')}). Every number",
-        "below is read from that run's `evaluation.json`; regenerate, never edit.",
+        f"below is read from that run's `evaluation.json` and `{gv.ARTIFACT}`; regenerate, never edit.",
         "",
         "## Data",
         "",
@@ -289,7 +418,7 @@ def render(report: EvaluationReport, model: str, version: str, tags: dict[str, s
         ],
         "",
     ]
-    lines += _calibration(report) + _policy(report) + _walk_forward(report)
+    lines += _calibration(report) + _policy(report) + _walk_forward(report) + global_view_section(view)
     if report.walk_forward and report.wf is None:
         metric = report.primary_metric
         lines += [
@@ -343,6 +472,99 @@ def write(cfg: Config, version: str, out: Path | None = None) -> Path:
             str(mv.version),
             dict(mv.tags),
             mv.run_id or mv.tags.get("training_run_id", ""),
+            global_view(cfg, mv),
         )
     )
     return out
+
+
+def _artifact(cfg: Config, mv: ModelVersion, path: str) -> bytes | None:
+    """A file of a version's training run, or None when the run has none (a version trained before it existed)."""
+    from mlflow.exceptions import MlflowException
+
+    from sofare.registry import versions
+
+    run_id = mv.run_id or mv.tags.get("training_run_id", "")
+    with tempfile.TemporaryDirectory(prefix="sofare-artifact-") as scratch:
+        try:
+            local = versions.client(cfg).download_artifacts(run_id, path, scratch)
+        except (MlflowException, OSError) as missing:
+            log.info("version %s has no %s: %s", mv.version, path, missing)
+            return None
+        return Path(local).read_bytes()
+
+
+def global_view(cfg: Config, mv: ModelVersion) -> gv.GlobalView | None:
+    """A version's global view (`global_view.json` of its training run), None when it has none."""
+    raw = _artifact(cfg, mv, gv.ARTIFACT)
+    return gv.GlobalView.model_validate_json(raw) if raw is not None else None
+
+
+def global_view_plot(cfg: Config, alias: str) -> bytes | None:
+    """The global view's picture of the version `alias` names; None when the alias is unset or the run has none."""
+    from sofare.errors import NotFoundError
+    from sofare.registry import versions
+
+    try:
+        mv = versions.resolve(cfg, alias)
+    except NotFoundError:
+        return None
+    return _artifact(cfg, mv, f"plots/{gv.PLOT}")
+
+
+def _html_table(table: Table) -> str:
+    header, rows = table
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _html_sentence(sentence: str) -> str:
+    """A finding's markdown (**bold**) as HTML, the rest escaped."""
+    parts = html.escape(sentence).split("**")
+    return "".join(f"<strong>{p}</strong>" if i % 2 else p for i, p in enumerate(parts))
+
+
+def global_view_html(cfg: Config, aliases: tuple[str, ...] = ("champion", "challenger")) -> str:
+    """The global view of each alias's version, side by side (the plugin's /sofare/explain page); an alias that
+    is unset or a version without a global view says so."""
+    from sofare.errors import NotFoundError
+    from sofare.registry import versions
+
+    columns = []
+    for alias in aliases:
+        title = f"<h2>{html.escape(alias)}</h2>"
+        try:
+            mv = versions.resolve(cfg, alias)
+        except NotFoundError:
+            columns.append(
+                f'{title}<p class="empty">No version has the alias <code>{html.escape(alias)}</code> yet '
+                "(<code>sofare promote</code> and a finished canary set it).</p>"
+            )
+            continue
+        semver = html.escape(mv.tags.get("semver", "?"))
+        title = f"<h2>{html.escape(alias)}: version {html.escape(str(mv.version))} (semver {semver})</h2>"
+        view = global_view(cfg, mv)
+        if view is None:
+            columns.append(
+                f'{title}<p class="empty">This version has no global view: its training run holds no '
+                f"<code>{gv.ARTIFACT}</code> (trained before the global view existed, or with "
+                "<code>evaluation.global_view: false</code>).</p>"
+            )
+            continue
+        modalities, features = global_view_tables(view)
+        metric = METRIC_NAMES.get(view.metric, view.metric)
+        windows = "/".join(str(n) for n in view.permutation_windows) or "0"
+        about = (
+            f"Attributions: {view.attribution_windows} test windows ({html.escape(view.test_window)}). Permutation:"
+            f" {view.permutation_folds} walk-forward folds, {windows} test windows each, {view.permutation_repeats}"
+            f" shuffle(s) per feature; drop of {html.escape(metric)}."
+        )
+        columns.append(
+            f"{title}<p>{about}</p>{_html_table(modalities)}<ul>"
+            + "".join(f"<li>{_html_sentence(s)}</li>" for s in gv.findings(view, metric))
+            + f"</ul>{_html_table(features)}"
+            + f'<img alt="global view of version {html.escape(str(mv.version))}" '
+            f'src="explain/{html.escape(alias)}/{gv.PLOT}">'
+        )
+    return '<div class="side-by-side">' + "".join(f"<section>{c}</section>" for c in columns) + "</div>"

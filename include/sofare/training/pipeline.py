@@ -23,6 +23,7 @@ import pandas as pd
 from sofare.config import interval_delta
 from sofare.contracts import (
     BASELINES,
+    MODALITIES,
     PREDICTORS,
     Backtest,
     Calibration,
@@ -50,6 +51,7 @@ from sofare.training.windows import (
     fit,
     make_windows,
     predict,
+    predict_inputs,
     purge_rows,
     temporal_split,
     walk_forward_splits,
@@ -60,10 +62,12 @@ if TYPE_CHECKING:
     import optuna
 
     from sofare.config import Config
+    from sofare.explain.global_view import GlobalView
     from sofare.training.model import SofareM3
 
 log = logging.getLogger(__name__)
 BARS_PER_YEAR_1H = 365.25 * 24
+IG_BATCH = 4096  # integration points per forward pass of the global view's Integrated Gradients (bounds memory)
 
 
 @dataclass
@@ -504,14 +508,20 @@ def _policy_walk(cfg: Config, data: Data, folds: list[Evaluation], predictor: st
     return decision.pooled(parts, e.fee_bps + e.slippage_bps, bars / max(h, 1))
 
 
-def walk_forward(cfg: Config, data: Data, hyper: dict[str, Any], max_epochs: int) -> WalkForward:
+def walk_forward(
+    cfg: Config,
+    data: Data,
+    hyper: dict[str, Any],
+    max_epochs: int,
+    runs: list[tuple[dict[str, range], Evaluation]] | None = None,
+) -> WalkForward:
     """Walk-forward evidence: per-fold and pooled metrics with CIs for SofareM3 and every baseline, paired
     bootstraps, calibration, the policy after costs beside buy and hold and the best baseline's, and the
-    modality ablations (`evaluation.ablations`)."""
+    modality ablations (`evaluation.ablations`). `runs`: the folds already fitted (`walk_forward_folds`)."""
     e = cfg.evaluation
     began = time.monotonic()
     metric = e.primary_metric
-    runs = walk_forward_folds(cfg, data, hyper, max_epochs)
+    runs = runs if runs is not None else walk_forward_folds(cfg, data, hyper, max_epochs)
     folds = [f for _, f in runs]
     times = data.frame["open_time"].to_numpy()
     y_up = np.concatenate([f.y_up for f in folds])
@@ -576,6 +586,62 @@ def walk_forward(cfg: Config, data: Data, hyper: dict[str, Any], max_epochs: int
         policy=policy,
         best_baseline=best,
         ablations=ablations,
+        seconds=round(time.monotonic() - began, 1),
+    )
+
+
+def _inputs(w: Windows, pick: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    micro, safe, macro = w.batch(w.ends[pick])[:3]
+    return micro.numpy(), safe.numpy(), macro.numpy()
+
+
+def global_view(cfg: Config, data: Data, final: Evaluation, folds: list[Evaluation]) -> GlobalView:
+    """What the version relies on (`sofare.explain.global_view`): mean |attribution| of the final model on a
+    sample of the test windows, permutation importance of each walk-forward fold's model on a sample of its test
+    part (the primary metric on calibrated P(up), as the fold was scored)."""
+    from sofare.explain import attributions
+    from sofare.explain import global_view as gv
+
+    began = time.monotonic()
+    e, seed = cfg.evaluation, cfg.training.seed
+    spec = data.spec
+    names = (spec.micro, spec.safe_haven, spec.macro)
+    drops = []
+    for k, f in enumerate(folds):
+        pick = gv.sample(len(f.test), e.global_view_windows)
+        y_up, y_ret, calibration = f.y_up[pick], f.y_ret[pick], f.calibration or Calibration()
+
+        def forward(x: gv.Inputs, f: Evaluation = f, calibration: Calibration = calibration) -> tuple[Any, Any]:
+            prob, ret = predict_inputs(f.model, [x], f.scaler)
+            return calibration.apply(decision.margin(prob)), ret
+
+        def score(prob: np.ndarray, ret: np.ndarray, y_up: np.ndarray = y_up, y_ret: np.ndarray = y_ret) -> float:
+            p = evaluation.Predictions(prob, ret)
+            return evaluation.metric(e.primary_metric, y_up, y_ret, p, e.decision_threshold)
+
+        drops.append(
+            gv.permutation_drops(forward, score, _inputs(f.test, pick), names, e.global_view_repeats, seed + k)
+        )
+    pick = gv.sample(len(final.test), e.global_view_windows)
+    found = attributions.attribute(
+        final.model,
+        *_inputs(final.test, pick),
+        calibration=final.calibration,
+        names=dict(zip(MODALITIES, names, strict=True)),
+        internal_batch_size=IG_BATCH,
+        seed=seed,
+    )
+    return gv.build(
+        e.primary_metric,
+        names,
+        drops,
+        (found.feature_importance(), found.modality_importance()),
+        attribution_method=f"{found.method} of {found.target} from {found.baseline}, {found.steps} steps",
+        attribution_windows=found.windows,
+        permutation_windows=[len(gv.sample(len(f.test), e.global_view_windows)) for f in folds],
+        permutation_repeats=e.global_view_repeats,
+        test_window=f"{final.times[0]}..{final.times[-1]}",
+        seed=seed,
         seconds=round(time.monotonic() - began, 1),
     )
 
@@ -663,15 +729,17 @@ def finalize(cfg: Config, the_plan: TrainingPlan) -> Trained:
         validation_rows=data.parts["validation"],
     )
     epochs = result.epochs
+    e = cfg.evaluation
     ends = result.test.ends
     keep = np.unique(np.linspace(0, len(ends) - 1, min(len(ends), cfg.monitoring.reference_rows)).round().astype(int))
     rows = data.frame.iloc[ends[keep]]
     reference = rows[["open_time", *data.spec.columns]].reset_index(drop=True)
     reference["prob_up"] = np.asarray(result.predictions.prob_up, dtype=float)[keep]
     reference["realised_return"] = rows["target_return"].to_numpy(dtype=float)
-    wf = walk_forward(cfg, data, hyper, the_plan.max_epochs) if cfg.training.walk_forward.folds else None
+    runs = walk_forward_folds(cfg, data, hyper, the_plan.max_epochs) if cfg.training.walk_forward.folds else []
+    wf = walk_forward(cfg, data, hyper, the_plan.max_epochs, runs) if runs else None
+    view = global_view(cfg, data, result, [f for _, f in runs]) if e.global_view else None
     spec = data.spec
-    e = cfg.evaluation
     h, bars = cfg.features.horizon, bars_per_year(data)
     policy_test, policy_steps = decision.simulate(result.policy, result.predictions.prob_up, result.y_ret, h, bars)
     hold_test, hold_steps = decision.buy_and_hold(result.y_ret, h, e.fee_bps + e.slippage_bps, bars)
@@ -770,6 +838,11 @@ def finalize(cfg: Config, the_plan: TrainingPlan) -> Trained:
         ):
             mlflow.log_artifact(str(path), artifact_path="plots")
         mlflow.log_dict(report.model_dump(mode="json"), "evaluation.json")
+        if view is not None:
+            from sofare.explain import global_view as gv
+
+            mlflow.log_dict(view.model_dump(mode="json"), gv.ARTIFACT)
+            mlflow.log_artifact(str(gv.plot(view, Path(scratch) / gv.PLOT)), artifact_path="plots")
     meta = model_meta(cfg, data, hyper, result.scaler, window, result.calibration, result.policy)
     directory = export.export(result.model, meta, Path(tempfile.mkdtemp(prefix="sofare-model-")), reference)
     example = data.raw_windows(result.test.ends[-1:], meta.lookback)

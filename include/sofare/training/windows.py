@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, cast
@@ -323,14 +324,22 @@ def fit(
 
 def predict(model: SofareM3, windows: Windows, scaler: Scaler, batch: int = 1024) -> tuple[np.ndarray, np.ndarray]:
     """prob_up and expected log return (unstandardised) for every window."""
+    parts = (windows.batch(windows.ends[lo : lo + batch])[:3] for lo in range(0, len(windows), batch))
+    return predict_inputs(model, parts, scaler)
+
+
+def predict_inputs(
+    model: SofareM3, batches: Iterable[tuple[Any, ...]], scaler: Scaler
+) -> tuple[np.ndarray, np.ndarray]:
+    """prob_up and expected log return (unstandardised) for batches of (micro, safe, macro) windows, tensors or
+    arrays [windows, lookback, features] (the global view feeds shuffled copies of them)."""
     import torch
 
     model.eval()
     probs, rets = [], []
     with torch.no_grad():
-        for lo in range(0, len(windows), batch):
-            micro, safe, macro, _, _ = windows.batch(windows.ends[lo : lo + batch])
-            logits, ret = model(micro, safe, macro)
+        for micro, safe, macro in batches:
+            logits, ret = model(*(torch.as_tensor(x) for x in (micro, safe, macro)))
             probs.append(torch.softmax(logits, -1)[:, 1].numpy())
             rets.append(ret.numpy() * scaler.ret_std + scaler.ret_mean)
     if not probs:
