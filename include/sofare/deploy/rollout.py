@@ -231,10 +231,11 @@ class Deployment:
             versions.set_alias(self.cfg, "champion", target)
         answered = self.verify(target)
         seconds = time.monotonic() - began
-        result = {
+        previous_canary = state.canary.version if state.canary else None
+        result: dict[str, Any] = {
             "target": target,
             "previous_stable": state.stable.version if state.stable else None,
-            "previous_canary": state.canary.version if state.canary else None,
+            "previous_canary": previous_canary,
             "decision": decision,
             "verified": answered,
             "seconds": round(seconds, 2),
@@ -247,7 +248,7 @@ class Deployment:
             "rollback",
             decision,
             f"{note}; verified {len(answered)} live requests in {seconds:.1f}s",
-            canary_version=result["previous_canary"],
+            canary_version=previous_canary,
         )
         result["audit_id"] = audit.record(self.cfg, self.actor, "rollback", target, decision, result)
         alerts.send(
