@@ -8,7 +8,7 @@ runs of any intervals give the same rows in any order or at once (`max_active_ru
 
 | task | loads | rows selected by | context fetched with it |
 |---|---|---|---|
-| `load_candles` | BTC/USDT klines (`ingest.sources.candles`: sample or binance) | candle open time | 2 × `features.warmup_bars` candles before the interval |
+| `load_candles` | BTC/USDT klines (`ingest.sources.candles`: sample or binance) | candle open time | 2 × `features.warmup_bars` candles before the feature block holding the interval's start |
 | `load_safe_haven` | daily safe-haven bars (sample or yfinance) | exchange trading date | `features.daily_context_days` before those candles |
 | `load_macro` | FRED observations (sample or fred) | instant the value became known | `features.macro_context_days` before them, and what is known at the interval's end |
 | `build_features` | the features table for the interval (and the previous `horizon` rows' targets) | candle open time | |

@@ -63,6 +63,11 @@ def served(model_home):
         yield {**model_home, "client": Client(server.url), "server": server}
 
 
+def candles_needed(cfg) -> int:
+    """The candles of one window of the served model (feature warm-up + lookback - 1), as schemas.request_body."""
+    return cfg.features.warmup_bars + max(cfg.training.search_space.lookback) - 1
+
+
 def window_payload(
     cfg, end: str = "2024-03-20T12:00:00+00:00", candles: int | None = None, context: bool = False
 ) -> dict[str, Any]:

@@ -16,7 +16,7 @@ import pytest
 from openapi_spec_validator import validate
 
 from sofare.serving import bento
-from tests.serving.conftest import window_payload
+from tests.serving.conftest import candles_needed, window_payload
 
 KNOWN_ENDPOINTS = {
     "/predict",
@@ -91,7 +91,7 @@ def url(served):
 
 @pytest.fixture(scope="module")
 def good(served):
-    return window_payload(served["cfg"], candles=300)
+    return window_payload(served["cfg"], candles=candles_needed(served["cfg"]) + 27)
 
 
 def test_media_types_other_than_json_are_415(url, good):
@@ -115,7 +115,7 @@ def test_media_types_other_than_json_are_415(url, good):
     ("where", "value", "field"),
     [
         ("candle", "0001-01-01T00:00:00+00:00", "candles[0].open_time"),
-        ("candle", "9999-12-31T23:00:00+00:00", "candles[299].open_time"),
+        ("candle", "9999-12-31T23:00:00+00:00", "candles[-1].open_time"),  # the last one
         ("candle", "1600-01-01T00:00:00+00:00", "candles[0].open_time"),
         ("macro", "1600-01-01T00:00:00+00:00", "macro[0].known_at"),
         ("macro_date", "0001-01-01", "macro[0].observation_date"),
@@ -124,6 +124,7 @@ def test_media_types_other_than_json_are_415(url, good):
 )
 def test_dates_out_of_range_are_422_naming_the_field(url, good, where, value, field):
     body = copy.deepcopy(good)
+    field = field.replace("[-1]", f"[{len(body['candles']) - 1}]")
     if where == "candle":
         body["candles"][0 if field.startswith("candles[0]") else -1]["open_time"] = value
     else:
@@ -178,7 +179,7 @@ def test_a_streamed_body_is_cut_off_at_the_limit(url, served):
 
 def test_a_window_over_the_candle_cap_is_422(url, served, good):
     body = copy.deepcopy(good)
-    body["candles"] = body["candles"] * 7  # 2,100 candles: over serving.max_window_candles, under 2 MB
+    body["candles"] = body["candles"] * 7  # 3,500 candles: over serving.max_window_candles, under 2 MB
     status, _, answer = post(url, "/predict", json.dumps(body).encode())
     error = assert_error_shape(status, answer, 422)
     assert error["code"] == "too_many_items" and error["details"][0]["field"] == "candles"

@@ -12,7 +12,7 @@ from sofare.data import warehouse
 from sofare.data.features import feature_spec
 from sofare.data.pgserver import LocalPostgres
 from sofare.serving import bento
-from tests.serving.conftest import Client, free_port, window_payload
+from tests.serving.conftest import Client, candles_needed, free_port, window_payload
 
 
 def _count(url: str) -> int:
@@ -46,7 +46,8 @@ def _wait(predicate, timeout: float = 180.0) -> bool:
 
 def test_predictions_survive_a_database_outage(model_home):
     cfg = model_home["cfg"]
-    body = window_payload(cfg, candles=300, context=True)  # self-contained: needs no warehouse read
+    # self-contained: needs no warehouse read
+    body = window_payload(cfg, candles=candles_needed(cfg) + 27, context=True)
     with LocalPostgres() as pg:
         url = pg.create_database("served")
         warehouse.init_schema(warehouse.engine_for(url), feature_spec(cfg).columns)

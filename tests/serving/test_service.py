@@ -14,7 +14,7 @@ import pytest
 
 from sofare.registry import versions
 from sofare.serving import predictor, schemas
-from tests.serving.conftest import window_payload
+from tests.serving.conftest import candles_needed, window_payload
 
 CONTRACT = {
     "prediction_id",
@@ -63,7 +63,8 @@ def test_every_endpoint_answers(served):
     assert status == 200 and latest["as_of"] == "2024-07-01T00:00:00+00:00"  # the newest candle loaded
     status, info = client.post("/model_info", {})
     assert status == 200 and info["model_version"] == version and info["lookback"] == 24
-    assert info["candles_needed"] == 273 and info["feature_set_version"].startswith("fs")
+    needed = served["cfg"].features.warmup_bars + info["lookback"] - 1
+    assert info["candles_needed"] == needed and info["feature_set_version"].startswith("fs")
     for path in ("/livez", "/readyz"):
         assert client.get(path)[0] == 200
     spec = json.loads(client.get("/docs.json")[1])
@@ -132,7 +133,7 @@ BAD = [  # how, message fragment that names the field
     ("nan", "close"),
     ("infinity", "volume"),
     ("negative price", "low"),
-    ("too short", "candles: 100 given, at least 273 needed"),
+    ("too short", "candles: 100 given, at least {needed} needed"),
     ("unsorted", "candles[11].open_time: not sorted"),
     ("duplicate", "candles[12].open_time: duplicate"),
     ("off grid", "not on the 1h grid"),
@@ -149,11 +150,11 @@ BAD = [  # how, message fragment that names the field
 @pytest.mark.parametrize(("how", "message"), BAD, ids=[b[0] for b in BAD])
 def test_bad_input_is_a_4xx_naming_the_field(served, how, message):
     status, answer = served["client"].post(
-        "/predict", None, raw=_mutate(window_payload(served["cfg"], candles=300), how)
+        "/predict", None, raw=_mutate(window_payload(served["cfg"], candles=candles_needed(served["cfg"]) + 27), how)
     )
     assert 400 <= status < 500, (status, answer)
     assert set(answer["error"]) == {"code", "message", "details", "truncated"}, answer
-    assert message in json.dumps(answer), answer
+    assert message.format(needed=candles_needed(served["cfg"])) in json.dumps(answer), answer
 
 
 def test_bad_batches_are_refused_by_window(served):
@@ -192,7 +193,7 @@ def _logged_inputs(cfg, prediction_id: str, timeout: float = 60.0) -> dict:
 
 def test_served_prediction_equals_the_in_process_prediction(served):
     cfg = served["cfg"]
-    body = window_payload(cfg, "2024-03-25T06:00:00+00:00", candles=400, context=True)
+    body = window_payload(cfg, "2024-03-25T06:00:00+00:00", candles=candles_needed(cfg) + 127, context=True)
     status, answer = served["client"].post("/predict", body)
     assert status == 200, answer
     model_dir = versions.download(cfg, served["version"])

@@ -11,9 +11,13 @@ with the instant it became visible) into one row per candle:
   not there.
 
 No look-ahead: row t uses candles up to t and daily/macro values whose `known_at` is at or before
-the candle's close (t + interval). Every feature depends on at most `warmup_bars` rows of history
-(exactly for windowed indicators, to < 1e-6 for exponentially smoothed ones), and rows with less
-history are NULL, so the same window gives the same features in the warehouse and in the service.
+the candle's close (t + interval). Windowed indicators depend on exactly their window; the exponentially
+smoothed ones (Wilder's ADX/RSI/ATR, MACD's EMAs) on all earlier candles with a geometrically decaying
+weight, and `warmup_bars` is long enough for it to vanish: a row computed from `warmup_bars` - 1 candles
+of history is within 1e-9 of the row computed from all of it (measured: docs/architecture.md, "Features").
+Rows with less history are NULL. So a service window and the warehouse agree within 1e-9, and the
+warehouse computes each row in a fixed block (`sofare.data.ingest.feature_blocks`), bit-identical
+however a backfill was chunked.
 
 There is one computation, on numpy arrays and TA-Lib, without pandas: `micro_array` (the candle features)
 and `feature_matrix` (every feature column of one window, what the prediction service calls per request).
@@ -36,7 +40,7 @@ if TYPE_CHECKING:
     from sofare.config import Config
 
 # Bump when the computation changes in a way the column names do not show.
-FEATURE_CODE_VERSION = "2"
+FEATURE_CODE_VERSION = "3"
 
 MICRO_FIXED = (
     "log_ret_1",
@@ -160,10 +164,10 @@ def _rolling(x: np.ndarray, window: int, stat: str) -> np.ndarray:
     first = int(finite.argmax()) if n else 0
     if n - first < window or not finite[first]:
         return out
-    if finite[first:].all():  # the usual case: NaN only in front (the first log return)
-        lo, bad = first, None
-    else:
-        lo, bad = 0, ~finite
+    # the sums start at the first finite value whatever follows, so a row's result depends on nothing after it
+    lo, bad = first, None
+    if not finite[first:].all():  # the usual case has NaN only in front (the first log return)
+        bad = ~finite
         x = np.where(finite, x, 0.0)
     for start in range(lo, n - window + 1, _ROLLING_BLOCK):
         stop = min(start + _ROLLING_BLOCK, n - window + 1)  # the windows x[i : i + window], start <= i < stop
@@ -235,7 +239,7 @@ def micro_array(
     out["obv_flow_14"] = _safe_div(obv - _lag(obv, 14), _rolling(v, 14, "sum"), 0.0)
     # bounded oscillators are clipped to their ranges: TA-Lib's smoothing overshoots 100 by ~1e-14 on
     # flat minute bars (found by the features suite on the real December 2024 minutes)
-    stoch_k, stoch_d = talib.STOCH(h, l, c, 14, 3, 0, 3, 0)
+    stoch_k, stoch_d = talib.STOCH(h, l, c, 14, 3, talib.MA_Type.SMA, 3, talib.MA_Type.SMA)
     out["stoch_k"], out["stoch_d"] = np.clip(stoch_k, 0, 100), np.clip(stoch_d, 0, 100)
     out["willr_14"] = np.clip(talib.WILLR(h, l, c, 14), -100, 0)
     out["cci_20"] = talib.CCI(h, l, c, 20)
@@ -360,7 +364,7 @@ def _macro_events(obs: pd.DataFrame, kind: str, names: tuple[str, ...]) -> pd.Da
     stamps = ordered["known_at"].tolist()
     known: dict[object, float] = {}
     latest_day = previous_day = None  # the two most recent observation dates known so far
-    rows = []
+    rows: list[tuple[object, ...]] = []
     for i, (stamp, day, value) in enumerate(zip(stamps, ordered["observation_date"], ordered["value"].astype(float))):
         known[day] = value
         if latest_day is None or day > latest_day:
@@ -488,6 +492,10 @@ def feature_matrix(
     out[:warm] = np.nan  # not enough history: NULL, never a guess
     rest = out[warm:]
     rest[~np.isfinite(rest)] = np.nan
+    # one zero: -0.0 becomes 0.0. numpy's clip/maximum may return either zero for a signed-zero tie depending on
+    # whether an element falls in a SIMD or a scalar loop, i.e. on the array's length; stored rows are compared
+    # byte for byte (`sofare status --checksum`)
+    rest += 0.0
     return out
 
 

@@ -8,6 +8,11 @@ macro observations by the instant they became known (so a daily run replays hist
 A sofare_ingest run loads its interval *with context*: also what `materialize_features` reads for it
 (`feature_inputs`: the warm-up candles before it, daily and macro history before those), so its features
 read only rows it loaded itself and runs of any intervals give the same rows in any order or at once.
+
+Features are computed in fixed blocks (`feature_blocks`: `features.warmup_bars` candle intervals each, on a grid
+from the epoch), each from the `warmup_bars` candles before it, whatever interval asked for them: the same stored
+candles give the same rows, bit for bit, however a backfill was chunked (and `sofare status --checksum` compares
+across reruns).
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ MODALITIES = ("candles", "safe_haven", "macro")
 # Warm-up candles are looked for this many `warmup_bars` spans back, so that a row keeps its full warm-up
 # across gaps of up to `warmup_bars` missing candles before its interval.
 WARMUP_REACH = 2
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)  # where the grid of feature blocks starts
 
 
 @dataclass
@@ -200,7 +206,8 @@ def feature_inputs(
     """[lo, hi): the rows of `modality` that `materialize_features` may read for the interval [start, end), in
     the modality's own time (candle open time, trading date at UTC midnight, macro known_at):
 
-    - candles: the `features.warmup_bars` before `start`, looked for `WARMUP_REACH` warm-ups back;
+    - candles: the `features.warmup_bars` before the start of the feature block holding `start`
+      (`feature_blocks`), looked for `WARMUP_REACH` warm-ups back;
     - safe_haven: trading dates from `features.daily_context_days` before the first of those candles;
     - macro: known from `features.macro_context_days` before it, to the close of the interval's last
       candle included (a value known at that instant is visible to it: hi = end + one interval).
@@ -208,7 +215,7 @@ def feature_inputs(
     sofare_ingest loads these with its interval (`load_interval(context=True)`), so its features read
     nothing another run loaded."""
     delta = interval_delta(interval)
-    warm = start - delta * cfg.features.warmup_bars * WARMUP_REACH
+    warm = _block_start(cfg, start, interval) - delta * cfg.features.warmup_bars * WARMUP_REACH
     if modality == "candles":
         return warm, end
     if modality == "safe_haven":
@@ -217,6 +224,25 @@ def feature_inputs(
     if modality == "macro":
         return warm - timedelta(days=cfg.features.macro_context_days), end + delta
     raise InputError(f"unknown modality {modality!r}; expected one of {', '.join(MODALITIES)}")
+
+
+def feature_blocks(cfg: Config, start: datetime, end: datetime, interval: str) -> list[tuple[datetime, datetime]]:
+    """The feature blocks that meet [start, end): consecutive spans of `features.warmup_bars` candle intervals on a
+    grid from the epoch. `materialize_features` computes every row of a block from the same candles (the
+    `warmup_bars` before the block, then the block's own up to the row), so which interval asks for a row
+    does not change it."""
+    span = interval_delta(interval) * cfg.features.warmup_bars
+    lo, blocks = _block_start(cfg, start, interval), []
+    while lo < end:
+        blocks.append((lo, lo + span))
+        lo += span
+    return blocks
+
+
+def _block_start(cfg: Config, moment: datetime, interval: str) -> datetime:
+    """The start of the feature block holding `moment`."""
+    span = interval_delta(interval) * cfg.features.warmup_bars
+    return _EPOCH + span * ((utc(moment) - _EPOCH) // span)
 
 
 def _inside(modality: str, rows: pd.DataFrame, start: datetime, end: datetime) -> Any:
@@ -356,6 +382,31 @@ def revalidate_from(
     return min(start, first.replace(hour=0, minute=0, second=0, microsecond=0))
 
 
+def _block_features(
+    conn: Any, cfg: Config, symbol: str, interval: str, start: datetime, end: datetime
+) -> pd.DataFrame | None:
+    """The features of the candles of one feature block that open before `end` (the block starts at `start`):
+    computed from the `warmup_bars` candles before the block (looked for `WARMUP_REACH` warm-ups back), the
+    block's own, and the daily and macro rows those reach. Every computation runs forward in time, so a row's
+    value does not depend on `end` either."""
+    import pandas as pd
+
+    delta = interval_delta(interval)
+    warm = cfg.features.warmup_bars
+    history = warehouse.read_candles_before(conn, symbol, interval, start, warm, start - delta * warm * WARMUP_REACH)
+    own = warehouse.read_candles(conn, symbol, interval, start, end)
+    if own.empty:
+        return None
+    candles = pd.concat([part for part in (history, own) if not part.empty], ignore_index=True)
+    first = candles["open_time"].iloc[0]  # not before feature_inputs' start: what it gives covers these
+    bars = warehouse.read_safe_haven(
+        conn, (first - timedelta(days=cfg.features.daily_context_days)).date(), end + delta
+    )
+    macro = warehouse.read_macro(conn, first - timedelta(days=cfg.features.macro_context_days), end + delta)
+    feats = compute_features(candles, bars, macro, cfg, interval)
+    return feats[feats["open_time"] >= start]
+
+
 def materialize_features(
     cfg: Config,
     engine: Engine,
@@ -366,16 +417,17 @@ def materialize_features(
 ) -> int:
     """Compute the features of candles in [start, end) and upsert them in one transaction.
 
-    Each row is computed by the interval that holds it, from exactly `warmup_bars` candles before
-    the interval's start (found within `feature_inputs`, as is every daily and macro row it reads),
-    so reruns are bit-identical in any task order. The targets of the `horizon` candles before
-    `start` are refreshed too: their future may be in this interval. A target is never set back to
-    NULL (the upsert keeps a known one); reads and writes hold one lock per symbol and interval, so
-    of two concurrent neighbours one reads the other's candles or refreshes the other's rows.
+    Each row is computed by its feature block (`feature_blocks`), from exactly `warmup_bars` candles before
+    the block's start (found within `feature_inputs`, as is every daily and macro row it reads), so a row is
+    the same bit for bit whatever interval computed it: reruns in any task order and backfills in any chunks
+    give the same content. The targets of the `horizon` candles before `start` are refreshed too: their future
+    may be in this interval. A target is never set back to NULL (the upsert keeps a known one); reads and
+    writes hold one lock per symbol and interval, so of two concurrent neighbours one reads the other's candles
+    or refreshes the other's rows.
     """
     import pandas as pd
 
-    from sofare.data.features import targets
+    from sofare.data.features import TARGET_COLUMNS, targets
 
     symbol = (symbol or cfg.market.symbol).upper()
     interval = interval or cfg.market.interval
@@ -383,30 +435,28 @@ def materialize_features(
     spec = feature_spec(cfg)
     delta = interval_delta(interval)
     lookahead = delta * cfg.features.horizon
-    since = feature_inputs(cfg, "candles", start, end, interval)[0]
     table = warehouse.features_table(spec.columns)
     with warehouse.locked_transaction(engine, features_lock(symbol, interval)) as conn:
-        history = warehouse.read_candles_before(conn, symbol, interval, start, cfg.features.warmup_bars, since)
         body = warehouse.read_candles(conn, symbol, interval, start - lookahead, end + lookahead)
         if body.empty:
             return 0
-        parts = [part for part in (history, body[body["open_time"] >= start]) if not part.empty]
+        blocks = [
+            _block_features(conn, cfg, symbol, interval, lo, min(hi, end))
+            for lo, hi in feature_blocks(cfg, start, end, interval)
+        ]
+        parts = [part for part in blocks if part is not None]
         if not parts:
             return 0
-        candles = pd.concat(parts, ignore_index=True)
-        first = candles["open_time"].iloc[0]  # not before feature_inputs' start: what it gives covers these
-        bars = warehouse.read_safe_haven(
-            conn, (first - timedelta(days=cfg.features.daily_context_days)).date(), end + delta
-        )
-        macro = warehouse.read_macro(conn, first - timedelta(days=cfg.features.macro_context_days), end + delta)
-        feats = compute_features(candles, bars, macro, cfg, interval)
-        feats = feats[(feats["open_time"] >= start) & (feats["open_time"] < end)].copy()
+        feats = pd.concat(parts, ignore_index=True)
+        feats = feats[(feats["open_time"] >= start) & (feats["open_time"] < end)].reset_index(drop=True)
+        # targets look `horizon` candles past a block's (or the interval's) end: from every candle read
+        future = pd.concat([body[["open_time"]], targets(body, delta, cfg.features.horizon)], axis=1)
+        future = future.set_index(pd.to_datetime(future["open_time"], utc=True))
+        feats[list(TARGET_COLUMNS)] = future.loc[feats["open_time"], list(TARGET_COLUMNS)].to_numpy()
         feats.insert(0, "symbol", symbol)
         feats.insert(1, "interval", interval)
         feats.insert(3, "feature_set_version", spec.version)
-        earlier = body[body["open_time"] < end + lookahead].reset_index(drop=True)
-        refreshed = pd.concat([earlier[["open_time"]], targets(earlier, delta, cfg.features.horizon)], axis=1)
-        refreshed = refreshed[refreshed["open_time"] < start]
+        refreshed = future[future["open_time"] < start].reset_index(drop=True)
         written = warehouse.upsert(conn, table, feats)
         warehouse.update_targets(conn, table, symbol, interval, refreshed)
         warehouse.invalidate(
