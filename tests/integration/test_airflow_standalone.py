@@ -94,6 +94,8 @@ def test_make_airflow_binds_loopback_and_stops_everything_it_started(tmp_path):
         with urllib.request.urlopen(request, timeout=30) as answer:
             token = json.loads(answer.read())["access_token"]
         assert _status(page, f"Bearer {token}") == 404, "logged in: past the check, to a page that does not exist"
+        explain = f"http://127.0.0.1:{port}/sofare/explain"  # the global views page: no version yet, said plainly
+        assert _status(explain) == 401 and _status(explain, f"Bearer {token}") == 200
         assert _status(f"http://127.0.0.1:{port}/sofare/monitor/metrics") == 200, "Prometheus needs no login"
         assert len(_started_by(home)) >= 3, "scheduler, API server, dag-processor … run"
         script.send_signal(signal.SIGTERM)
