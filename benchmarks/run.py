@@ -10,7 +10,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import write_section
 
-BENCHMARKS = ["backfill", "validation", "training", "serving", "deploy", "replay"]
+BENCHMARKS = ["backfill", "validation", "training", "serving", "explain", "deploy", "replay"]
 
 
 def main(names: list[str]) -> int:

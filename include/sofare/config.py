@@ -258,9 +258,6 @@ class ServingConfig(_Model):
     log_queue_size: int = Field(default=10_000, ge=1)
     log_batch_size: int = Field(default=500, ge=1)
     log_flush_seconds: float = Field(default=0.5, gt=0)
-
-
-class DeployConfig(_Model):
     # POST /explain (Integrated Gradients, sofare.explain): each request's cost capped before any work (a 422 names
     # the field), its own admission bound (a 503 + Retry-After beyond it), computed on one thread off the event loop
     explain_steps: int = Field(default=32, ge=1)  # integration steps when a request names none
@@ -268,7 +265,12 @@ class DeployConfig(_Model):
     explain_top_k: int = Field(default=10, ge=1)  # top (feature, time step) cells when a request names none
     explain_max_top_k: int = Field(default=50, ge=1)  # a request's `top_k` above this: 422
     explain_max_pending: int = Field(default=2, ge=1)  # /explain requests in flight per worker; beyond: 503
+    explain_slots: int = Field(default=1, ge=1)  # explanations computing at once on this machine; beyond: 503
     explain_threads: int = Field(default=1, ge=1)  # torch intra-op threads of the explaining worker
+    explain_nice: int = Field(default=10, ge=0, le=19)  # the explain thread's nice value (Linux): /predict first
+
+
+class DeployConfig(_Model):
     """The canary front door, canary analysis and rollback (docs/runbook.md)."""
 
     frontdoor_port: int = Field(default=8000, ge=1, le=65535)  # nginx on 127.0.0.1: what clients call

@@ -113,13 +113,15 @@ def test_explain_needs_a_window_or_a_prediction_id(served):
     assert status == 422 and answer["error"]["details"][0]["field"] == "prediction_id", answer
 
 
-# /predict's bad-input table, on a window of exactly the candles needed (whatever the feature warm-up is)
+# /predict's bad-input table, on a window of 27 candles more than needed (whatever the feature warm-up is)
 BAD_WINDOWS = [(how, "candles: 100 given, at least" if how == "too short" else message) for how, message in BAD]
 
 
 @pytest.mark.parametrize(("how", "message"), BAD_WINDOWS, ids=[b[0] for b in BAD_WINDOWS])
 def test_bad_windows_get_the_predict_error_contract(served, how, message):
-    status, answer = served["client"].post("/explain", None, raw=_mutate(window_payload(served["cfg"]), how))
+    cfg = served["cfg"]
+    candles = cfg.features.warmup_bars + max(cfg.training.search_space.lookback) + 26
+    status, answer = served["client"].post("/explain", None, raw=_mutate(window_payload(cfg, candles=candles), how))
     assert 400 <= status < 500, (status, answer)
     assert set(answer["error"]) == {"code", "message", "details", "truncated"}, answer
     assert message in json.dumps(answer), answer
@@ -135,3 +137,25 @@ def test_prediction_log_drops_are_exported_from_zero(served):
     }
     assert set(found) == {"queue full", "database"}, metrics[-3000:]
     assert found["queue full"] == 0.0  # a 10,000-row queue never fills in these tests
+
+
+def test_a_busy_machine_answers_explain_503_and_predict_as_ever(served):
+    """This test holds the machine's one explanation slot (the lock file the server's workers take from): a checked
+    window gets a 503 with Retry-After at once, /predict is answered, and once the slot is free /explain is too."""
+    from sofare.serving.explainer import Slots
+
+    client, cfg = served["client"], served["cfg"]
+    body = window_payload(cfg, END)
+    held = Slots(cfg.var_dir / "run" / "explain-slots", cfg.serving.explain_slots)
+    taken = [held.take() for _ in range(cfg.serving.explain_slots)]
+    try:
+        assert None not in taken
+        status, answer = client.post("/explain", body)
+        assert status == 503 and answer["error"]["code"] == "overloaded", answer
+        assert client.post("/predict", body)[0] == 200
+        assert client.post("/explain", {**body, "steps": 10_000})[0] == 422  # bad input: refused before a slot
+    finally:
+        for slot in taken:
+            if slot is not None:
+                held.give(slot)
+    assert client.post("/explain", body)[0] == 200

@@ -9,6 +9,7 @@ import threading
 from types import SimpleNamespace
 from typing import Any, ClassVar
 
+from sofare.serving.explainer import Slots
 from sofare.serving.http import Gateway
 from sofare.serving.schemas import MAX_ERROR_BYTES, BadRequest, Problems, error_body
 
@@ -25,9 +26,9 @@ class Stub:
     }
     openapi = b"{}"
     index = b"<html></html>"
-    explainer = SimpleNamespace(max_pending=2)
 
     def __init__(self) -> None:
+        self.explainer = SimpleNamespace(max_pending=2)
         self.calls = 0
         self.explaining = threading.Event()  # set by the first explanation that runs
         self.release = threading.Event()  # explanations block until the test sets it
@@ -261,3 +262,15 @@ def test_explanations_run_off_the_event_loop_and_past_their_bound_get_a_fast_503
     stub.release.set()
     status, _, body = run(g, "POST", "/explain", window())
     assert status == 200 and json.loads(body) == {"explained": True}
+
+
+def test_explain_slots_are_shared_by_every_process_using_the_folder(tmp_path):
+    """Two Slots on one folder stand for two workers (flock excludes other open descriptions, as other processes):
+    one slot on the machine is one explanation at a time, whichever worker takes it."""
+    worker_a, worker_b = Slots(tmp_path, 1), Slots(tmp_path, 1)
+    assert worker_a.take() == 0
+    assert worker_b.take() is None and worker_a.take() is None
+    worker_a.give(0)
+    assert worker_b.take() == 0 and worker_a.take() is None
+    worker_b.give(0)
+    assert Slots(tmp_path, 2).take() == 0

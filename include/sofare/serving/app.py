@@ -93,6 +93,7 @@ class App:
         """/explain, on the gateway's explain thread (decoding included: nothing of it runs on the event loop).
         Not written to the prediction log: an explanation is a diagnostic, not a served decision."""
         started = time.perf_counter()
+        self.explainer.lower_priority()
         answer = self.explainer.answer(decode(body, ExplainRequest), started)
         self.on_served([answer], "explain", time.perf_counter() - started)
         return msgspec.json.encode(answer)

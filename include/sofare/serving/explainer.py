@@ -6,7 +6,9 @@ TorchScript files: the inference trace holds fused kernels without a derivative)
 /explain only, with torch and captum (~2.5 s of imports, measured in docs/benchmarks.md), so the service's start
 and /predict are unchanged. Explanations run on the gateway's one explain thread (`http.Gateway`), never on
 the event loop; their cost is capped before any work by `serving.explain_*` (steps, top_k; one window per
-request), each excess a 422 naming the field.
+request), each excess a 422 naming the field. A checked window then needs one of `serving.explain_slots` slots
+to compute (`Slots`: lock files every worker of every server sharing var/run takes from; none free: a 503 at
+once), on a thread at `serving.explain_nice` so the CPU serves /predict's event loops first.
 
 What is explained: the log-odds of the answer's `prob_up` (the calibrated margin of the classification head),
 from the zero baseline in scaled space (the training mean of every feature). The attributions sum to
@@ -15,7 +17,11 @@ from the zero baseline in scaled space (the training mean of every feature). The
 
 from __future__ import annotations
 
+import fcntl
 import json
+import logging
+import os
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -33,6 +39,7 @@ from sofare.serving.schemas import (
     ExplainRequest,
     NoData,
     NotExplainable,
+    Overloaded,
     Problem,
     TooMany,
     utc,
@@ -41,6 +48,55 @@ from sofare.serving.schemas import (
 if TYPE_CHECKING:
     from sofare.explain.attributions import Attributions
     from sofare.serving.predictor import Predictor
+
+log = logging.getLogger(__name__)
+
+
+class Slots:
+    """`n` explanation slots shared by every process on this machine that uses `folder`: one lock file each,
+    taken with a non-blocking flock (released by the kernel if a worker dies). The workers of both serving
+    variants compute on the same cores, so they share one bound. A folder that cannot be written leaves the
+    bound per process (logged once)."""
+
+    def __init__(self, folder: Path, n: int) -> None:
+        self.folder = folder
+        self.n = n
+        self._fds: dict[int, int | None] = {}
+        self._mine: set[int] = set()  # flock does not exclude the descriptor that holds it: taken in this process
+        self._lock = threading.Lock()
+
+    def _fd(self, i: int) -> int | None:
+        if i not in self._fds:
+            try:
+                self.folder.mkdir(parents=True, exist_ok=True)
+                self._fds[i] = os.open(self.folder / f"explain-{i}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as exc:
+                log.warning("explain slots are per process: %s", exc)
+                self._fds[i] = None
+        return self._fds[i]
+
+    def take(self) -> int | None:
+        """A free slot's number, or None when all `n` are busy (on this machine)."""
+        with self._lock:
+            for i in range(self.n):
+                if i in self._mine:
+                    continue
+                fd = self._fd(i)
+                if fd is not None:
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    except BlockingIOError:
+                        continue
+                self._mine.add(i)
+                return i
+        return None
+
+    def give(self, i: int) -> None:
+        with self._lock:
+            fd = self._fds.get(i)
+            if fd is not None:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            self._mine.discard(i)
 
 
 @dataclass(frozen=True)
@@ -58,7 +114,10 @@ class Explainer:
         self.steps, self.max_steps = s.explain_steps, s.explain_max_steps
         self.top_k, self.max_top_k = s.explain_top_k, s.explain_max_top_k
         self.threads = s.explain_threads
+        self.nice = s.explain_nice
         self.max_pending = s.explain_max_pending
+        self.slots = Slots(predictor.cfg.var_dir / "run" / "explain-slots", s.explain_slots)
+        self._niced: set[int] = set()
         self._network: Any = None
         self._lock = threading.Lock()
         self.load_seconds: float | None = None  # how long the first /explain spent loading (model_info says)
@@ -72,6 +131,18 @@ class Explainer:
             if value > cap:
                 raise TooMany(f"{field}: {value} asked, at most {cap} accepted", [Problem(field, f"at most {cap}")])
         return Costs(steps, top_k)
+
+    def lower_priority(self) -> None:
+        """Give the calling thread (the gateway's explain thread) nice `explain_nice`, once: on Linux a thread has
+        its own nice value, so the event loop keeps the default and wins the CPU when both want it."""
+        tid = threading.get_native_id()
+        if tid in self._niced or not sys.platform.startswith("linux") or not self.nice:
+            return
+        self._niced.add(tid)
+        try:
+            os.setpriority(os.PRIO_PROCESS, tid, max(os.getpriority(os.PRIO_PROCESS, tid), self.nice))
+        except OSError as exc:
+            log.warning("the explain thread keeps its priority: %s", exc)
 
     # --- the network, lazily ---
 
@@ -99,7 +170,7 @@ class Explainer:
         if name is None or directory is None or not (directory / name).is_file():
             raise NotExplainable(
                 f"model: version {p.version} was exported without the differentiable network /explain needs "
-                "(explain.ts); versions trained since it exist have it",
+                "(explain.ts); versions exported since then have it",
                 [Problem("model", f"version {p.version} has no explain.ts")],
             )
         return directory / name
@@ -125,7 +196,17 @@ class Explainer:
         (prepared,) = p.prepare_all([window])
         if logged is not None:
             self._check_rebuilt(logged, prepared.raw[-1])
-        found = self.attribute(prepared.raw[None], costs.steps)
+        slot = self.slots.take()
+        if slot is None:
+            raise Overloaded(
+                f"server: all {self.slots.n} explanation slots of this machine are busy; retry shortly",
+                [Problem("server", "at capacity for /explain")],
+                headers={"Retry-After": "1"},
+            )
+        try:
+            found = self.attribute(prepared.raw[None], costs.steps)
+        finally:
+            self.slots.give(slot)
         prob, ret = p.predict_raw(prepared.raw[None])
         answer = p.answer(prepared.as_of, prob[0], ret[0], started)
         if logged is not None:

@@ -9,15 +9,15 @@ itself, in this order, before any parsing:
 2. `Content-Type: application/json` (415) and the body size (413 from `Content-Length`, or while
    streaming, with `Connection: close` so the rest is never read),
 3. admission: a bounded queue (`serving.max_pending` /predict requests waiting, `max_pending_batches`
-   batches, `explain_max_pending` explanations); beyond it a fast 503 with `Retry-After` instead of an
-   unbounded backlog,
+   batches, `explain_max_pending` explanations; and `explain_slots` computing on the machine); beyond it a
+   fast 503 with `Retry-After` instead of an unbounded backlog,
 4. the body decoded straight into structs (msgspec), checked, answered.
 
 Every refusal has the one error shape (`schemas.error_body`) and is logged at INFO in one line.
 `/predict` computes on the event loop (a window is ~1 ms of CPU: a thread hop and the GIL would cost
 more than they save), one request at a time from the queue with a loop iteration between any two (see
 `_compute`); `/predict_latest` is answered from memory at once; `/predict_batch` runs on one worker thread
-so probes stay live; `/explain` (tens to hundreds of ms of gradients) on another, its own, one at a time.
+so probes stay live; `/explain` (tens to hundreds of ms of gradients) on another, its own, at low priority.
 """
 
 from __future__ import annotations
@@ -267,8 +267,9 @@ class Gateway:
             self.batches -= 1
 
     async def _explain(self, api: Any, body: bytes) -> Response:
-        """Decoded, checked and explained on the explain thread; admitted again here (others may have been
-        admitted while this body was read), so at most `explain_max_pending` are ever in flight."""
+        """Decoded, checked and explained on the explain thread, admitted again here (others may have been admitted
+        while this body was read): at most `explain_max_pending` in flight per worker. The computation itself also
+        needs a machine-wide slot (`explainer.Slots`), taken on the thread once the window is checked."""
         if self.explains >= api.explainer.max_pending:
             raise Overloaded(
                 f"server: {self.explains} explanations in flight; retry shortly",
