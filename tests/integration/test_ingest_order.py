@@ -171,13 +171,13 @@ def test_features_hold_their_lock_from_reading_the_candles_to_the_commit(db_cfg,
     for modality in ingest.MODALITIES:
         ingest.load_interval(db_cfg, engine, "sample", modality, *day, context=True)
     name = ingest.features_lock("BTCUSDT", "1h")
-    compute, seen = ingest.compute_features, []
+    compute, seen = ingest._block_rows, []  # the feature computation, between the reads and the writes
 
     def probe(*args, **kwargs):
         seen.append(_held_elsewhere(engine, name))
         return compute(*args, **kwargs)
 
-    monkeypatch.setattr(ingest, "compute_features", probe)
+    monkeypatch.setattr(ingest, "_block_rows", probe)
     assert not _held_elsewhere(engine, name)
     assert ingest.materialize_features(db_cfg, engine, *day) == 24
     assert seen == [True] and not _held_elsewhere(engine, name)

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from sofare.config import interval_delta
 from sofare.data import quality, warehouse
-from sofare.data.features import compute_features, feature_spec
+from sofare.data.features import feature_spec
 from sofare.data.sources import SOURCE_MODALITIES, FetchRequest, get_source
 from sofare.data.sources.base import trading_dates
 from sofare.data.visibility import macro_known_at, safe_haven_known_at
@@ -42,7 +42,10 @@ MODALITIES = ("candles", "safe_haven", "macro")
 # Warm-up candles are looked for this many `warmup_bars` spans back, so that a row keeps its full warm-up
 # across gaps of up to `warmup_bars` missing candles before its interval.
 WARMUP_REACH = 2
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)  # where the grid of feature blocks starts
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)  # where the grids of feature blocks and of their context reads start
+# The daily and macro history a feature block reads starts on this grid: blocks whose reads start in one cell
+# share one context (a year of minute candles is ~1,200 blocks), and what a block reads depends on the block only.
+CONTEXT_GRID = timedelta(days=30)
 
 
 @dataclass
@@ -208,21 +211,22 @@ def feature_inputs(
 
     - candles: the `features.warmup_bars` before the start of the feature block holding `start`
       (`feature_blocks`), looked for `WARMUP_REACH` warm-ups back;
-    - safe_haven: trading dates from `features.daily_context_days` before the first of those candles;
-    - macro: known from `features.macro_context_days` before it, to the close of the interval's last
-      candle included (a value known at that instant is visible to it: hi = end + one interval).
+    - safe_haven: trading dates from `features.daily_context_days` before the first of those candles, earlier
+      to the `CONTEXT_GRID` cell that holds that day;
+    - macro: known from `features.macro_context_days` before it (from its `CONTEXT_GRID` cell too), to the
+      close of the interval's last candle included (a value known at that instant is visible to it: hi = end
+      + one interval).
 
     sofare_ingest loads these with its interval (`load_interval(context=True)`), so its features read
     nothing another run loaded."""
     delta = interval_delta(interval)
-    warm = _block_start(cfg, start, interval) - delta * cfg.features.warmup_bars * WARMUP_REACH
+    block = _block_start(cfg, start, interval)
     if modality == "candles":
-        return warm, end
+        return block - delta * cfg.features.warmup_bars * WARMUP_REACH, end
     if modality == "safe_haven":
-        first = (warm - timedelta(days=cfg.features.daily_context_days)).date()
-        return datetime(first.year, first.month, first.day, tzinfo=UTC), end
+        return _context_start(cfg, block, interval)[0], end
     if modality == "macro":
-        return warm - timedelta(days=cfg.features.macro_context_days), end + delta
+        return _context_start(cfg, block, interval)[1], end + delta
     raise InputError(f"unknown modality {modality!r}; expected one of {', '.join(MODALITIES)}")
 
 
@@ -243,6 +247,18 @@ def _block_start(cfg: Config, moment: datetime, interval: str) -> datetime:
     """The start of the feature block holding `moment`."""
     span = interval_delta(interval) * cfg.features.warmup_bars
     return _EPOCH + span * ((utc(moment) - _EPOCH) // span)
+
+
+def _context_start(cfg: Config, block: datetime, interval: str) -> tuple[datetime, datetime]:
+    """Where the daily bars (a UTC midnight: trading dates from its day) and the macro values (known from it) that
+    the feature block starting at `block` reads begin: the context days before its earliest warm-up candle, earlier
+    to the start of their `CONTEXT_GRID` cell."""
+    earliest = block - interval_delta(interval) * cfg.features.warmup_bars * WARMUP_REACH
+
+    def cell(days: int) -> datetime:
+        return _EPOCH + CONTEXT_GRID * ((earliest - timedelta(days=days) - _EPOCH) // CONTEXT_GRID)
+
+    return cell(cfg.features.daily_context_days), cell(cfg.features.macro_context_days)
 
 
 def _inside(modality: str, rows: pd.DataFrame, start: datetime, end: datetime) -> Any:
@@ -382,29 +398,50 @@ def revalidate_from(
     return min(start, first.replace(hour=0, minute=0, second=0, microsecond=0))
 
 
-def _block_features(
-    conn: Any, cfg: Config, symbol: str, interval: str, start: datetime, end: datetime
-) -> pd.DataFrame | None:
-    """The features of the candles of one feature block that open before `end` (the block starts at `start`):
-    computed from the `warmup_bars` candles before the block (looked for `WARMUP_REACH` warm-ups back), the
-    block's own, and the daily and macro rows those reach. Every computation runs forward in time, so a row's
-    value does not depend on `end` either."""
+def _block_rows(
+    conn: Any, cfg: Config, candles: pd.DataFrame, start: datetime, end: datetime, interval: str
+) -> tuple[Any, Any]:
+    """Open times (int64 ns) and feature values of the candles in [start, end), computed block by block.
+
+    `candles` holds every candle from `feature_inputs`' start to `end`. Each feature block's rows come from the
+    `warmup_bars` candles before the block (looked for `WARMUP_REACH` warm-ups back) and the block's own up to
+    `end`, in fresh arrays, with the daily and macro rows known from the block's `_context_start` to the
+    interval's last close: all of it fixed by the block and the stored rows, and every computation runs forward
+    in time, so a row does not depend on the interval that asks for it."""
+    import numpy as np
     import pandas as pd
+
+    from sofare.data.features import feature_matrix, prepare_context
 
     delta = interval_delta(interval)
     warm = cfg.features.warmup_bars
-    history = warehouse.read_candles_before(conn, symbol, interval, start, warm, start - delta * warm * WARMUP_REACH)
-    own = warehouse.read_candles(conn, symbol, interval, start, end)
-    if own.empty:
-        return None
-    candles = pd.concat([part for part in (history, own) if not part.empty], ignore_index=True)
-    first = candles["open_time"].iloc[0]  # not before feature_inputs' start: what it gives covers these
-    bars = warehouse.read_safe_haven(
-        conn, (first - timedelta(days=cfg.features.daily_context_days)).date(), end + delta
-    )
-    macro = warehouse.read_macro(conn, first - timedelta(days=cfg.features.macro_context_days), end + delta)
-    feats = compute_features(candles, bars, macro, cfg, interval)
-    return feats[feats["open_time"] >= start]
+    times = pd.DatetimeIndex(candles["open_time"]).as_unit("ns").asi8
+    ohlcv = [candles[k].to_numpy(dtype=float) for k in ("open", "high", "low", "close", "volume")]
+
+    def ns(moment: datetime) -> int:
+        return (moment - _EPOCH) // timedelta(microseconds=1) * 1000
+
+    contexts: dict[tuple[datetime, datetime], Any] = {}
+    opens, values = [], []
+    for lo, hi in feature_blocks(cfg, start, end, interval):
+        first, own, stop = np.searchsorted(times, [ns(lo - delta * warm * WARMUP_REACH), ns(lo), ns(min(hi, end))])
+        if stop == own:
+            continue
+        first = max(first, own - warm)
+        key = _context_start(cfg, lo, interval)
+        if key not in contexts:
+            bars = warehouse.read_safe_haven(conn, key[0].date(), end + delta)
+            macro = warehouse.read_macro(conn, key[1], end + delta)
+            contexts[key] = prepare_context(bars, macro, cfg)
+        # fresh arrays: the same memory layout whichever interval slices them
+        o, h, low, c, v, t = (x[first:stop].copy() for x in (*ohlcv, times))
+        matrix = feature_matrix(o, h, low, c, v, t, cfg, interval, contexts[key])
+        keep = max(own, int(np.searchsorted(times, ns(start)))) - first
+        opens.append(t[keep:])
+        values.append(matrix[keep:])
+    if not opens:
+        return np.empty(0, np.int64), np.empty((0, len(feature_spec(cfg).columns)))
+    return np.concatenate(opens), np.concatenate(values)
 
 
 def materialize_features(
@@ -435,24 +472,22 @@ def materialize_features(
     spec = feature_spec(cfg)
     delta = interval_delta(interval)
     lookahead = delta * cfg.features.horizon
+    since = feature_inputs(cfg, "candles", start, end, interval)[0]
     table = warehouse.features_table(spec.columns)
     with warehouse.locked_transaction(engine, features_lock(symbol, interval)) as conn:
-        body = warehouse.read_candles(conn, symbol, interval, start - lookahead, end + lookahead)
+        candles = warehouse.read_candles(conn, symbol, interval, min(since, start - lookahead), end + lookahead)
+        candles["open_time"] = pd.to_datetime(candles["open_time"], utc=True)
+        body = candles[candles["open_time"] >= start - lookahead].reset_index(drop=True)
         if body.empty:
             return 0
-        blocks = [
-            _block_features(conn, cfg, symbol, interval, lo, min(hi, end))
-            for lo, hi in feature_blocks(cfg, start, end, interval)
-        ]
-        parts = [part for part in blocks if part is not None]
-        if not parts:
+        opens, values = _block_rows(conn, cfg, candles[candles["open_time"] < end], start, end, interval)
+        if not len(opens):
             return 0
-        feats = pd.concat(parts, ignore_index=True)
-        feats = feats[(feats["open_time"] >= start) & (feats["open_time"] < end)].reset_index(drop=True)
-        # targets look `horizon` candles past a block's (or the interval's) end: from every candle read
+        feats = pd.DataFrame(values, columns=list(spec.columns))
+        feats.insert(0, "open_time", pd.to_datetime(opens, utc=True))
+        # targets look `horizon` candles past the interval's end: from every candle read
         future = pd.concat([body[["open_time"]], targets(body, delta, cfg.features.horizon)], axis=1)
-        future = future.set_index(pd.to_datetime(future["open_time"], utc=True))
-        feats[list(TARGET_COLUMNS)] = future.loc[feats["open_time"], list(TARGET_COLUMNS)].to_numpy()
+        feats[list(TARGET_COLUMNS)] = future.set_index("open_time").loc[feats["open_time"]].to_numpy()
         feats.insert(0, "symbol", symbol)
         feats.insert(1, "interval", interval)
         feats.insert(3, "feature_set_version", spec.version)
