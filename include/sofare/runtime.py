@@ -31,6 +31,9 @@ class DagRunFailed(RuntimeError):
     """A DAG run ended in a state other than success; the message names the failed tasks."""
 
 
+EXECUTION_API = "AIRFLOW__CORE__EXECUTION_API_SERVER_URL"
+
+
 def airflow_environment(cfg: Config) -> dict[str, str]:
     """Airflow settings for the embedded runtime (any already in the environment win)."""
     return {
@@ -57,6 +60,10 @@ def airflow_process_environment(cfg: Config, base: dict[str, str] | None = None)
     env = dict(os.environ if base is None else base)
     for key, value in airflow_environment(cfg).items():
         env.setdefault(key, value)
+    # task processes reach the API server here; Airflow's default is localhost:8080 whatever port the API serves on
+    env.setdefault(
+        EXECUTION_API, f"http://{env['AIRFLOW__API__HOST']}:{env.get('AIRFLOW__API__PORT', '8080')}/execution/"
+    )
     bin_dir = str(Path(sys.executable).parent)
     env["PATH"] = os.pathsep.join([bin_dir, *(p for p in env.get("PATH", "").split(os.pathsep) if p and p != bin_dir)])
     return env
@@ -79,7 +86,7 @@ def settle_airflow_config(cfg: Config, env: dict[str, str]) -> list[str]:
     they are; returns the `section.key` settings it changed."""
     path = airflow_config_file(env)
     wanted: dict[str, dict[str, str]] = {}
-    for name in airflow_environment(cfg):
+    for name in [*airflow_environment(cfg), EXECUTION_API]:
         if name.startswith("AIRFLOW__") and name in env:
             _, section, key = name.lower().split("__", 2)
             wanted.setdefault(section, {})[key] = env[name]

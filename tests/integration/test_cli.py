@@ -94,6 +94,7 @@ def test_init_creates_schema_airflow_db_and_connection(tmp_path, env):
     assert written["core"]["plugins_folder"] == str(ROOT / "plugins")
     assert written["core"]["dags_are_paused_at_creation"] == "True"
     assert written["api"]["host"] == "127.0.0.1" and written["api"]["port"] == "8080"
+    assert written["core"]["execution_api_server_url"] == "http://127.0.0.1:8080/execution/", "tasks reach the API"
     assert written["core"]["fernet_key"] and written["database"]["sql_alchemy_conn"].startswith("sqlite:///")
     second = sofare("init", env=env, bare=True)
     assert second.returncode == 0 and "exists (left as it is)" in second.stdout
