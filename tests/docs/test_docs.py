@@ -368,11 +368,11 @@ def plugin_routes() -> list[tuple[str, set[str], bool]]:
 
 
 @pytest.fixture(scope="module")
-def service_routes(model_home) -> dict[str, set[str]]:
-    """path -> methods the service answers: its OpenAPI document, built as the service builds it (the version of
-    the session's trained model, a real example window), plus the gateway's other routes and BentoML's probes."""
+def service(model_home) -> dict[str, Any]:
+    """The session's trained model loaded as the service loads it, and its OpenAPI document built as the service
+    builds it (a real example window from the warehouse)."""
     from sofare.registry import versions
-    from sofare.serving import bento, http, openapi
+    from sofare.serving import bento, openapi
     from sofare.serving.predictor import Predictor
 
     cfg, version = model_home["cfg"], model_home["version"]
@@ -381,17 +381,45 @@ def service_routes(model_home) -> dict[str, set[str]]:
             mp.setenv(key, value)
         predictor = Predictor.from_directory(cfg, versions.download(cfg, version), version, "stable")
         document = openapi.document(cfg, predictor, bento.example_window(cfg))
-    routes = {path: {m.upper() for m in ops} for path, ops in document["paths"].items()}
+    return {"predictor": predictor, "document": document}
+
+
+@pytest.fixture(scope="module")
+def service_routes(service) -> dict[str, set[str]]:
+    """path -> methods the service answers: its OpenAPI document, the gateway's other routes, BentoML's probes."""
+    from sofare.serving import http
+
+    routes = {path: {m.upper() for m in ops} for path, ops in service["document"]["paths"].items()}
     assert {"/predict", "/predict_batch", "/predict_latest", "/model_info"} <= set(routes)
-    example = document["paths"]["/predict"]["post"]["requestBody"]["content"]["application/json"]["example"]
-    batch = document["paths"]["/predict_batch"]["post"]["requestBody"]["content"]["application/json"]["example"]
-    assert example["candles"] and batch == {"windows": [example]}, "the README's curl examples read these"
     gateway = http.Gateway(app=None, resolve=lambda: None, observe=lambda *a: None, metrics=lambda: (b"", ""))
     for path, (methods, _) in gateway.routes().items():
         routes.setdefault(path, set()).update(methods)
     for probe in http.PROBES:
         routes.setdefault(probe, set()).add("GET")
     return routes
+
+
+@pytest.mark.slow
+def test_readme_request_bodies_come_from_the_document_and_are_answered(service, tmp_path):
+    """The README's python -c turns the served document (what `curl …/docs.json -o api.json` saves) into
+    predict.json and predict_batch.json; the model answers both."""
+    from sofare.serving import schemas
+
+    (snippet,) = [c for c in COMMANDS if c.doc == "README.md" and c.argv[0] == "python"]
+    (tmp_path / "api.json").write_text(json.dumps(service["document"]))
+    done = subprocess.run(
+        [str(ROOT / ".venv" / "bin" / "python"), *snippet.argv[1:]],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    predictor = service["predictor"]
+    window = schemas.decode((tmp_path / "predict.json").read_bytes(), schemas.Window)
+    assert 0.0 <= predictor.predict(window)["prob_up"] <= 1.0
+    batch = schemas.decode((tmp_path / "predict_batch.json").read_bytes(), schemas.Batch)
+    assert len(batch.windows) == 1 and batch.windows[0] == window
 
 
 @pytest.mark.slow
