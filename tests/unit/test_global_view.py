@@ -103,6 +103,12 @@ def test_the_two_views_agreement_is_computed_and_a_disagreement_is_said():
     )
     assert a.spearman is not None and a.spearman < 0.5
     assert "safe_noise" in a.disagree and any(s.startswith("In one view's top 3") and "safe_noise" in s for s in said)
+    safe = view.modality("safe")
+    assert safe.permutation <= 0 < safe.attribution_share, "the planted case: sensitivity without skill"
+    assert (
+        f"Safe haven draws {safe.attribution_share:.0%} of the attribution, yet shuffling it did not lower ROC-AUC on "
+        f"average ({safe.permutation:+.4f}): the model is sensitive to it without measurable skill from it." in said
+    )
 
 
 def test_no_permutation_signal_is_said_plainly():
@@ -119,9 +125,12 @@ def test_no_permutation_signal_is_said_plainly():
         folds.append(gv.permutation_drops(_predict, score, inputs, NAMES, 3, k))
     view = gv.build("roc_auc", NAMES, folds)
     assert not any(m.carries_signal for m in view.modalities), [m.permutation_folds for m in view.modalities]
+    largest = max(view.modalities, key=lambda m: m.permutation)
+    assert largest.permutation > 0 and largest.positive_folds < 4, "chance drops, not in every fold"
+    best, k = f"{gv.MODALITY_NAMES[largest.name]}'s {largest.permutation:+.4f}", largest.positive_folds
     assert gv.findings(view, "ROC-AUC") == [
         "By permutation, no modality carries a measurable signal: shuffling none of them lowered ROC-AUC in all "
-        "4 folds by more than twice the standard error."
+        f"4 folds by more than twice the standard error (the largest mean drop, {best}, came in {k} of 4 folds)."
     ]
     assert view.agreement is None, "no attributions: nothing to agree with"
 

@@ -33,6 +33,7 @@ ARTIFACT = "global_view.json"  # in the version's training run
 PLOT = "global_view.png"  # beside it
 MODALITY_NAMES = {"micro": "micro", "safe": "safe haven", "macro": "macro"}
 TOP_K = 5  # "top" features when listing disagreements
+SENSITIVE_SHARE = 0.1  # a modality with this share of the attribution but no permutation drop is called out
 Inputs = tuple[np.ndarray, np.ndarray, np.ndarray]  # scaled micro, safe, macro windows: [windows, lookback, features]
 Predict = Callable[[Inputs], tuple[np.ndarray, np.ndarray]]  # -> (P(up), expected return) per window
 Score = Callable[[np.ndarray, np.ndarray], float]  # (P(up), expected return) -> the primary metric, higher is better
@@ -262,9 +263,16 @@ def findings(view: GlobalView, metric_name: str | None = None) -> list[str]:
         carrying = [MODALITY_NAMES[m.name] for m in view.modalities if m.carries_signal]
         rest = [MODALITY_NAMES[m.name] for m in view.modalities if not m.carries_signal]
         if not carrying:
+            best = max(view.modalities, key=lambda m: -math.inf if m.permutation is None else m.permutation)
             out.append(
                 f"By permutation, no modality carries a measurable signal: shuffling none of them lowered {metric} "
-                f"in all {n} folds by more than twice the standard error."
+                f"in all {n} folds by more than twice the standard error"
+                + (
+                    f" (the largest mean drop, {MODALITY_NAMES[best.name]}'s {best.permutation:+.4f}, came in "
+                    f"{best.positive_folds} of {n} folds)."
+                    if best.permutation is not None and best.permutation > 0
+                    else "; shuffling any of them lowered it by nothing on average."
+                )
             )
         else:
             out.append(
@@ -278,6 +286,20 @@ def findings(view: GlobalView, metric_name: str | None = None) -> list[str]:
             f"By attributions, {MODALITY_NAMES[ranked[0].name]} draws the largest share of mean |attribution| "
             f"({', '.join(f'{MODALITY_NAMES[m.name]} {m.attribution_share or 0.0:.0%}' for m in ranked)})."
         )
+        idle = [
+            m
+            for m in ranked
+            if (m.attribution_share or 0.0) >= SENSITIVE_SHARE and m.permutation is not None and m.permutation <= 0
+        ]
+        if idle:
+            out.append(
+                f"{_join([MODALITY_NAMES[m.name] for m in idle]).capitalize()} "
+                f"draw{'s' if len(idle) == 1 else ''} "
+                f"{_join([f'{m.attribution_share or 0.0:.0%}' for m in idle])} of the attribution, yet shuffling "
+                f"{'it' if len(idle) == 1 else 'them'} did not lower {metric} on average "
+                f"({', '.join(f'{m.permutation or 0.0:+.4f}' for m in idle)}): the model is sensitive to "
+                f"{'it' if len(idle) == 1 else 'them'} without measurable skill from {'it' if len(idle) == 1 else 'them'}."
+            )
     a = view.agreement
     if a is not None:
         top_a, top_p = MODALITY_NAMES[a.top_modality_attribution], MODALITY_NAMES[a.top_modality_permutation]
