@@ -107,6 +107,16 @@ def test_champion_and_challenger_side_by_side_and_what_is_missing_is_said(cfg, t
     assert client.get("/explain/stable/global_view.png").status_code == 422
 
 
+def test_the_page_is_in_the_navigation():
+    from airflow import plugins_manager
+
+    plugins, _ = plugins_manager._get_plugins()
+    views = next(p for p in plugins if p.name == "sofare").external_views
+    assert {"name": "What the model relies on", "href": "/sofare/explain", "category": "SOFARE"} in [
+        {k: v[k] for k in ("name", "href", "category")} for v in views
+    ]
+
+
 def test_the_page_needs_an_airflow_login(cfg):
     module = _plugin(cfg)
     logged_in(module)
