@@ -200,7 +200,10 @@ def test_rollback_from_its_form(stack, browser):
     b.shot("05-rollback-run-succeeded")
 
 
-@pytest.mark.parametrize(("page", "shows"), [("status", "SOFARE warehouse status"), ("monitor", "SOFARE monitor")])
+@pytest.mark.parametrize(
+    ("page", "shows"),
+    [("status", "SOFARE warehouse status"), ("monitor", "SOFARE monitor"), ("explain", "What the model relies on")],
+)
 def test_plugin_pages(stack, browser, page, shows):
     b = browser
     b.driver.get_log("browser")  # forget earlier pages' messages
