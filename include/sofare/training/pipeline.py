@@ -100,7 +100,7 @@ class Data:
         return raw[ends[:, None] + np.arange(-lookback + 1, 1)[None, :]]
 
 
-def load_data(cfg: Config, start: str, end: str) -> Data:
+def load_data(cfg: Config, start: date | str, end: date | str) -> Data:
     engine = warehouse.get_engine(cfg)
     lo, hi = ingest.day_range(start, end)
     frame = dataset.training_frame(cfg, engine, lo, hi).sort_values("open_time").reset_index(drop=True)
@@ -211,6 +211,8 @@ def objective(cfg: Config, data: Data, trial: optuna.trial.Trial, max_epochs: in
             for key, value in row.items():
                 if key != "epoch":
                     c.log_metric(run_id, key, value, step=int(row["epoch"]))
+        # fit() with validation windows checkpoints the best epoch (ModelCheckpoint saves even a NaN loss, as inf)
+        assert result.best_val_loss is not None
         c.log_metric(run_id, "best_val_loss", result.best_val_loss)
         c.log_metric(run_id, "fit_seconds", result.seconds)
         return float(result.best_val_loss)
@@ -269,11 +271,11 @@ class Evaluation:
     times: pd.DatetimeIndex
     predictions: evaluation.Predictions  # SofareM3 on the test windows, calibrated
     fit_seconds: float
+    raw_prob: np.ndarray  # SofareM3's P(up) before calibration
+    calibration: Calibration  # the identity without validation rows
+    policy: Policy  # the direction threshold without validation rows
+    baselines: dict[str, evaluation.Predictions]  # on the test windows (none when evaluated without them)
     epochs: int = 0
-    raw_prob: np.ndarray | None = None  # SofareM3's P(up) before calibration
-    calibration: Calibration | None = None
-    policy: Policy | None = None
-    baselines: dict[str, evaluation.Predictions] | None = None  # on the test windows
     validation: dict[str, evaluation.Predictions] | None = None  # every predictor on the validation windows
     val_up: np.ndarray | None = None
     val_ret: np.ndarray | None = None
@@ -491,6 +493,8 @@ def _policy_walk(cfg: Config, data: Data, folds: list[Evaluation], predictor: st
         if predictor == "sofare_m3":
             policy, prob = f.policy, f.predictions.prob_up
         else:
+            # walk-forward folds are always fitted with validation rows (walk_forward_folds)
+            assert f.validation is not None and f.val_up is not None and f.val_ret is not None
             val = f.validation[predictor]
             calibration = decision.fit_calibration(val.prob_up, f.val_up, e.calibration)
             policy = decision.choose(
@@ -755,7 +759,7 @@ def finalize(cfg: Config, the_plan: TrainingPlan) -> Trained:
         epochs=epochs,
         hyper=hyper,
         best_trial=best.number,
-        best_val_loss=float(best.value),
+        best_val_loss=tuning.objective_value(best),
         scores=result.scores,
         backtest=Backtest.model_validate({k: v for k, v in result.backtest.items() if not k.startswith("equity")}),
         wf=wf,

@@ -125,10 +125,11 @@ def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial:
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if not complete:
         raise NotFoundError(f"study {study.study_name!r} has no completed trial (all pruned or failed); tune again")
-    return min(complete, key=_value)
+    return min(complete, key=objective_value)
 
 
-def _value(trial: optuna.trial.FrozenTrial) -> float:
+def objective_value(trial: optuna.trial.FrozenTrial) -> float:
+    """A complete trial's validation loss."""
     assert trial.value is not None  # a COMPLETE trial of a single-objective study always has its value
     return trial.value
 
