@@ -264,7 +264,9 @@ class Predictor:
         problems = Problems()
         prepared = [self.prepare(w, f"windows[{i}]." if batch else "", problems) for i, w in enumerate(windows)]
         problems.raise_if_any()
-        return prepared  # type: ignore[return-value]
+        ready = [p for p in prepared if p is not None]
+        assert len(ready) == len(prepared)  # prepare gives None only after adding a problem, raised just above
+        return ready
 
     # --- predictions ---
 
