@@ -27,7 +27,7 @@ demo: setup  ## set up, run the pipeline through the DAGs on the embedded data, 
 	scripts/system-deps.sh
 	$(BIN)/sofare demo
 
-test: init  ## set up (.venv, lock, var/), then run every test tier
+test: init lint  ## set up (.venv, lock, var/), lint, then run every test tier
 	scripts/system-deps.sh
 	$(BIN)/pytest
 

@@ -78,6 +78,10 @@ def test_pre_commit_hooks_run_what_make_lint_runs_with_the_venv_tools():
     assert f"{hooks['mypy']['entry']}\n" in lint and hooks["mypy"]["pass_filenames"] is False
     assert shlex.split(hooks["ruff-check"]["entry"])[:2] == [".venv/bin/ruff", "check"]
     assert shlex.split(hooks["ruff-format"]["entry"])[:2] == [".venv/bin/ruff", "format"]
+    everything = subprocess.run(["make", "-n", "test"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    checks = [line for line in lint.splitlines() if line.startswith((".venv/bin/ruff", ".venv/bin/mypy"))]
+    assert len(checks) == 3 and all(line in everything.splitlines() for line in checks), "make test runs make lint"
+    assert everything.index(checks[-1]) < everything.index(".venv/bin/pytest"), "lint first"
 
 
 def test_license_is_the_apache_2_0_text_pyproject_declares():
