@@ -20,13 +20,10 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +31,7 @@ import numpy as np
 
 from benchmarks import loadgen
 from benchmarks.bench_serving import Others, Served, _cpu_times, _port, _setup, _steal
-from benchmarks.common import machine, write_section
+from benchmarks.common import machine, request_windows, scratch_home, write_section
 
 RATE = 100  # /predict req/s
 SECONDS = 15  # each /predict run
@@ -223,27 +220,12 @@ def _report(setup: dict[str, Any], local: dict[str, Any], run: dict[str, Any], s
 
 
 def run() -> str:
-    keep = os.environ.get("SOFARE_BENCH_SCRATCH")
-    scratch = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="sofare-bench-explain-"))
-    scratch.mkdir(parents=True, exist_ok=True)
-    env = {
-        "SOFARE_PATHS__VAR": str(scratch / "var"),
-        "SOFARE_WAREHOUSE__URL": f"sqlite:///{scratch / 'wh.db'}",
-        "SOFARE_INGEST__CONTEXT_DAYS": "60",
-    }
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
+    with scratch_home("sofare-bench-explain-") as scratch:
         from sofare.config import load_config
-        from sofare.serving import schemas
 
         cfg = load_config()
         setup = _setup(cfg, scratch)
-        windows = [
-            schemas.request_body(cfg, datetime(2024, 6, day, hour, tzinfo=UTC))
-            for day in range(10, 28)
-            for hour in (3, 15)
-        ]
+        windows = request_windows(cfg)
         bodies = [json.dumps(w).encode() for w in windows]
         explain = bodies[:8]
         print("  in process …", flush=True)
@@ -252,18 +234,10 @@ def run() -> str:
         began = _cpu_times()
         served = _serve(cfg, setup, bodies, explain)
         steal = _steal(began)
-        if keep:
+        if os.environ.get("SOFARE_BENCH_SCRATCH"):
             (scratch / "bench-explain-results.json").write_text(
                 json.dumps({"local": local, "run": served}, default=str)
             )
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        if not keep:
-            shutil.rmtree(scratch, ignore_errors=True)
     return _report(setup, local, served, steal, cfg)
 
 

@@ -24,19 +24,16 @@ import json
 import math
 import os
 import re
-import shutil
 import socket
-import tempfile
 import threading
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from benchmarks import loadgen
-from benchmarks.common import machine, write_section
+from benchmarks.common import machine, request_windows, scratch_home, write_section
 
 SWEEP = (50, 100, 200, 400)  # /predict open loop, req/s, configured worker count
 COMPARE_RATES = (200, 400)  # /predict open loop, req/s, both worker counts
@@ -1348,31 +1345,16 @@ def _report(
 
 
 def run() -> str:
-    keep = os.environ.get("SOFARE_BENCH_SCRATCH")
-    scratch = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="sofare-bench-serve-"))
-    scratch.mkdir(parents=True, exist_ok=True)
-    env = {
-        "SOFARE_PATHS__VAR": str(scratch / "var"),
-        "SOFARE_WAREHOUSE__URL": f"sqlite:///{scratch / 'wh.db'}",
-        "SOFARE_INGEST__CONTEXT_DAYS": "60",
-    }
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
     started = time.monotonic()
-    try:
+    with scratch_home("sofare-bench-serve-") as scratch:
         from sofare.config import load_config
-        from sofare.serving import schemas
 
         cfg = load_config()
         workers = cfg.serving.workers  # the configured count: every goal is measured with it
         other = 1 if workers != 1 else 2
         setup = _setup(cfg, scratch)
         print(f"  setup done at {time.monotonic() - started:.0f} s", flush=True)
-        windows = [
-            schemas.request_body(cfg, datetime(2024, 6, day, hour, tzinfo=UTC))
-            for day in range(10, 28)
-            for hour in (3, 15)
-        ]
+        windows = request_windows(cfg)
         bodies = [json.dumps(w).encode() for w in windows]
         batch_bodies = {
             n: json.dumps({"windows": (windows * (n // len(windows) + 1))[:n]}).encode() for n in (16, *BATCH_SIZES)
@@ -1409,7 +1391,9 @@ def run() -> str:
             f"total {time.monotonic() - started:.0f} s",
             flush=True,
         )
-        if keep:  # development: the raw results, to re-render the report without measuring again
+        if os.environ.get(
+            "SOFARE_BENCH_SCRATCH"
+        ):  # development: the raw results, to re-render the report without measuring again
             (scratch / "bench-serving-results.json").write_text(
                 json.dumps(
                     {
@@ -1425,14 +1409,6 @@ def run() -> str:
                     default=str,
                 )
             )
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        if not keep:
-            shutil.rmtree(scratch, ignore_errors=True)
     return _report(setup, len(windows[0]["candles"]), floor, served, main, alt, steal, cfg.serving.max_pending)
 
 

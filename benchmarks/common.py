@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "benchmarks.md"
@@ -74,6 +75,41 @@ def leftovers(scratch: Path) -> list[int]:
         if str(scratch).encode() in text:
             found.append(int(proc.name))
     return found
+
+
+def request_windows(cfg: Any) -> list[dict[str, Any]]:
+    """The request bodies the serving benchmarks send: 36 real windows of June 2024 (03:00 and 15:00 UTC)."""
+    from sofare.serving import schemas
+
+    return [
+        schemas.request_body(cfg, datetime(2024, 6, day, hour, tzinfo=UTC)) for day in range(10, 28) for hour in (3, 15)
+    ]
+
+
+@contextmanager
+def scratch_home(prefix: str) -> Iterator[Path]:
+    """A throw-away var/ and SQLite warehouse in the environment while a benchmark runs (SOFARE_BENCH_SCRATCH names
+    a folder to use and keep instead); on exit the environment is restored and a temporary folder removed."""
+    keep = os.environ.get("SOFARE_BENCH_SCRATCH")
+    scratch = Path(keep) if keep else Path(tempfile.mkdtemp(prefix=prefix))
+    scratch.mkdir(parents=True, exist_ok=True)
+    env = {
+        "SOFARE_PATHS__VAR": str(scratch / "var"),
+        "SOFARE_WAREHOUSE__URL": f"sqlite:///{scratch / 'wh.db'}",
+        "SOFARE_INGEST__CONTEXT_DAYS": "60",
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield scratch
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        if not keep:
+            shutil.rmtree(scratch, ignore_errors=True)
 
 
 @contextmanager
