@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from sofare.config import Config
 
 # Bump when the computation changes in a way the column names do not show.
-FEATURE_CODE_VERSION = "3"
+FEATURE_CODE_VERSION = "4"
 
 MICRO_FIXED = (
     "log_ret_1",
@@ -236,7 +236,9 @@ def micro_array(
         out[f"ema_ratio_{w}"] = c / talib.EMA(c, w) - 1
     out["atr_pct_14"] = talib.ATR(h, l, c, 14) / c
     obv = talib.OBV(c, v)
-    out["obv_flow_14"] = _safe_div(obv - _lag(obv, 14), _rolling(v, 14, "sum"), 0.0)
+    # |OBV change| <= the volume it sums, so the flow is in [-1, 1]; the two running sums round apart (a
+    # 14-candle up run gave 1 + 7e-11: the features suite failed 2025-01-10 of the real hourly candles)
+    out["obv_flow_14"] = np.clip(_safe_div(obv - _lag(obv, 14), _rolling(v, 14, "sum"), 0.0), -1.0, 1.0)
     # bounded oscillators are clipped to their ranges: TA-Lib's smoothing overshoots 100 by ~1e-14 on
     # flat minute bars (found by the features suite on the real December 2024 minutes)
     stoch_k, stoch_d = talib.STOCH(h, l, c, 14, 3, talib.MA_Type.SMA, 3, talib.MA_Type.SMA)
