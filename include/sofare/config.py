@@ -248,7 +248,7 @@ class ServingConfig(_Model):
         default=1, ge=1
     )  # ONNX Runtime intra-op threads (1 measured fastest, docs/benchmarks.md)
     max_body_bytes: int = Field(default=2 * 1024 * 1024, ge=1024)  # larger bodies: 413 before reading them
-    max_batch_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)  # the same for /predict_batch
+    max_batch_body_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)  # the same for /predict_batch
     max_pending: int = Field(default=8, ge=1)  # /predict requests waiting per worker; beyond: 503 + Retry-After
     max_pending_batches: int = Field(default=2, ge=1)  # /predict_batch requests in flight per worker; beyond: 503
     latest_refresh_seconds: float = Field(default=1.0, gt=0)  # how often the newest candles are looked for

@@ -12,6 +12,7 @@ from datetime import datetime, timedelta
 import numpy as np
 import pytest
 
+from sofare.config import load_config
 from sofare.registry import versions
 from sofare.serving import predictor, schemas
 from tests.serving.conftest import candles_needed, window_payload
@@ -155,6 +156,18 @@ def test_bad_input_is_a_4xx_naming_the_field(served, how, message):
     assert 400 <= status < 500, (status, answer)
     assert set(answer["error"]) == {"code", "message", "details", "truncated"}, answer
     assert message.format(needed=candles_needed(served["cfg"])) in json.dumps(answer), answer
+
+
+def test_a_full_batch_of_the_longest_windows_fits_the_batch_body_limit(served):
+    """The configured serving.max_batch_windows windows of the size a window needs (warm-up + lookback - 1 candles;
+    context from the service's warehouse) fit the configured serving.max_batch_body_bytes: with the warm-up at 450
+    candles a full batch was 16.5 MiB against a 16 MiB limit (every 256-window request of the serving benchmark
+    was refused), so the documented maximum batch could not be sent. (This server runs 8-window batches.)"""
+    shipped = load_config(env={}).serving
+    window = json.dumps(window_payload(served["cfg"])).encode()
+    assert len(window) > 40_000, "a real window of candles"
+    full = len(b'{"windows": []}') + shipped.max_batch_windows * (len(window) + 2)
+    assert full <= shipped.max_batch_body_bytes, (full, shipped.max_batch_body_bytes)
 
 
 def test_bad_batches_are_refused_by_window(served):
