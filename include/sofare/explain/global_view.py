@@ -169,36 +169,28 @@ def build(
     missing (empty `folds`, None), then the agreement is None."""
     per_feature, per_modality = attribution or ({}, {})
     total_f, total_m = sum(per_feature.values()), sum(per_modality.values())
+
+    def importance(name: str, modality: str, drops: list[list[float]], a: float | None, total: float) -> Importance:
+        mean, sd, per_fold = _stats(drops)
+        share = a / total if a is not None and total > 0 else None
+        return Importance(
+            name=name,
+            modality=modality,
+            attribution=a,
+            attribution_share=share,
+            permutation=mean,
+            permutation_sd=sd,
+            permutation_folds=per_fold,
+        )
+
     features: list[Importance] = []
     modalities: list[Importance] = []
     for m, modality in enumerate(MODALITIES):
         for name in names[m]:
-            mean, sd, per_fold = _stats([fold[1].get(name, []) for fold in folds])
-            a = per_feature.get(name)
-            features.append(
-                Importance(
-                    name=name,
-                    modality=modality,
-                    attribution=a,
-                    attribution_share=a / total_f if a is not None and total_f > 0 else None,
-                    permutation=mean,
-                    permutation_sd=sd,
-                    permutation_folds=per_fold,
-                )
-            )
-        mean, sd, per_fold = _stats([fold[2].get(modality, []) for fold in folds])
-        a = per_modality.get(modality)
-        modalities.append(
-            Importance(
-                name=modality,
-                modality=modality,
-                attribution=a,
-                attribution_share=a / total_m if a is not None and total_m > 0 else None,
-                permutation=mean,
-                permutation_sd=sd,
-                permutation_folds=per_fold,
-            )
-        )
+            drops = [fold[1].get(name, []) for fold in folds]
+            features.append(importance(name, modality, drops, per_feature.get(name), total_f))
+        drops = [fold[2].get(modality, []) for fold in folds]
+        modalities.append(importance(modality, modality, drops, per_modality.get(modality), total_m))
     return GlobalView(
         metric=metric,
         fold_scores=[float(fold[0]) for fold in folds],
